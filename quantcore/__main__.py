@@ -1,0 +1,5 @@
+import sys
+
+from quantcore.cli import main
+
+sys.exit(main())

@@ -1,0 +1,124 @@
+"""`ptq4arvg` command line: models, generate (more commands join as the engine grows).
+
+Errors are one line on stderr and a non-zero exit; `--json` prints machine-readable results on stdout
+while progress bars go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from quantcore.errors import QuantcoreError
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tok", file=sys.stderr, disable=not enabled, leave=False)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from quantcore.registry import list_models
+
+    models = list_models()
+    if args.json:
+        print(json.dumps(models, indent=2))
+        return 0
+    print(
+        f"{'name':<16} {'family':<9} {'variant':<7} {'params':>8} {'tokens':>6}  {'cfg':>5}  official checkpoint"
+    )
+    for m in models:
+        params = f"{m['parameters'] / 1e6:.1f}M"
+        ckpt = ", ".join(m["official_checkpoints"]) or "-"
+        print(
+            f"{m['name']:<16} {m['family']:<9} {m['variant']:<7} {params:>8} {m['tokens']:>6}  "
+            f"{m['sampling']['cfg_scale']:>5}  {ckpt}"
+        )
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from quantcore.api import load_generator
+    from quantcore.images import make_grid, save_png
+
+    torch.set_grad_enabled(False)
+    generator = load_generator(args.model, args.checkpoint, args.tokenizer_checkpoint, args.device)
+    seeds = args.seeds or [args.seed + i for i in range(len(args.classes))]
+    sampling = {
+        "cfg_scale": args.cfg_scale,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+    }
+    total = generator.model.config.num_tokens
+    with _progress_bar(total, f"generate {args.model}", not args.no_progress) as bar:
+        tokens = generator.generate_tokens(
+            args.classes, seeds, progress=lambda n: bar.update(n - bar.n), **sampling
+        )
+    images = generator.decode(tokens)
+    out = save_png(make_grid(images), args.out)
+    result = {"out": str(out), "classes": args.classes, "seeds": seeds, "size": list(images.shape[1:3])}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"wrote {out} ({len(seeds)} images, {images.shape[1]}x{images.shape[2]})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ptq4arvg", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list the model registry")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("generate", help="generate a PNG grid of class-conditional images")
+    p.add_argument("model", help="registered model name (see `ptq4arvg models`)")
+    p.add_argument("--checkpoint", type=Path, help="model weights (.pt/.pth/.bin or .safetensors)")
+    p.add_argument("--tokenizer-checkpoint", type=Path, help="tokenizer weights (e.g. vq_ds16_c2i.pt)")
+    p.add_argument("--classes", type=_int_list, required=True, help="comma-separated class labels")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
+    p.add_argument("--seeds", type=_int_list, help="one seed per image (overrides --seed)")
+    p.add_argument("--cfg-scale", type=float)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda msg, cat, *a, **k: print(f"warning: {msg}", file=sys.stderr)
+        try:
+            return args.func(args)
+        except QuantcoreError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

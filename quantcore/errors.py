@@ -1,0 +1,29 @@
+"""Typed exceptions of the engine. Every message says what was wrong and how to fix it."""
+
+
+class QuantcoreError(Exception):
+    """Base class of every error quantcore raises on purpose."""
+
+
+class ConfigError(QuantcoreError, ValueError):
+    """An unknown model, a bad config value, or an argument out of range."""
+
+
+class CheckpointError(QuantcoreError):
+    """A checkpoint file that cannot be read, is not a plain tensor dict, or does not fit the model."""
+
+
+class RecipeError(QuantcoreError, ValueError):
+    """A quantization recipe that does not validate."""
+
+
+class ArtifactError(QuantcoreError):
+    """A quantized-model artifact that is missing, tampered with or truncated."""
+
+
+class DatasetError(QuantcoreError):
+    """A dataset file that is missing or malformed."""
+
+
+class Canceled(QuantcoreError):
+    """A long-running call stopped because its `should_cancel` callback said so."""

@@ -1,0 +1,81 @@
+"""Class-conditional image generation: a model, its tokenizer and its official sampling defaults."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import fields
+
+import torch
+
+from quantcore.errors import ConfigError
+from quantcore.models.llamagen import SamplingDefaults, generate_tokens, to_raster
+
+
+def sampling_settings(defaults: SamplingDefaults, overrides: dict) -> SamplingDefaults:
+    """Official defaults with the caller's overrides; unknown names and bad values are refused."""
+    known = {f.name for f in fields(SamplingDefaults)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(f"unknown sampling parameter(s) {unknown}; known: {sorted(known)}")
+    merged = {**defaults.to_dict(), **{k: v for k, v in overrides.items() if v is not None}}
+    if merged["temperature"] <= 0:
+        raise ConfigError(f"temperature must be > 0, got {merged['temperature']}")
+    if not 0 < merged["top_p"] <= 1:
+        raise ConfigError(f"top_p must be in (0, 1], got {merged['top_p']}")
+    if merged["top_k"] < 0:
+        raise ConfigError(f"top_k must be >= 0, got {merged['top_k']}")
+    if merged["cfg_scale"] < 0:
+        raise ConfigError(f"cfg_scale must be >= 0, got {merged['cfg_scale']}")
+    return SamplingDefaults(**merged)
+
+
+class ImageGenerator:
+    """Generates uint8 images (B, H, W, 3); the same seed, weights and software give the same bytes."""
+
+    def __init__(
+        self, model: torch.nn.Module, tokenizer: torch.nn.Module, defaults: SamplingDefaults, source: str
+    ):
+        self.model = model.eval()
+        self.tokenizer = tokenizer.eval()
+        self.defaults = defaults
+        self.source = source
+
+    @property
+    def default_sampling(self) -> dict:
+        return self.defaults.to_dict()
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.config.num_classes
+
+    @torch.no_grad()
+    def generate_tokens(
+        self,
+        classes: Sequence[int],
+        seeds: Sequence[int],
+        progress: Callable[[int], None] | None = None,
+        **sampling,
+    ) -> torch.Tensor:
+        bad = [c for c in classes if not 0 <= int(c) < self.num_classes]
+        if bad:
+            raise ConfigError(
+                f"class labels {bad} out of range; this model has classes 0..{self.num_classes - 1}"
+            )
+        if len(classes) != len(seeds):
+            raise ConfigError(f"got {len(seeds)} seeds for {len(classes)} classes; give one seed per image")
+        settings = sampling_settings(self.defaults, sampling)
+        device = next(self.model.parameters()).device
+        labels = torch.tensor([int(c) for c in classes], device=device)
+        return generate_tokens(
+            self.model, labels, [int(s) for s in seeds], progress=progress, **settings.to_dict()
+        )
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        grid = self.model.config.grid_size
+        return self.tokenizer.decode_tokens(to_raster(self.model, tokens), grid=(grid, grid)).cpu()
+
+    def generate(
+        self, classes: Sequence[int], seeds: Sequence[int], progress=None, **sampling
+    ) -> torch.Tensor:
+        return self.decode(self.generate_tokens(classes, seeds, progress=progress, **sampling))

@@ -1,0 +1,41 @@
+"""Image grids and PNG files, with numpy and PIL only (torchvision does not run beside the CPU torch)."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def make_grid(images: torch.Tensor | np.ndarray, ncol: int | None = None, pad: int = 2) -> np.ndarray:
+    """Tile uint8 images (B, H, W, 3) into one (rows*H, cols*W, 3) array with `pad` pixels of white."""
+    arr = images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    if arr.ndim != 4 or arr.dtype != np.uint8:
+        raise ValueError(f"expected uint8 images of shape (B, H, W, C), got {arr.dtype} {arr.shape}")
+    b, h, w, c = arr.shape
+    ncol = ncol or math.ceil(math.sqrt(b))
+    nrow = math.ceil(b / ncol)
+    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i in range(b):
+        r, col = divmod(i, ncol)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        grid[y : y + h, x : x + w] = arr[i]
+    return grid
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """Encode one uint8 (H, W, 3) image as PNG; the same pixels always give the same bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def save_png(image: np.ndarray, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png_bytes(image))
+    return path

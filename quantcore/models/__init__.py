@@ -1,0 +1,1 @@
+"""Model families. Each family is one module exposing MODELS (name -> ModelEntry) and its model class."""

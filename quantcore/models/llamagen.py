@@ -1,0 +1,532 @@
+"""LlamaGen class-conditional GPT (and its PAR variant), in one file.
+
+Architecture and parameter names follow the official LlamaGen `gpt.py` (and PAR's fork of it), so an
+official checkpoint loads with a strict key check:
+
+    cls_embedding.embedding_table.weight   (num_classes + 1, dim)   last row = null class for CFG
+    tok_embeddings.weight                  (vocab, dim)
+    layers.{i}.attention_norm.weight       RMSNorm
+    layers.{i}.attention.wqkv.weight       fused q, k, v (no bias)
+    layers.{i}.attention.wo.weight
+    layers.{i}.ffn_norm.weight
+    layers.{i}.feed_forward.w1/w2/w3.weight   SwiGLU: w2(silu(w1 x) * w3 x)
+    norm.weight, output.weight
+    spe_tok_embeddings.special_embeddings.weight   (PAR only)
+
+Sequence layout (one class token in front, `cls_token_num` = 1):
+- raster order: [cls, t0, t1, ..., t_{L-2}] -> logits for t0 .. t_{L-1};
+- PAR order (Parallelized AR): the grid is split into `r` regions (4 = 2x2 or 16 = 4x4); tokens are
+  generated in region-interleaved order (intra-region raster index major, region minor). The first `r`
+  tokens are generated one at a time, then `r - 1` learned special tokens are inserted and from then on
+  `r` tokens (one per region) are predicted per step by a group of `r` positions that see each other:
+  [cls, t0 .. t_{r-1}, S1 .. S_{r-1}, t_r, ...]. The class and special positions get an all-zero RoPE
+  table, as in the official code, so their q and k are exactly zero (a LlamaGen quirk we keep).
+
+Attention is written out with two `MatMul` modules and every projection is a `quantcore.nn.Linear`
+that receives the absolute token positions, so quantized modules can replace them one for one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from quantcore.errors import ConfigError
+from quantcore.nn import Linear, MatMul
+
+
+def _round_up(n: int, k: int) -> int:
+    return n if n % k == 0 else n + k - n % k
+
+
+@dataclass(frozen=True)
+class LlamaGenConfig:
+    dim: int
+    n_layer: int
+    n_head: int
+    n_kv_head: int | None = None
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    num_classes: int = 1000
+    vocab_size: int = 16384
+    grid_size: int = 16  # latent tokens per side: 16 at 256 px, 24 at 384 px (VQ-16 downsamples by 16)
+    par_regions: int = 0  # 0 = raster order; 4 or 16 = PAR with that many regions
+    tokenizer: str = "VQ-16"
+
+    def __post_init__(self) -> None:
+        if self.dim % self.n_head:
+            raise ConfigError(f"dim {self.dim} must be divisible by n_head {self.n_head}")
+        if (self.dim // self.n_head) % 4:
+            raise ConfigError(f"head_dim {self.dim // self.n_head} must be divisible by 4 for the 2D RoPE")
+        if self.par_regions:
+            side = math.isqrt(self.par_regions)
+            if side * side != self.par_regions or self.par_regions < 4 or self.grid_size % side:
+                raise ConfigError(
+                    f"par_regions {self.par_regions} must be a square >= 4 whose side divides grid_size "
+                    f"{self.grid_size}"
+                )
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def ffn_hidden(self) -> int:
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return _round_up(hidden, self.multiple_of)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid_size * self.grid_size
+
+    @property
+    def special_tokens(self) -> int:
+        return self.par_regions - 1 if self.par_regions else 0
+
+    @property
+    def seq_len(self) -> int:
+        """Input positions of a full sequence: the last token is never an input, the class token is."""
+        return self.num_tokens
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Sizes of the official models (LlamaGen `GPT_models`; PAR uses the same transformer sizes).
+SIZES = {
+    "B": dict(dim=768, n_layer=12, n_head=12),
+    "L": dict(dim=1024, n_layer=24, n_head=16),
+    "XL": dict(dim=1280, n_layer=36, n_head=20),
+    "XXL": dict(dim=1536, n_layer=48, n_head=24),
+    "3B": dict(dim=3200, n_layer=24, n_head=32),
+}
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    cfg_scale: float
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    cfg_interval: int = -1  # apply CFG for the first N steps only; -1 = every step
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A named model of this family: its config, official files and official sampling settings."""
+
+    name: str
+    config: LlamaGenConfig
+    sampling: SamplingDefaults
+    official_checkpoints: tuple[str, ...] = ()
+    notes: str = ""
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _entries() -> dict[str, ModelEntry]:
+    vq = ("vq_ds16_c2i.pt",)
+    # LlamaGen README evaluation settings: CFG 2.0 for B/L, 1.75 for XL/XXL, 1.65 for 3B; top-k 0, top-p 1.
+    llamagen = {
+        "llamagen-b": ("B", 16, 2.0, ("c2i_B_256.pt",)),
+        "llamagen-b-384": ("B", 24, 2.0, ("c2i_B_384.pt",)),
+        "llamagen-l": ("L", 16, 2.0, ("c2i_L_256.pt",)),
+        "llamagen-l-384": ("L", 24, 2.0, ("c2i_L_384.pt",)),
+        "llamagen-xl": ("XL", 24, 1.75, ("c2i_XL_384.pt",)),
+        "llamagen-xxl": ("XXL", 24, 1.75, ("c2i_XXL_384.pt",)),
+        "llamagen-3b": ("3B", 24, 1.65, ("c2i_3B_384.pt",)),
+    }
+    # PAR: 384 px, region-parallel decoding; CFG per the PTQ4ARVG scripts (reference §2.3).
+    par = {
+        "par-xl-4x": ("XL", 4, 1.5, ("PAR-XL-4x.pt",)),
+        "par-xxl-4x": ("XXL", 4, 1.435, ("PAR-XXL-4x.pt",)),
+        "par-3b-4x": ("3B", 4, 1.345, ("PAR-3B-4x.pt",)),
+        "par-3b-16x": ("3B", 16, 1.5, ("PAR-3B-16x.pt",)),
+    }
+    entries = {}
+    for name, (size, grid, cfg, files) in llamagen.items():
+        entries[name] = ModelEntry(
+            name, LlamaGenConfig(**SIZES[size], grid_size=grid), SamplingDefaults(cfg), files + vq
+        )
+    for name, (size, regions, cfg, files) in par.items():
+        entries[name] = ModelEntry(
+            name,
+            LlamaGenConfig(**SIZES[size], grid_size=24, par_regions=regions),
+            SamplingDefaults(cfg),
+            files + vq,
+            notes="generates at 384 px; the paper's evaluation resizes to 256 px (bicubic)",
+        )
+    # Tiny configs exercising every code path in milliseconds (random weights, for tests).
+    tiny = dict(
+        dim=64, n_layer=2, n_head=4, multiple_of=32, num_classes=10, vocab_size=64, tokenizer="VQ-tiny"
+    )
+    entries["llamagen-tiny"] = ModelEntry(
+        "llamagen-tiny", LlamaGenConfig(**tiny, grid_size=4), SamplingDefaults(2.0), tags=("test",)
+    )
+    entries["par-tiny"] = ModelEntry(
+        "par-tiny", LlamaGenConfig(**tiny, grid_size=4, par_regions=4), SamplingDefaults(2.0), tags=("test",)
+    )
+    return entries
+
+
+MODELS: dict[str, ModelEntry] = _entries()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sequence layout: generation order, RoPE tables and attention masks
+# ---------------------------------------------------------------------------------------------------
+
+
+def generation_order(config: LlamaGenConfig) -> torch.Tensor:
+    """raster index of the k-th generated token (identity for raster order)."""
+    g = config.grid_size
+    if not config.par_regions:
+        return torch.arange(g * g)
+    side = math.isqrt(config.par_regions)
+    sub = g // side
+    # index (row_in_region, col_in_region, region_row, region_col) -> raster index
+    rr, rc, gr, gc = torch.meshgrid(
+        torch.arange(sub), torch.arange(sub), torch.arange(side), torch.arange(side), indexing="ij"
+    )
+    return ((gr * sub + rr) * g + (gc * sub + rc)).flatten()
+
+
+def token_positions(config: LlamaGenConfig) -> torch.Tensor:
+    """sequence position of the input slot that holds the k-th generated token."""
+    k = torch.arange(config.num_tokens)
+    # t_k sits at 1 + k, shifted by the special tokens once past the first `regions` tokens
+    return 1 + k + torch.where(k >= config.par_regions, config.special_tokens, 0) * (config.par_regions > 0)
+
+
+def rope_table(config: LlamaGenConfig) -> torch.Tensor:
+    """(seq_len, head_dim // 2, 2) cos/sin per sequence position; zeros at cls and special slots."""
+    g, half = config.grid_size, config.head_dim // 2
+    freqs = 1.0 / (config.rope_base ** (torch.arange(0, half, 2)[: half // 2].float() / half))
+    angles = torch.outer(torch.arange(g).float(), freqs)  # (g, head_dim // 4)
+    grid = torch.cat(
+        [angles[:, None, :].expand(-1, g, -1), angles[None, :, :].expand(g, -1, -1)], dim=-1
+    )  # (g, g, head_dim // 2): first half rotates with the row, second with the column
+    per_raster = torch.stack([grid.cos(), grid.sin()], dim=-1).flatten(0, 1)
+    table = torch.zeros(config.seq_len, half, 2)
+    slots = token_positions(config)
+    keep = slots < table.shape[0]
+    table[slots[keep]] = per_raster[generation_order(config)[keep]]
+    return table
+
+
+def attention_mask(config: LlamaGenConfig) -> torch.Tensor:
+    """(S, S) bool, True = may attend. Causal; PAR adds full visibility inside each parallel group."""
+    size = config.seq_len
+    mask = torch.ones(size, size, dtype=torch.bool).tril()
+    if config.par_regions:
+        r = config.par_regions
+        for start in range(r, size, r):  # groups [r, 2r), [2r, 3r), ... of r positions each
+            mask[start : start + r, : start + r] = True
+    return mask
+
+
+def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, T, H, D) pairs of channels by the per-position angles of `table` (T, D // 2, 2)."""
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+    cos, sin = table[None, :, None, :, 0], table[None, :, None, :, 1]
+    out = torch.stack(
+        [pairs[..., 0] * cos - pairs[..., 1] * sin, pairs[..., 1] * cos + pairs[..., 0] * sin], dim=-1
+    )
+    return out.flatten(3).type_as(x)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm; `bias` stays None for official weights and becomes a tensor once a shift is folded in."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.register_buffer("bias", None)  # a None buffer is left out of the state dict
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return out if self.bias is None else out + self.bias
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaGenConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        self.wqkv = Linear(config.dim, (config.n_head + 2 * config.kv_heads) * config.head_dim, bias=False)
+        self.wo = Linear(config.dim, config.dim, bias=False)
+        self.matmul_qk = MatMul()
+        self.matmul_pv = MatMul()
+        self.register_buffer("k_cache", None, persistent=False)
+        self.register_buffer("v_cache", None, persistent=False)
+
+    def forward(
+        self, x: torch.Tensor, pos: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor, use_cache: bool
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        q, k, v = self.wqkv(x, pos).split([q_size, kv_size, kv_size], dim=-1)
+        q = apply_rope(q.view(b, t, self.n_head, self.head_dim), rope).transpose(1, 2)
+        k = apply_rope(k.view(b, t, self.n_kv_head, self.head_dim), rope).transpose(1, 2)
+        v = v.view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if use_cache:
+            self.k_cache[:b, :, pos] = k
+            self.v_cache[:b, :, pos] = v
+            kv_len = mask.shape[-1]
+            k, v = self.k_cache[:b, :, :kv_len], self.v_cache[:b, :, :kv_len]
+        if self.n_kv_head != self.n_head:
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        scores = self.matmul_qk(q, k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).type_as(q)
+        out = self.matmul_pv(probs, v).transpose(1, 2).reshape(b, t, -1)
+        return self.wo(out, pos)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: LlamaGenConfig):
+        super().__init__()
+        self.w1 = Linear(config.dim, config.ffn_hidden, bias=False)
+        self.w3 = Linear(config.dim, config.ffn_hidden, bias=False)
+        self.w2 = Linear(config.ffn_hidden, config.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x, pos)) * self.w3(x, pos), pos)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: LlamaGenConfig):
+        super().__init__()
+        self.attention = Attention(config)
+        self.feed_forward = FeedForward(config)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+
+    def forward(self, x, pos, rope, mask, use_cache):
+        h = x + self.attention(self.attention_norm(x), pos, rope, mask, use_cache)
+        return h + self.feed_forward(self.ffn_norm(h), pos)
+
+
+class LabelEmbedder(nn.Module):
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, dim)  # + the null class used for CFG
+
+
+class SpecialTokenEmbedding(nn.Module):
+    def __init__(self, count: int, dim: int):
+        super().__init__()
+        self.special_embeddings = nn.Embedding(count, dim)
+
+
+class LlamaGen(nn.Module):
+    family = "llamagen"
+
+    def __init__(self, config: LlamaGenConfig):
+        super().__init__()
+        self.config = config
+        self.cls_embedding = LabelEmbedder(config.num_classes, config.dim)
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        if config.par_regions:
+            self.spe_tok_embeddings = SpecialTokenEmbedding(config.special_tokens, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = Linear(config.dim, config.vocab_size, bias=False)
+        with torch.device("cpu"):  # layout tables are real even when the model is built on "meta"
+            self.register_buffer("rope", rope_table(config), persistent=False)
+            self.register_buffer("mask", attention_mask(config), persistent=False)
+            self.register_buffer("token_slots", token_positions(config), persistent=False)
+            self.register_buffer("order", generation_order(config), persistent=False)
+
+    @property
+    def null_class(self) -> int:
+        return self.config.num_classes
+
+    # -- inputs ------------------------------------------------------------------------------------
+
+    def embed_sequence(self, classes: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced input (B, L, dim) for class ids (B,) and tokens (B, L) in generation order."""
+        cfg = self.config
+        parts = [self.cls_embedding.embedding_table(classes)[:, None], self.tok_embeddings(tokens)]
+        if cfg.par_regions:
+            r, tok = cfg.par_regions, parts[1]
+            special = self.spe_tok_embeddings.special_embeddings.weight
+            parts[1:] = [tok[:, :r], special[None].expand(tok.shape[0], -1, -1), tok[:, r:]]
+        return torch.cat(parts, dim=1)[:, : cfg.seq_len]
+
+    def setup_caches(self, batch_size: int, dtype: torch.dtype | None = None) -> None:
+        cfg = self.config
+        dtype = dtype or self.tok_embeddings.weight.dtype
+        shape = (batch_size, cfg.kv_heads, cfg.seq_len, cfg.head_dim)
+        for layer in self.layers:
+            layer.attention.k_cache = torch.zeros(shape, dtype=dtype, device=self.rope.device)
+            layer.attention.v_cache = torch.zeros(shape, dtype=dtype, device=self.rope.device)
+
+    def clear_caches(self) -> None:
+        for layer in self.layers:
+            layer.attention.k_cache = layer.attention.v_cache = None
+
+    # -- the transformer -------------------------------------------------------------------------------
+
+    def forward(self, h: torch.Tensor, pos: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab) for input embeddings `h` (B, T, dim) at absolute positions `pos` (T,).
+
+        Without the cache the T positions attend to each other only (a full teacher-forced sequence
+        when pos = 0..T-1); with it they attend to everything cached up to the last position.
+        """
+        rope = self.rope[pos]
+        if use_cache:
+            mask = self.mask[pos][:, : int(pos.max()) + 1]
+        else:
+            mask = self.mask[pos][:, pos]
+        for layer in self.layers:
+            h = layer(h, pos, rope, mask, use_cache)
+        return self.output(self.norm(h), pos).float()
+
+    def sequence_logits(self, classes: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits (B, L, vocab); row k predicts the k-th generated token."""
+        h = self.embed_sequence(classes, tokens)
+        return self(h, torch.arange(h.shape[1], device=h.device))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------------
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Top-k then nucleus filtering on the last dim (the official LlamaGen/PAR semantics)."""
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum > top_p
+        drop[..., 1:] = drop[..., :-1].clone()  # keep the token that crosses the threshold
+        drop[..., 0] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """One sample per row of probs (B, N, V), each image drawing from its own generator.
+
+    Per-image generators make an image depend on its seed only, not on the batch it was served in.
+    """
+    u = torch.stack([torch.rand(probs.shape[1], generator=g, dtype=torch.float64) for g in generators])
+    cdf = probs.double().cumsum(-1)
+    idx = torch.searchsorted(cdf, (u.to(cdf.device) * cdf[..., -1])[..., None]).squeeze(-1)
+    return idx.clamp_(max=probs.shape[-1] - 1)
+
+
+@torch.no_grad()
+def generate_tokens(
+    model: LlamaGen,
+    classes: torch.Tensor,
+    seeds: list[int],
+    cfg_scale: float,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    cfg_interval: int = -1,
+    use_cache: bool = True,
+    progress=None,
+) -> torch.Tensor:
+    """Sample tokens (B, L) in generation order. With cfg_scale > 1 the batch runs cond and uncond halves.
+
+    use_cache=False recomputes the whole prefix at every step (slow; it exists to check the cache).
+    `progress`, if given, is called with the number of tokens produced so far after every step.
+    """
+    cfg = model.config
+    b, device = classes.shape[0], classes.device
+    if len(seeds) != b:
+        raise ConfigError(f"got {len(seeds)} seeds for {b} classes; give one seed per image")
+    if not 0 < temperature:
+        raise ConfigError(f"temperature must be > 0, got {temperature}")
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    guided = cfg_scale > 1.0
+    cond = torch.cat([classes, torch.full_like(classes, model.null_class)]) if guided else classes
+    rows = cond.shape[0]
+    tokens = torch.zeros(b, cfg.num_tokens, dtype=torch.long, device=device)
+    slots = model.token_slots
+    if use_cache:
+        model.setup_caches(rows)
+    try:
+        step, produced = 0, 0
+        while produced < cfg.num_tokens:
+            pos = _next_inputs(cfg, slots, produced).to(device)
+            n_new = pos.numel()  # every input slot of a step predicts one new token
+            if use_cache:
+                h = _embed_positions(model, cond, tokens, produced, pos, guided)
+                logits = model(h, pos, use_cache=True)
+            else:
+                full = model.embed_sequence(cond, torch.cat([tokens, tokens]) if guided else tokens)
+                upto = int(pos.max()) + 1
+                logits = model(full[:, :upto], torch.arange(upto, device=device))[:, pos]
+            logits = logits[:, -n_new:]
+            if guided:
+                c, u = logits.chunk(2)
+                logits = u + (c - u) * cfg_scale if (cfg_interval < 0 or step <= cfg_interval) else c
+            probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+            tokens[:, produced : produced + n_new] = draw(probs, generators).to(device)
+            produced += n_new
+            step += 1
+            if progress is not None:
+                progress(produced)
+    finally:
+        if use_cache:
+            model.clear_caches()
+    return tokens
+
+
+def _next_inputs(cfg: LlamaGenConfig, slots: torch.Tensor, produced: int) -> torch.Tensor:
+    """Input positions of the decoding step that follows `produced` tokens."""
+    r = cfg.par_regions
+    if produced == 0:
+        return torch.tensor([0])  # the class token
+    if r and produced == r:
+        return torch.arange(int(slots[r - 1]), int(slots[r]))  # t_{r-1} and the r-1 special tokens
+    width = r if r and produced > r else 1
+    return slots[produced - width : produced].cpu()
+
+
+def _embed_positions(model, cond, tokens, produced, pos, guided):
+    """Embeddings of the input slots `pos` during cached decoding."""
+    cfg = model.config
+    if produced == 0:
+        return model.cls_embedding.embedding_table(cond)[:, None]
+    toks = torch.cat([tokens, tokens]) if guided else tokens
+    if cfg.par_regions and produced == cfg.par_regions:
+        special = model.spe_tok_embeddings.special_embeddings.weight
+        last = model.tok_embeddings(toks[:, produced - 1 : produced])
+        return torch.cat([last, special[None].expand(toks.shape[0], -1, -1)], dim=1)
+    return model.tok_embeddings(toks[:, produced - pos.numel() : produced])
+
+
+def to_raster(model: LlamaGen, tokens: torch.Tensor) -> torch.Tensor:
+    """Reorder tokens from generation order to the tokenizer's raster order."""
+    raster = torch.empty_like(tokens)
+    raster[:, model.order.to(tokens.device)] = tokens
+    return raster

@@ -1,0 +1,110 @@
+"""The model registry: every named model of every family, with what it takes to build and sample it."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from quantcore.checkpoint import load_checkpoint
+from quantcore.errors import ConfigError
+from quantcore.models import llamagen
+
+FAMILIES = {"llamagen": llamagen}
+
+
+class RandomWeightsWarning(UserWarning):
+    """A model or tokenizer runs with random weights: its images are noise."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    family: str
+    entry: llamagen.ModelEntry
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def config(self):
+        return self.entry.config
+
+    def build(self, device: str | torch.device = "cpu") -> torch.nn.Module:
+        with torch.device(device):
+            return FAMILIES[self.family].LlamaGen(self.config)
+
+    def parameter_count(self) -> int:
+        with torch.device("meta"):
+            model = FAMILIES[self.family].LlamaGen(self.config)
+        return sum(p.numel() for p in model.parameters())
+
+    def describe(self) -> dict:
+        cfg = self.config
+        return {
+            "name": self.name,
+            "family": self.family,
+            "variant": "par" if getattr(cfg, "par_regions", 0) else "raster",
+            "parameters": self.parameter_count(),
+            "image_size": cfg.grid_size * 16 if cfg.tokenizer == "VQ-16" else None,
+            "tokens": cfg.num_tokens,
+            "tokenizer": cfg.tokenizer,
+            "bundled": False,
+            "official_checkpoints": list(self.entry.official_checkpoints),
+            "sampling": self.entry.sampling.to_dict(),
+            "config": cfg.to_dict(),
+            "notes": self.entry.notes,
+            "tags": list(self.entry.tags),
+        }
+
+
+def all_specs() -> dict[str, ModelSpec]:
+    return {
+        name: ModelSpec(family, entry)
+        for family, mod in FAMILIES.items()
+        for name, entry in mod.MODELS.items()
+    }
+
+
+def get_spec(name: str) -> ModelSpec:
+    specs = all_specs()
+    if name not in specs:
+        raise ConfigError(f"unknown model {name!r}; known models: {', '.join(sorted(specs))}")
+    return specs[name]
+
+
+def list_models() -> list[dict]:
+    return [spec.describe() for spec in all_specs().values()]
+
+
+def suggest_fit(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """Name the registered configs whose parameter shapes the checkpoint has (grid size aside)."""
+    fits = []
+    for spec in all_specs().values():
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in spec.build("meta").state_dict().items()}
+        if shapes.keys() == state_dict.keys() and all(
+            tuple(state_dict[k].shape) == s for k, s in shapes.items()
+        ):
+            fits.append(spec.name)
+    return f"Its shapes fit: {', '.join(fits)}" if fits else None
+
+
+def load_model(
+    name: str, checkpoint: str | Path | None = None, device: str | torch.device = "cpu"
+) -> torch.nn.Module:
+    """Build a registered model, with weights from `checkpoint` or (with a warning) random ones."""
+    spec = get_spec(name)
+    model = spec.build(device)
+    if checkpoint is None:
+        warnings.warn(
+            f"{name} has no checkpoint: running with random weights, its images will be noise",
+            RandomWeightsWarning,
+            stacklevel=2,
+        )
+    else:
+        load_checkpoint(model, checkpoint, suggest=suggest_fit)
+    return model.eval()
