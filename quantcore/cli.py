@@ -12,7 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from quantcore.errors import QuantcoreError
+from quantcore.errors import ConfigError, QuantcoreError
 
 
 def _int_list(text: str) -> list[int]:
@@ -81,6 +81,60 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from quantcore.api import JobSpec, quantize_job
+    from quantcore.recipe import Recipe
+
+    recipe = args.recipe
+    if args.recipe_file:
+        recipe = Recipe.parse(args.recipe_file.read_text())
+    a_bits = None if args.a_bits == 0 else args.a_bits
+    spec = {
+        "model": args.model,
+        "checkpoint": str(args.checkpoint) if args.checkpoint else None,
+        "tokenizer_checkpoint": str(args.tokenizer_checkpoint) if args.tokenizer_checkpoint else None,
+        "recipe": recipe,
+        "w_bits": args.w_bits,
+        "a_bits": a_bits,
+        "calibration": {
+            "num_samples": args.calib_samples,
+            "selection": args.selection,
+            "seed": args.seed,
+            "batch_size": args.batch_size,
+        },
+        "evaluation": {"num_images": args.eval_images},
+    }
+    try:
+        job = JobSpec.model_validate(spec)
+    except Exception as exc:  # pydantic's error -> one line naming the field
+        first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
+        raise ConfigError(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+    bar = tqdm(
+        total=100, file=sys.stderr, disable=args.no_progress, bar_format="{desc:<22}{percentage:3.0f}%|{bar}|"
+    )
+
+    def progress(stage: str, fraction: float) -> None:
+        bar.set_description_str(stage)
+        bar.n = round(100 * fraction)
+        bar.refresh()
+
+    with bar:
+        manifest = quantize_job(job, args.out, progress, device=args.device)
+    summary = {"out": str(args.out), "recipe": manifest["recipe"], "metrics": manifest["metrics"]}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        m = manifest["metrics"]
+        print(
+            f"wrote {args.out}: {manifest['recipe']['name']} {job.resolved_recipe().bits_label}, "
+            f"token agreement {m.get('token_agreement', float('nan')):.3f}, logit KL {m.get('logit_kl', float('nan')):.4g}, "
+            f"calibration {m['calibration_seconds']:.1f}s"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptq4arvg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("generate", help="generate a PNG grid of class-conditional images")
-    p.add_argument("model", help="registered model name (see `ptq4arvg models`)")
+    p.add_argument("model", help="registered model name (see `ptq4arvg models`) or an artifact folder")
     p.add_argument("--checkpoint", type=Path, help="model weights (.pt/.pth/.bin or .safetensors)")
     p.add_argument("--tokenizer-checkpoint", type=Path, help="tokenizer weights (e.g. vq_ds16_c2i.pt)")
     p.add_argument("--classes", type=_int_list, required=True, help="comma-separated class labels")
@@ -105,6 +159,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("quantize", help="calibrate and quantize a model into an artifact folder")
+    p.add_argument("model", help="registered model name")
+    p.add_argument(
+        "--recipe",
+        default="ptq4arvg",
+        help="preset: rtn, smoothquant, os+, gps, stwq, sq+stwq, ptq4arvg, dtwq",
+    )
+    p.add_argument("--recipe-file", type=Path, help="a recipe as JSON/YAML (overrides --recipe and the bits)")
+    p.add_argument("--w-bits", type=int, default=8)
+    p.add_argument("--a-bits", type=int, default=8, help="activation bits; 0 = weight-only")
+    p.add_argument("--checkpoint", type=Path)
+    p.add_argument("--tokenizer-checkpoint", type=Path)
+    p.add_argument("--calib-samples", type=int, default=32, help="images generated for the calibration pool")
+    p.add_argument(
+        "--selection", default="dgc-official", help="dgc-official, dgc-mahalanobis, random, uniform"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--eval-images", type=int, default=8, help="images for the fidelity metrics (0 = none)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", type=Path, required=True, help="artifact folder to create")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_quantize)
     return parser
 
 

@@ -75,3 +75,55 @@ def test_cli_errors_are_one_line_and_nonzero(tmp_path):
         "generate", "llamagen-tiny", "--classes", "a,b", "--out", str(tmp_path / "x.png"), check=False
     )
     assert proc.returncode == 2 and "comma-separated integers" in proc.stderr
+
+
+def test_quantize_writes_artifact_and_reports_json(tmp_path):
+    out = tmp_path / "art"
+    proc = run_cli(
+        "quantize",
+        "par-tiny",
+        "--recipe",
+        "ptq4arvg",
+        "--w-bits",
+        "6",
+        "--a-bits",
+        "6",
+        "--calib-samples",
+        "4",
+        "--batch-size",
+        "4",
+        "--eval-images",
+        "2",
+        "--out",
+        str(out),
+        "--json",
+    )
+    summary = json.loads(proc.stdout)
+    assert summary["recipe"]["w_bits"] == 6 and "token_agreement" in summary["metrics"]
+    assert "gps" in proc.stderr and "calibrate" in proc.stderr  # per-stage progress
+    assert (out / "manifest.json").is_file()
+    proc = run_cli(
+        "generate", str(out), "--classes", "1,2", "--out", str(tmp_path / "q.png"), "--no-progress"
+    )
+    assert (tmp_path / "q.png").is_file()
+
+
+def test_quantize_bad_input_is_one_line(tmp_path):
+    proc = run_cli(
+        "quantize", "par-tiny", "--w-bits", "9", "--out", str(tmp_path / "a"), "--no-progress", check=False
+    )
+    assert (
+        proc.returncode == 2
+        and proc.stderr.strip() == "error: w_bits: Input should be less than or equal to 8"
+    )
+    proc = run_cli(
+        "quantize",
+        "par-tiny",
+        "--recipe",
+        "quarot",
+        "--out",
+        str(tmp_path / "a"),
+        "--no-progress",
+        check=False,
+    )
+    assert proc.returncode == 2 and "unknown preset 'quarot'" in proc.stderr

@@ -37,6 +37,7 @@ from torch.nn import functional as F
 
 from quantcore.errors import ConfigError
 from quantcore.nn import Linear, MatMul
+from quantcore.quant.layout import FoldSite, QuantLayout
 
 
 def _round_up(n: int, k: int) -> int:
@@ -408,6 +409,52 @@ class LlamaGen(nn.Module):
         """Teacher-forced logits (B, L, vocab); row k predicts the k-th generated token."""
         h = self.embed_sequence(classes, tokens)
         return self(h, torch.arange(h.shape[1], device=h.device))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Quantization layout (reference §4, PAR row; plain LlamaGen treats its class token as the sink)
+# ---------------------------------------------------------------------------------------------------
+
+
+def quant_layout(model: LlamaGen) -> QuantLayout:
+    cfg = model.config
+    sites, plain, matmuls, probs = [], [], [], []
+    for i in range(cfg.n_layer):
+        pre = f"layers.{i}"
+        sites.append(FoldSite(f"{pre}.attention_norm", (f"{pre}.attention.wqkv",)))
+        # w1 and w3 share the input and one scale; w1 drives the statistics, as in the official code
+        sites.append(FoldSite(f"{pre}.ffn_norm", (f"{pre}.feed_forward.w1", f"{pre}.feed_forward.w3")))
+        plain += [f"{pre}.attention.wo", f"{pre}.feed_forward.w2"]
+        matmuls += [f"{pre}.attention.matmul_qk", f"{pre}.attention.matmul_pv"]
+        probs.append(f"{pre}.attention.matmul_pv")
+    sites.append(FoldSite("norm", ("output",), head=True))
+    r = cfg.par_regions
+    groups = torch.zeros(cfg.seq_len, dtype=torch.long)
+    if r:
+        # PAR: class token and the first r - 1 AR tokens alone, the first parallel group shared,
+        # the rest shared: r + 2 groups, and 2r sink positions (8 for the 4x models)
+        groups[:r] = torch.arange(r)
+        groups[r : 2 * r] = r
+        groups[2 * r :] = r + 1
+        sinks = tuple(range(2 * r))
+    else:
+        groups[1:] = 1  # the class token (q = k = 0 under the zero RoPE) and the rest
+        sinks = (0,)
+    return QuantLayout(
+        fold_sites=tuple(sites),
+        plain_linears=tuple(plain),
+        matmuls=tuple(matmuls),
+        prob_matmuls=tuple(probs),
+        sink_positions=sinks,
+        position_groups=groups,
+        seq_len=cfg.seq_len,
+        log_sqrt2_probs=bool(r),
+    )
+
+
+def calibration_forward(model: LlamaGen, classes: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The teacher-forced pass that calibration runs (equal to the concatenated decoding inputs)."""
+    return model.sequence_logits(classes, tokens)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,139 @@
+"""Quantized-model artifacts: a folder of safetensors files and a manifest that pins them.
+
+    model.safetensors       the quantized model's state (folded weights, biases, quantizer tables)
+    tokenizer.safetensors   the tokenizer's weights, so the artifact generates images on its own
+    manifest.json           model id + checkpoint hash, recipe, per-layer quantization, calibration
+                            selection, metrics, library versions, and sha256 + size of every file
+
+Writes are atomic (a temporary sibling folder renamed into place); loading verifies every hash
+before a byte is deserialised, and nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from quantcore import __version__
+from quantcore.checkpoint import file_sha256
+from quantcore.errors import ArtifactError
+
+FORMAT = "ptq4arvg-artifact/1"
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.safetensors"
+
+
+def _tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+
+
+def versions() -> dict:
+    return {"ptq4arvg": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def save_artifact(
+    out_dir: str | Path, model: torch.nn.Module, tokenizer: torch.nn.Module, manifest: dict
+) -> dict:
+    """Write the artifact to `out_dir` (which must not exist or be empty); returns the full manifest."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ArtifactError(f"artifact folder {out_dir} is not empty; choose a new folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        save_file(_tensors(model), str(tmp / MODEL_FILE))
+        save_file(_tensors(tokenizer), str(tmp / TOKENIZER_FILE))
+        files = {
+            name: {"sha256": file_sha256(tmp / name), "size": (tmp / name).stat().st_size}
+            for name in (MODEL_FILE, TOKENIZER_FILE)
+        }
+        full = {
+            "format": FORMAT,
+            **manifest,
+            "versions": versions(),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "files": files,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=False))
+        for path in tmp.iterdir():  # readable by the API process, whichever user it runs as
+            path.chmod(0o644)
+        tmp.chmod(0o755)
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return full
+
+
+def read_manifest(artifact_dir: str | Path) -> dict:
+    path = Path(artifact_dir) / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{artifact_dir} is not an artifact: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path} is not valid JSON: {exc}") from None
+    if manifest.get("format") != FORMAT:
+        raise ArtifactError(
+            f"{path}: unsupported artifact format {manifest.get('format')!r}, expected {FORMAT}"
+        )
+    return manifest
+
+
+def verify_artifact(artifact_dir: str | Path) -> dict:
+    """Check every listed file's size and sha256; return the manifest or raise ArtifactError."""
+    artifact_dir = Path(artifact_dir)
+    manifest = read_manifest(artifact_dir)
+    files = manifest.get("files") or {}
+    for name in (MODEL_FILE, TOKENIZER_FILE):
+        if name not in files:
+            raise ArtifactError(f"{artifact_dir}: manifest does not list {name}")
+    for name, meta in files.items():
+        if "/" in name or "\\" in name or name.startswith("."):
+            raise ArtifactError(f"{artifact_dir}: manifest lists an unsafe file name {name!r}")
+        path = artifact_dir / name
+        if not path.is_file():
+            raise ArtifactError(f"{artifact_dir}: {name} is missing")
+        size = path.stat().st_size
+        if size != meta["size"]:
+            raise ArtifactError(
+                f"{artifact_dir}: {name} is {size} bytes, the manifest says {meta['size']} (truncated?)"
+            )
+        if file_sha256(path) != meta["sha256"]:
+            raise ArtifactError(
+                f"{artifact_dir}: {name} does not match its sha256 in the manifest (modified?)"
+            )
+    return manifest
+
+
+def load_artifact(artifact_dir: str | Path, device: str | torch.device = "cpu"):
+    """(quantized model, tokenizer, manifest), after verifying every file."""
+    from quantcore.quant.modules import set_quant_mode
+    from quantcore.quantize import rebuild_structure
+    from quantcore.registry import get_spec
+    from quantcore.tokenizers import VQ_CONFIGS, VQModel
+
+    artifact_dir = Path(artifact_dir)
+    manifest = verify_artifact(artifact_dir)
+    spec = get_spec(manifest["model"]["name"])
+    model = rebuild_structure(spec.build("cpu"), manifest["layers"], manifest["norms_with_bias"])
+    try:
+        model.load_state_dict(load_file(str(artifact_dir / MODEL_FILE)), strict=True)
+        tokenizer = VQModel(VQ_CONFIGS[manifest["model"]["tokenizer"]])
+        tokenizer.load_state_dict(load_file(str(artifact_dir / TOKENIZER_FILE)), strict=True)
+    except RuntimeError as exc:
+        raise ArtifactError(f"{artifact_dir}: weights do not fit the recorded structure: {exc}") from None
+    weight_only = manifest["recipe"]["a_bits"] is None
+    set_quant_mode(model, weights="on", acts="off" if weight_only else "on")
+    return model.to(device).eval(), tokenizer.to(device).eval(), manifest

@@ -1,0 +1,1 @@
+"""Evaluation: proxy image-quality metrics (bundled models) and fidelity to the FP model."""

@@ -1,0 +1,417 @@
+"""Train the bundled models on Fashion-MNIST.
+
+    python -m quantcore.zoo.train {classifier,tokenizer,llamagen,par,all} --out quantcore/zoo/weights \
+        [--device cuda] [--epochs N] [--limit N]
+
+Stages read what earlier stages wrote to --out: the tokenizer is evaluated with the classifier, and the
+generators train on the tokenizer's tokens and are evaluated with both. `all` runs them in that order.
+Every stage is seeded, stores fp16 safetensors, evaluates the stored (fp16-rounded) weights, and merges
+its settings, time, device and metrics into --out/training.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torch.nn import functional as F
+
+from quantcore.checkpoint import load_checkpoint
+from quantcore.eval.proxy import proxy_features, proxy_metrics
+from quantcore.models.llamagen import LlamaGen, generate_tokens, to_raster
+from quantcore.tokenizers.vq16 import VQModel
+from quantcore.zoo import (
+    TINY_CONFIGS,
+    ZOO_VQ,
+    load_classifier,
+    load_zoo_tokenizer,
+)
+from quantcore.zoo.classifier import ProxyClassifier
+from quantcore.zoo.data import load_fashion_mnist, to_rgb32
+
+STAGES = ("classifier", "tokenizer", "llamagen", "par")
+# Per-stage defaults: epochs, batch size, peak learning rate.
+DEFAULTS = {
+    "classifier": dict(epochs=15, batch_size=256, lr=2e-3),
+    "tokenizer": dict(epochs=12, batch_size=128, lr=1e-3),
+    "llamagen": dict(epochs=40, batch_size=256, lr=1e-3),
+    "par": dict(epochs=40, batch_size=256, lr=1e-3),
+}
+CLASS_DROPOUT = 0.1  # share of labels replaced by the null class, so the model also learns p(x) for CFG
+CFG_SWEEP = (1.0, 2.0, 3.0, 4.0)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shared pieces
+# ---------------------------------------------------------------------------------------------------
+
+
+class Data:
+    """Both splits as uint8 (N, 32, 32, 3) on the training device, with int64 labels."""
+
+    def __init__(self, device: torch.device, root: str | None, limit: int | None):
+        self.train, self.train_labels = self._split("train", device, root, limit)
+        self.test, self.test_labels = self._split("test", device, root, limit)
+
+    @staticmethod
+    def _split(split, device, root, limit):
+        images, labels = load_fashion_mnist(split, root)
+        images, labels = to_rgb32(images[:limit]), labels[:limit].astype(np.int64)
+        return torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1], the VQ's and classifier's input scaling."""
+    return images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Mirror a random half of the float batch (B, 3, H, W): garments are near-symmetric left to right."""
+    flip = torch.rand(x.shape[0], generator=gen, device=gen.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def batches(n: int, batch_size: int, gen: torch.Generator):
+    """Shuffled index batches of one epoch; the last partial batch is dropped."""
+    order = torch.randperm(n, generator=gen, device=gen.device)
+    for i in range(n // batch_size):
+        yield order[i * batch_size : (i + 1) * batch_size]
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))  # decays to 10% of the peak
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def save_fp16(model: nn.Module, path: Path) -> None:
+    """Store floating-point tensors as fp16 (half the bytes; the evaluation below runs on these)."""
+    sd = {
+        k: (v.half() if v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
+
+
+def record(out: Path, stage: str, entry: dict) -> None:
+    """Merge one stage's record into out/training.json."""
+    path = out / "training.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data[stage] = entry
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stages
+# ---------------------------------------------------------------------------------------------------
+
+
+def train_classifier(data: Data, out: Path, hp: dict, seed: int) -> dict:
+    device = data.train.device
+    torch.manual_seed(seed)
+    gen = torch.Generator(device).manual_seed(seed)
+    model = ProxyClassifier().to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=hp["lr"], weight_decay=5e-4)
+    steps_per_epoch = data.train.shape[0] // hp["batch_size"]
+    total, step = hp["epochs"] * steps_per_epoch, 0
+    for epoch in range(hp["epochs"]):
+        model.train()
+        loss_sum = 0.0
+        for idx in batches(data.train.shape[0], hp["batch_size"], gen):
+            x = random_flip(to_float(data.train[idx]), gen)
+            # A random shift of up to 2 px (the same for the whole batch): the padding makes room for it.
+            dy, dx = torch.randint(-2, 3, (2,), generator=gen, device=device).tolist()
+            x = torch.roll(x, (dy, dx), dims=(2, 3))
+            loss = F.cross_entropy(model(x), data.train_labels[idx], label_smoothing=0.1)
+            set_lr(opt, cosine_lr(step, total, hp["lr"], warmup=200))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += float(loss)
+            step += 1
+        log(f"classifier epoch {epoch + 1}/{hp['epochs']} loss {loss_sum / steps_per_epoch:.4f}")
+    save_fp16(model, out / "proxy-classifier.safetensors")
+    stored = load_classifier(out / "proxy-classifier.safetensors", device)
+    _, probs = proxy_features(stored, data.test)
+    accuracy = float((probs.argmax(1) == data.test_labels.cpu().numpy()).mean())
+    log(f"classifier test accuracy {accuracy:.4f}")
+    return {"final_train_loss": loss_sum / steps_per_epoch, "test_accuracy": accuracy}
+
+
+def vq_losses(vq: VQModel, x: torch.Tensor) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """LlamaGen's VQ objective without the GAN and perceptual terms: MSE reconstruction, codebook loss
+    (codes move to the encoder outputs), commitment loss (beta 0.25; encoder outputs stay near their
+    codes), a straight-through estimator past the lookup, and cosine matching on l2-normalised vectors.
+    """
+    z = F.normalize(vq.quant_conv(vq.encoder(x)), dim=1)
+    codes, ids = vq.quantize(z)  # unit-norm codes; their gradient reaches the codebook
+    codebook_loss = F.mse_loss(codes, z.detach())
+    commit_loss = F.mse_loss(z, codes.detach())
+    recon = vq.decode_codes(z + (codes - z).detach())  # straight-through: decoder gradient flows to z
+    recon_loss = F.mse_loss(recon, x)
+    loss = recon_loss + codebook_loss + 0.25 * commit_loss
+    parts = {"recon": float(recon_loss), "codebook": float(codebook_loss), "commit": float(commit_loss)}
+    return loss, parts, ids
+
+
+@torch.no_grad()
+def restart_dead_codes(vq: VQModel, used: torch.Tensor, x: torch.Tensor, gen: torch.Generator) -> int:
+    """Move codes that no vector picked this epoch onto random encoder outputs, so the whole codebook
+    stays in use (a common VQ-VAE remedy; LlamaGen relies on a large codebook instead)."""
+    dead = (~used).nonzero().squeeze(1)
+    if dead.numel():
+        z = (
+            F.normalize(vq.quant_conv(vq.encoder(x)), dim=1)
+            .permute(0, 2, 3, 1)
+            .reshape(-1, ZOO_VQ.codebook_embed_dim)
+        )
+        pick = torch.randint(0, z.shape[0], (dead.numel(),), generator=gen, device=gen.device)
+        vq.quantize.embedding.weight[dead] = z[pick]
+    return int(dead.numel())
+
+
+def train_tokenizer(data: Data, out: Path, hp: dict, seed: int) -> dict:
+    device = data.train.device
+    torch.manual_seed(seed)
+    gen = torch.Generator(device).manual_seed(seed)
+    vq = VQModel(ZOO_VQ).to(device)
+    opt = torch.optim.AdamW(vq.parameters(), lr=hp["lr"], betas=(0.9, 0.95), weight_decay=0.0)
+    steps_per_epoch = data.train.shape[0] // hp["batch_size"]
+    total, step = hp["epochs"] * steps_per_epoch, 0
+    for epoch in range(hp["epochs"]):
+        vq.train()
+        used = torch.zeros(ZOO_VQ.codebook_size, dtype=torch.bool, device=device)
+        sums = {"recon": 0.0, "codebook": 0.0, "commit": 0.0}
+        for idx in batches(data.train.shape[0], hp["batch_size"], gen):
+            x = random_flip(to_float(data.train[idx]), gen)
+            loss, parts, ids = vq_losses(vq, x)
+            set_lr(opt, cosine_lr(step, total, hp["lr"], warmup=200))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            used[ids.flatten()] = True
+            sums = {k: sums[k] + parts[k] for k in sums}
+            step += 1
+        usage = float(used.float().mean())
+        restarted = restart_dead_codes(vq, used, x, gen) if epoch < hp["epochs"] - 2 else 0
+        means = " ".join(f"{k} {v / steps_per_epoch:.4f}" for k, v in sums.items())
+        log(f"tokenizer epoch {epoch + 1}/{hp['epochs']} {means} usage {usage:.3f} restarted {restarted}")
+    save_fp16(vq, out / "vq-zoo.safetensors")
+
+    stored = load_zoo_tokenizer(out / "vq-zoo.safetensors", device)
+    tokens = tokenize(stored, data.test)
+    recon = torch.cat([stored.decode_tokens(t) for t in tokens.split(1000)])
+    mse = float(((recon.float() - data.test.float()) / 127.5).pow(2).mean())
+    metrics = {
+        "final_train_recon_mse": sums["recon"] / steps_per_epoch,
+        "test_recon_mse": mse,
+        "test_psnr_db": 10 * math.log10(4.0 / mse),  # signal range [-1, 1] spans 2
+        "test_codebook_usage": float(torch.unique(tokens).numel() / ZOO_VQ.codebook_size),
+    }
+    if (out / "proxy-classifier.safetensors").is_file():
+        classifier = load_classifier(out / "proxy-classifier.safetensors", device)
+        _, probs = proxy_features(classifier, recon)
+        metrics["proxy_accuracy_on_reconstructions"] = float(
+            (probs.argmax(1) == data.test_labels.cpu().numpy()).mean()
+        )
+    log(f"tokenizer metrics {metrics}")
+    return metrics
+
+
+@torch.no_grad()
+def tokenize(vq: VQModel, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> raster tokens (N, h*w)."""
+    return torch.cat([vq.encode_to_tokens(part) for part in images.split(batch_size)])
+
+
+def init_llamagen(model: LlamaGen) -> None:
+    """LlamaGen's initialisation: N(0, 0.02) for linears and embeddings, a zero output head."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+    nn.init.zeros_(model.output.weight)
+
+
+@torch.no_grad()
+def sequence_loss(
+    model: LlamaGen, classes: torch.Tensor, tokens: torch.Tensor, batch_size: int = 500
+) -> float:
+    """Mean teacher-forced cross-entropy (nats per token) of sequences in generation order."""
+    total = 0.0
+    for c, t in zip(classes.split(batch_size), tokens.split(batch_size), strict=True):
+        logits = model.sequence_logits(c, t)
+        total += float(F.cross_entropy(logits.flatten(0, 1), t.flatten(), reduction="sum"))
+    return total / tokens.numel()
+
+
+def train_generator(data: Data, out: Path, hp: dict, seed: int, name: str, per_class: int) -> dict:
+    device = data.train.device
+    config = TINY_CONFIGS[name]
+    vq = load_zoo_tokenizer(out / "vq-zoo.safetensors", device)
+    torch.manual_seed(seed)
+    gen = torch.Generator(device).manual_seed(seed)
+    model = LlamaGen(config).to(device)
+    init_llamagen(model)
+    order = model.order.to(device)
+    # Training set: every image and its mirror image, tokenized once, in generation order.
+    flipped = data.train.flip(2)
+    train_tokens = torch.cat([tokenize(vq, data.train), tokenize(vq, flipped)])[:, order]
+    train_labels = torch.cat([data.train_labels, data.train_labels])
+    test_tokens = tokenize(vq, data.test)[:, order]
+    log(f"{name}: {train_tokens.shape[0]} training sequences of {train_tokens.shape[1]} tokens")
+
+    decay = [p for n, p in model.named_parameters() if p.ndim == 2 and "embedding" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim == 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}],
+        lr=hp["lr"],
+        betas=(0.9, 0.95),
+    )
+    amp = device.type == "cuda"  # bf16 autocast on the GPU; plain fp32 on CPU
+    steps_per_epoch = train_tokens.shape[0] // hp["batch_size"]
+    total, step = hp["epochs"] * steps_per_epoch, 0
+    start = time.time()
+    for epoch in range(hp["epochs"]):
+        model.train()
+        loss_sum = 0.0
+        for idx in batches(train_tokens.shape[0], hp["batch_size"], gen):
+            tokens, classes = train_tokens[idx], train_labels[idx]
+            drop = torch.rand(classes.shape[0], generator=gen, device=device) < CLASS_DROPOUT
+            classes = torch.where(drop, model.null_class, classes)
+            with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+                logits = model.sequence_logits(classes, tokens)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
+            set_lr(opt, cosine_lr(step, total, hp["lr"], warmup=500))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            loss_sum += float(loss)
+            step += 1
+        model.eval()
+        test_loss = sequence_loss(model, data.test_labels, test_tokens)
+        rate = step / (time.time() - start)
+        log(
+            f"{name} epoch {epoch + 1}/{hp['epochs']} train {loss_sum / steps_per_epoch:.4f} "
+            f"test {test_loss:.4f} ({rate:.1f} steps/s)"
+        )
+    path = out / f"{name}.safetensors"
+    save_fp16(model, path)
+
+    stored = load_checkpoint(LlamaGen(config), path).to(device).eval()  # fp16 storage, fp32 compute
+    metrics = {
+        "final_train_loss": loss_sum / steps_per_epoch,
+        "test_loss": sequence_loss(stored, data.test_labels, test_tokens),
+        "cfg_sweep": evaluate_generator(stored, vq, data, out, per_class),
+    }
+    log(f"{name} metrics {json.dumps(metrics)}")
+    return metrics
+
+
+@torch.no_grad()
+def evaluate_generator(model: LlamaGen, vq: VQModel, data: Data, out: Path, per_class: int) -> dict:
+    """Proxy metrics of `per_class` images per class at each CFG scale of the sweep (seed = 1000c + i)."""
+    device = data.train.device
+    classifier = load_classifier(out / "proxy-classifier.safetensors", device)
+    test_features, _ = proxy_features(classifier, data.test)
+    labels = torch.arange(10, device=device).repeat_interleave(per_class)
+    seeds = [1000 * int(c) + i % per_class for i, c in enumerate(labels.tolist())]
+    grid = model.config.grid_size
+    sweep = {}
+    for scale in CFG_SWEEP:
+        images = []
+        for c, s in zip(
+            labels.split(500), [seeds[i : i + 500] for i in range(0, len(seeds), 500)], strict=True
+        ):
+            tokens = generate_tokens(model, c, s, cfg_scale=scale)
+            images.append(vq.decode_tokens(to_raster(model, tokens), grid=(grid, grid)))
+        images = torch.cat(images)
+        sweep[str(scale)] = proxy_metrics(classifier, images, labels.cpu().numpy(), test_features)
+        log(f"  cfg {scale}: {sweep[str(scale)]}")
+    return sweep
+
+
+# ---------------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m quantcore.zoo.train", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("stage", choices=(*STAGES, "all"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "weights")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--data", default=None, help="folder with the Fashion-MNIST IDX .gz files")
+    parser.add_argument("--epochs", type=int, default=None, help="override every run stage's epochs")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N images per split")
+    parser.add_argument("--eval-per-class", type=int, default=100, help="generated images per class")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    args.out.mkdir(parents=True, exist_ok=True)
+    data = Data(device, args.data, args.limit)
+    log(f"data: train {tuple(data.train.shape)}, test {tuple(data.test.shape)} on {device_name(device)}")
+    for stage in STAGES if args.stage == "all" else (args.stage,):
+        hp = dict(DEFAULTS[stage])
+        if args.epochs is not None:
+            hp["epochs"] = args.epochs
+        start = time.time()
+        if stage == "classifier":
+            metrics = train_classifier(data, args.out, hp, args.seed)
+        elif stage == "tokenizer":
+            metrics = train_tokenizer(data, args.out, hp, args.seed)
+        else:
+            name = "tiny-llamagen" if stage == "llamagen" else "tiny-par"
+            metrics = train_generator(data, args.out, hp, args.seed, name, args.eval_per_class)
+        seconds = time.time() - start
+        log(f"{stage} done in {seconds:.0f} s")
+        record(
+            args.out,
+            stage,
+            {
+                "settings": {
+                    **hp,
+                    "seed": args.seed,
+                    "limit": args.limit,
+                    "eval_per_class": args.eval_per_class,
+                },
+                "seconds": round(seconds, 1),
+                "device": device_name(device),
+                "torch": torch.__version__,
+                "metrics": metrics,
+            },
+        )
+
+
+if __name__ == "__main__":
+    main()
