@@ -21,7 +21,7 @@ from quantcore.checkpoint import file_sha256
 from quantcore.errors import ArtifactError, ConfigError
 from quantcore.generation import ImageGenerator
 from quantcore.models.llamagen import generate_tokens
-from quantcore.quantize import quantize
+from quantcore.pipeline import quantize
 from quantcore.recipe import Recipe
 from quantcore.registry import get_spec, load_model
 from quantcore.tokenizers import VQ_CONFIGS, VQModel, load_vq

@@ -119,8 +119,8 @@ def verify_artifact(artifact_dir: str | Path) -> dict:
 
 def load_artifact(artifact_dir: str | Path, device: str | torch.device = "cpu"):
     """(quantized model, tokenizer, manifest), after verifying every file."""
+    from quantcore.pipeline import rebuild_structure
     from quantcore.quant.modules import set_quant_mode
-    from quantcore.quantize import rebuild_structure
     from quantcore.registry import get_spec
     from quantcore.tokenizers import VQ_CONFIGS, VQModel
 

@@ -10,8 +10,8 @@ from quantcore.artifact import MODEL_FILE, load_artifact, verify_artifact
 from quantcore.calib import CalibrationSpec, build_calibration_set
 from quantcore.errors import ArtifactError, ConfigError, RecipeError
 from quantcore.models.llamagen import generate_tokens
+from quantcore.pipeline import layout_of, quantize
 from quantcore.quant.modules import QuantLinear, iter_quant_modules, set_quant_mode
-from quantcore.quantize import layout_of, quantize
 from quantcore.recipe import PRESETS, Recipe
 
 MODELS = ["llamagen-tiny", "par-tiny"]

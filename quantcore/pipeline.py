@@ -61,8 +61,9 @@ class QuantizeReport:
 class _Runner:
     """Mini-batch sweeps over the calibration set with progress, cancel checks and input hooks."""
 
-    def __init__(self, model, calibration: CalibrationSet, batch_size, progress, should_cancel):
+    def __init__(self, model, layout, calibration: CalibrationSet, batch_size, progress, should_cancel):
         self.model, self.calibration, self.batch_size = model, calibration, batch_size
+        self.fold_sites = layout.fold_sites
         self.progress, self.should_cancel = progress, should_cancel
 
     @torch.no_grad()
@@ -73,6 +74,12 @@ class _Runner:
             self.model.sequence_logits(classes, tokens)
             if self.progress:
                 self.progress(stage, (i + 1) / total)
+
+    def layer_done(self, stage: str, site: FoldSite, index: int) -> None:
+        """Per-layer progress while a pass folds its results, layer by layer."""
+        if self.progress:
+            total = len(self.fold_sites)
+            self.progress(f"{stage}-fold {site.linears[0]}", (index + 1) / total)
 
     @contextmanager
     def inputs(self, names, fn):
@@ -139,21 +146,23 @@ def pass_smoothquant(model, layout, runner, recipe, alpha: float) -> dict:
     with runner.inputs([s.linears[0] for s in layout.fold_sites], observe):
         runner.sweep("smoothquant")
     summary = {}
-    for site in layout.fold_sites:
+    for i, site in enumerate(layout.fold_sites):
         s = smoothquant_scales(absmax[site.linears[0]], _lead(model, site).weight, alpha)
         fold_scale(model, site, s)
         summary[site.linears[0]] = {"min": float(s.min()), "max": float(s.max())}
+        runner.layer_done("smoothquant", site, i)
     return summary
 
 
 def pass_shift(model, layout, runner, recipe) -> dict:
     _channel_calibrate(model, layout, runner, recipe.a_bits, "shift", recipe.percentiles)
     summary = {}
-    for site in layout.fold_sites:
+    for i, site in enumerate(layout.fold_sites):
         q = _lead(model, site).input_quantizer
         p = symmetric_shift(q.scale, q.zero_point, recipe.a_bits)
         fold_shift(model, site, p)
         summary[site.linears[0]] = {"abs_max": float(p.abs().max())}
+        runner.layer_done("shift", site, i)
     return summary
 
 
@@ -171,7 +180,8 @@ def pass_gps(model, layout, runner, recipe, shared: str) -> dict:
     with runner.inputs(list(stats), lambda name, x, pos: stats[name].update(_non_sink(x, pos, sinks))):
         runner.sweep("gps")
     summary = {}
-    for site in layout.fold_sites:
+    for i, site in enumerate(layout.fold_sites):
+        runner.layer_done("gps", site, i)
         if not site.gps:
             continue
         linears = [model.get_submodule(n) for n in site.linears]
@@ -231,7 +241,7 @@ def quantize(
     """Quantize `model` in place following `recipe`, calibrated on `calibration`."""
     model.eval()
     layout = layout_of(model)
-    runner = _Runner(model, calibration, batch_size, progress, should_cancel)
+    runner = _Runner(model, layout, calibration, batch_size, progress, should_cancel)
     report = QuantizeReport(recipe=recipe, layers={}, norms_with_bias=[])
     swap_in_quant_modules(model, layout, recipe)
     for p in recipe.passes:
