@@ -20,11 +20,11 @@ from quantcore.calib.pool import check_cancel
 from quantcore.checkpoint import file_sha256
 from quantcore.errors import ArtifactError, ConfigError
 from quantcore.generation import ImageGenerator
-from quantcore.models.llamagen import generate_tokens
+from quantcore.models import family_module
 from quantcore.pipeline import quantize
 from quantcore.recipe import Recipe
 from quantcore.registry import get_spec, load_model
-from quantcore.tokenizers import VQ_CONFIGS, VQModel, load_vq
+from quantcore.tokenizers import load_tokenizer
 
 
 class EvaluationSpec(BaseModel):
@@ -56,15 +56,6 @@ class JobSpec(BaseModel):
         return Recipe.preset(self.recipe, self.w_bits, self.a_bits)
 
 
-def load_tokenizer(
-    name: str, checkpoint: str | Path | None = None, device: str | torch.device = "cpu"
-) -> VQModel:
-    if checkpoint is not None:
-        return load_vq(checkpoint, name, device)
-    with torch.device(device):
-        return VQModel(VQ_CONFIGS[name]).eval()
-
-
 def load_generator(
     source: str,
     checkpoint: str | Path | None = None,
@@ -93,6 +84,7 @@ def fidelity_metrics(fp, quantized, evaluation: EvaluationSpec, sampling: dict) 
     if n == 0:
         return {}
     cfg = fp.config
+    generate_tokens = family_module(fp.family).generate_tokens
     device = next(fp.parameters()).device
     classes = torch.arange(n, device=device) % cfg.num_classes
     seeds = [evaluation.seed + i for i in range(n)]

@@ -122,15 +122,16 @@ def load_artifact(artifact_dir: str | Path, device: str | torch.device = "cpu"):
     from quantcore.pipeline import rebuild_structure
     from quantcore.quant.modules import set_quant_mode
     from quantcore.registry import get_spec
-    from quantcore.tokenizers import VQ_CONFIGS, VQModel
+    from quantcore.tokenizers import build_tokenizer
 
     artifact_dir = Path(artifact_dir)
     manifest = verify_artifact(artifact_dir)
     spec = get_spec(manifest["model"]["name"])
-    model = rebuild_structure(spec.build("cpu"), manifest["layers"], manifest["norms_with_bias"])
+    state = load_file(str(artifact_dir / MODEL_FILE))
+    model = rebuild_structure(spec.build("cpu"), manifest["layers"], state)
     try:
-        model.load_state_dict(load_file(str(artifact_dir / MODEL_FILE)), strict=True)
-        tokenizer = VQModel(VQ_CONFIGS[manifest["model"]["tokenizer"]])
+        model.load_state_dict(state, strict=True)
+        tokenizer = build_tokenizer(manifest["model"]["tokenizer"])
         tokenizer.load_state_dict(load_file(str(artifact_dir / TOKENIZER_FILE)), strict=True)
     except RuntimeError as exc:
         raise ArtifactError(f"{artifact_dir}: weights do not fit the recorded structure: {exc}") from None

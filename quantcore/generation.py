@@ -8,33 +8,33 @@ from dataclasses import fields
 import torch
 
 from quantcore.errors import ConfigError
-from quantcore.models.llamagen import SamplingDefaults, generate_tokens, to_raster
+from quantcore.models import family_module
 
 
-def sampling_settings(defaults: SamplingDefaults, overrides: dict) -> SamplingDefaults:
-    """Official defaults with the caller's overrides; unknown names and bad values are refused."""
-    known = {f.name for f in fields(SamplingDefaults)}
+def sampling_settings(defaults, overrides: dict):
+    """A family's official sampling defaults with the caller's overrides; unknown names and bad values
+    are refused."""
+    known = {f.name for f in fields(defaults)}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ConfigError(f"unknown sampling parameter(s) {unknown}; known: {sorted(known)}")
     merged = {**defaults.to_dict(), **{k: v for k, v in overrides.items() if v is not None}}
-    if merged["temperature"] <= 0:
-        raise ConfigError(f"temperature must be > 0, got {merged['temperature']}")
-    if not 0 < merged["top_p"] <= 1:
-        raise ConfigError(f"top_p must be in (0, 1], got {merged['top_p']}")
-    if merged["top_k"] < 0:
-        raise ConfigError(f"top_k must be >= 0, got {merged['top_k']}")
-    if merged["cfg_scale"] < 0:
-        raise ConfigError(f"cfg_scale must be >= 0, got {merged['cfg_scale']}")
-    return SamplingDefaults(**merged)
+    checks = {
+        "temperature": (lambda v: v > 0, "> 0"),
+        "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+        "top_k": (lambda v: v >= 0, ">= 0"),
+        "cfg_scale": (lambda v: v >= 0, ">= 0"),
+    }
+    for name, (ok, rule) in checks.items():
+        if name in merged and not ok(merged[name]):
+            raise ConfigError(f"{name} must be {rule}, got {merged[name]}")
+    return type(defaults)(**merged)
 
 
 class ImageGenerator:
     """Generates uint8 images (B, H, W, 3); the same seed, weights and software give the same bytes."""
 
-    def __init__(
-        self, model: torch.nn.Module, tokenizer: torch.nn.Module, defaults: SamplingDefaults, source: str
-    ):
+    def __init__(self, model: torch.nn.Module, tokenizer: torch.nn.Module, defaults, source: str):
         self.model = model.eval()
         self.tokenizer = tokenizer.eval()
         self.defaults = defaults
@@ -66,14 +66,13 @@ class ImageGenerator:
         settings = sampling_settings(self.defaults, sampling)
         device = next(self.model.parameters()).device
         labels = torch.tensor([int(c) for c in classes], device=device)
-        return generate_tokens(
+        return family_module(self.model.family).generate_tokens(
             self.model, labels, [int(s) for s in seeds], progress=progress, **settings.to_dict()
         )
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        grid = self.model.config.grid_size
-        return self.tokenizer.decode_tokens(to_raster(self.model, tokens), grid=(grid, grid)).cpu()
+        return family_module(self.model.family).decode_images(self.model, self.tokenizer, tokens).cpu()
 
     def generate(
         self, classes: Sequence[int], seeds: Sequence[int], progress=None, **sampling

@@ -18,7 +18,7 @@ from torch import nn
 
 from quantcore.calib.pool import CalibrationSet, CancelCheck, Progress, check_cancel
 from quantcore.methods.smoothing import GPSStats, gps_scales, smoothquant_scales, symmetric_shift
-from quantcore.models import llamagen
+from quantcore.models import family_module
 from quantcore.quant.layout import FoldSite, QuantLayout, fold_scale, fold_shift
 from quantcore.quant.modules import (
     QuantLinear,
@@ -33,18 +33,15 @@ from quantcore.quant.modules import (
 from quantcore.quant.quantizer import UniformQuantizer
 from quantcore.recipe import Recipe
 
-LAYOUTS = {"llamagen": llamagen.quant_layout}
-
 
 def layout_of(model: nn.Module) -> QuantLayout:
-    return LAYOUTS[model.family](model)
+    return family_module(model.family).quant_layout(model)
 
 
 @dataclass
 class QuantizeReport:
     recipe: Recipe
     layers: dict[str, dict]
-    norms_with_bias: list[str]
     stages: list[dict] = field(default_factory=list)
     scales: dict[str, dict] = field(default_factory=dict)
 
@@ -52,7 +49,6 @@ class QuantizeReport:
         return {
             "recipe": self.recipe.model_dump(mode="json"),
             "layers": self.layers,
-            "norms_with_bias": self.norms_with_bias,
             "stages": self.stages,
             "scales": self.scales,
         }
@@ -202,15 +198,18 @@ def pass_gps(model, layout, runner, recipe, shared: str) -> dict:
     return summary
 
 
-def _final_act_quantizer(layout: QuantLayout, recipe: Recipe, head: bool) -> UniformQuantizer:
+def _final_act_quantizer(layout: QuantLayout, recipe: Recipe, name: str, head: bool) -> UniformQuantizer:
     stwq, dynamic = recipe.has("stwq"), recipe.has("dynamic_token")
     if head:  # the LM head's input stays per-tensor (reference §4, PAR/VAR)
         return make_act_quantizer(recipe.a_bits, "tensor", pcts=recipe.percentiles)
     if dynamic:
         return make_act_quantizer(recipe.a_bits, "dynamic_token")
     if stwq:
-        table = layout.per_position_groups() if stwq.mode == "per_position" else layout.position_groups
-        return make_act_quantizer(recipe.a_bits, "group", group_of_position=table, pcts=recipe.percentiles)
+        table = layout.groups_for(name, per_position=stwq.mode == "per_position")
+        if int(table.max()) > 0:
+            return make_act_quantizer(
+                recipe.a_bits, "group", group_of_position=table, pcts=recipe.percentiles
+            )
     return make_act_quantizer(recipe.a_bits, "tensor", pcts=recipe.percentiles)
 
 
@@ -222,7 +221,7 @@ def calibrate_final(model, layout, runner, recipe) -> None:
         return
     heads = {name for site in layout.fold_sites if site.head for name in site.linears}
     for name in layout.all_linears:
-        model.get_submodule(name).input_quantizer = _final_act_quantizer(layout, recipe, name in heads)
+        model.get_submodule(name).input_quantizer = _final_act_quantizer(layout, recipe, name, name in heads)
     set_quant_mode(model, acts="calibrate")
     runner.sweep("calibrate")
     finalize_calibration(model)
@@ -242,7 +241,7 @@ def quantize(
     model.eval()
     layout = layout_of(model)
     runner = _Runner(model, layout, calibration, batch_size, progress, should_cancel)
-    report = QuantizeReport(recipe=recipe, layers={}, norms_with_bias=[])
+    report = QuantizeReport(recipe=recipe, layers={})
     swap_in_quant_modules(model, layout, recipe)
     for p in recipe.passes:
         start = time.perf_counter()
@@ -265,13 +264,20 @@ def quantize(
     return report
 
 
-def rebuild_structure(model: nn.Module, layers: dict[str, dict], norms_with_bias: list[str]) -> nn.Module:
-    """Give an FP model the module structure of a quantized one, so its state dict loads strictly."""
+def rebuild_structure(model: nn.Module, layers: dict[str, dict], state: dict[str, torch.Tensor]) -> nn.Module:
+    """Give an FP model the structure of a quantized one, so that `state` loads strictly into it.
+
+    Quantized modules are rebuilt from their descriptions; buffers that folding turned from None into
+    tensors (a norm's bias, AdaLN's `one`) are re-created with the saved shapes.
+    """
     from quantcore.quant.modules import build_quant_module
 
     for name, desc in layers.items():
         swap_module(model, name, build_quant_module(desc))
-    for name in norms_with_bias:
-        norm = model.get_submodule(name)
-        norm.bias = torch.zeros_like(norm.weight)
+    expected = model.state_dict().keys()
+    for key in state.keys() - expected:
+        owner_path, _, attr = key.rpartition(".")
+        owner = model.get_submodule(owner_path)
+        if attr in owner._buffers and owner._buffers[attr] is None:
+            setattr(owner, attr, torch.zeros_like(state[key]))
     return model

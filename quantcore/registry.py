@@ -11,9 +11,9 @@ import torch
 
 from quantcore.checkpoint import load_checkpoint
 from quantcore.errors import ConfigError
-from quantcore.models import llamagen
-
-FAMILIES = {"llamagen": llamagen}
+from quantcore.models import FAMILY_MODULES, family_module
+from quantcore.models.common import ModelEntry
+from quantcore.tokenizers import downsample_factor
 
 
 class RandomWeightsWarning(UserWarning):
@@ -23,7 +23,7 @@ class RandomWeightsWarning(UserWarning):
 @dataclass(frozen=True)
 class ModelSpec:
     family: str
-    entry: llamagen.ModelEntry
+    entry: ModelEntry
 
     @property
     def name(self) -> str:
@@ -35,12 +35,10 @@ class ModelSpec:
 
     def build(self, device: str | torch.device = "cpu") -> torch.nn.Module:
         with torch.device(device):
-            return FAMILIES[self.family].LlamaGen(self.config)
+            return family_module(self.family).build(self.config)
 
     def parameter_count(self) -> int:
-        with torch.device("meta"):
-            model = FAMILIES[self.family].LlamaGen(self.config)
-        return sum(p.numel() for p in model.parameters())
+        return sum(p.numel() for p in self.build("meta").parameters())
 
     def describe(self) -> dict:
         cfg = self.config
@@ -49,7 +47,7 @@ class ModelSpec:
             "family": self.family,
             "variant": "par" if getattr(cfg, "par_regions", 0) else "raster",
             "parameters": self.parameter_count(),
-            "image_size": cfg.grid_size * 16 if cfg.tokenizer == "VQ-16" else None,
+            "image_size": cfg.grid_size * downsample_factor(cfg.tokenizer),
             "tokens": cfg.num_tokens,
             "tokenizer": cfg.tokenizer,
             "bundled": False,
@@ -64,8 +62,8 @@ class ModelSpec:
 def all_specs() -> dict[str, ModelSpec]:
     return {
         name: ModelSpec(family, entry)
-        for family, mod in FAMILIES.items()
-        for name, entry in mod.MODELS.items()
+        for family in FAMILY_MODULES
+        for name, entry in family_module(family).MODELS.items()
     }
 
 
@@ -84,8 +82,7 @@ def suggest_fit(state_dict: Mapping[str, torch.Tensor]) -> str | None:
     """Name the registered configs whose parameter shapes the checkpoint has (grid size aside)."""
     fits = []
     for spec in all_specs().values():
-        with torch.device("meta"):
-            shapes = {k: tuple(v.shape) for k, v in spec.build("meta").state_dict().items()}
+        shapes = {k: tuple(v.shape) for k, v in spec.build("meta").state_dict().items()}
         if shapes.keys() == state_dict.keys() and all(
             tuple(state_dict[k].shape) == s for k, s in shapes.items()
         ):

@@ -82,8 +82,9 @@ def build_calibration_set(
     should_cancel: CancelCheck | None = None,
 ) -> CalibrationSet:
     """Generate spec.num_samples images with the FP model (CFG on), pool both halves, select."""
-    from quantcore.models.llamagen import generate_tokens
+    from quantcore.models import family_module
 
+    generate_tokens = family_module(model.family).generate_tokens
     cfg = model.config
     device = next(model.parameters()).device
     labels = torch.randint(

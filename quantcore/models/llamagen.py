@@ -29,13 +29,14 @@ that receives the absolute token positions, so quantized modules can replace the
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from quantcore.errors import ConfigError
+from quantcore.models.common import ModelEntry, draw, filter_logits
 from quantcore.nn import Linear, MatMul
 from quantcore.quant.layout import FoldSite, QuantLayout
 
@@ -125,18 +126,6 @@ class SamplingDefaults:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    """A named model of this family: its config, official files and official sampling settings."""
-
-    name: str
-    config: LlamaGenConfig
-    sampling: SamplingDefaults
-    official_checkpoints: tuple[str, ...] = ()
-    notes: str = ""
-    tags: tuple[str, ...] = field(default_factory=tuple)
 
 
 def _entries() -> dict[str, ModelEntry]:
@@ -449,43 +438,13 @@ def quant_layout(model: LlamaGen) -> QuantLayout:
         position_groups=groups,
         seq_len=cfg.seq_len,
         log_sqrt2_probs=bool(r),
+        feature_module=f"layers.{cfg.n_layer - 1}",
     )
-
-
-def calibration_forward(model: LlamaGen, classes: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """The teacher-forced pass that calibration runs (equal to the concatenated decoding inputs)."""
-    return model.sequence_logits(classes, tokens)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Sampling
 # ---------------------------------------------------------------------------------------------------
-
-
-def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Top-k then nucleus filtering on the last dim (the official LlamaGen/PAR semantics)."""
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum > top_p
-        drop[..., 1:] = drop[..., :-1].clone()  # keep the token that crosses the threshold
-        drop[..., 0] = False
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits
-
-
-def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-    """One sample per row of probs (B, N, V), each image drawing from its own generator.
-
-    Per-image generators make an image depend on its seed only, not on the batch it was served in.
-    """
-    u = torch.stack([torch.rand(probs.shape[1], generator=g, dtype=torch.float64) for g in generators])
-    cdf = probs.double().cumsum(-1)
-    idx = torch.searchsorted(cdf, (u.to(cdf.device) * cdf[..., -1])[..., None]).squeeze(-1)
-    return idx.clamp_(max=probs.shape[-1] - 1)
 
 
 @torch.no_grad()
@@ -577,3 +536,13 @@ def to_raster(model: LlamaGen, tokens: torch.Tensor) -> torch.Tensor:
     raster = torch.empty_like(tokens)
     raster[:, model.order.to(tokens.device)] = tokens
     return raster
+
+
+def build(config: LlamaGenConfig) -> LlamaGen:
+    return LlamaGen(config)
+
+
+def decode_images(model: LlamaGen, tokenizer, tokens: torch.Tensor) -> torch.Tensor:
+    """uint8 images (B, H, W, 3) for tokens in generation order."""
+    grid = model.config.grid_size
+    return tokenizer.decode_tokens(to_raster(model, tokens), grid=(grid, grid))

@@ -2,8 +2,12 @@
 
 A `FoldSite` is a group of linears that share one input and the module that produces that input.
 Passes rewrite the linears to see x' = x / s - p (W' = W * s, b' = b + W' p) and fold 1/s and p into
-the producer, so nothing is computed at run time. Producers here are norms with an affine weight
-(LlamaGen/PAR RMSNorm, MAR LayerNorm); AdaLN rows join when the AdaLN families arrive.
+the producer, so nothing is computed at run time. A producer is either
+- a norm with an affine weight (LlamaGen/PAR RMSNorm, MAR LayerNorm): named by its module path; its
+  `bias` buffer starts as None and becomes a tensor when a shift is folded in; or
+- rows of an AdaLN linear (`AdaLNRows`): x = LN(h) * (one + scale) + shift, where scale and shift are
+  chunks of the AdaLN linear's output and `one` is a buffer (None = the constant 1) that becomes the
+  vector 1/s once a scale is folded in (reference §5.3).
 """
 
 from __future__ import annotations
@@ -15,8 +19,17 @@ from torch import nn
 
 
 @dataclass(frozen=True)
+class AdaLNRows:
+    linear: str  # the AdaLN linear whose output is n_chunks blocks of C rows, in the family's order
+    n_chunks: int
+    scale: int  # chunk index of the scale rows feeding this site
+    shift: int  # chunk index of the shift rows
+    one: str  # dotted path of the buffer standing for the "1 +" (module path + "." + attribute)
+
+
+@dataclass(frozen=True)
 class FoldSite:
-    producer: str  # module name of the norm whose output feeds the linears
+    producer: str | AdaLNRows  # a norm's module name, or AdaLN rows
     linears: tuple[str, ...]  # linears reading that output; the first one drives statistics
     gps: bool = True  # whether Gain-Projected Scaling applies (RAR excludes its head)
     head: bool = False  # the LM head: its final input quantizer stays per-tensor
@@ -29,17 +42,22 @@ class QuantLayout:
     matmuls: tuple[str, ...]  # attention matmul sites: (q, k^T) and (probs, v)
     prob_matmuls: tuple[str, ...]  # matmuls whose first operand is a softmax output
     sink_positions: tuple[int, ...]  # excluded from smoothing statistics (reference §4)
-    position_groups: torch.Tensor  # STWQ: group id of each absolute position
+    position_groups: torch.Tensor  # STWQ: group id of each absolute position (default table)
     seq_len: int
+    feature_module: str  # module whose output at token 0 DGC ranks (the last transformer block)
     log_sqrt2_probs: bool = False  # PAR quantizes attention probabilities with log-sqrt2
-    notes: dict = field(default_factory=dict)
+    # per-linear STWQ tables overriding `position_groups` (e.g. RAR's per-position AdaLN input);
+    # a table of one group means per-tensor
+    linear_groups: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def all_linears(self) -> tuple[str, ...]:
         return tuple(name for site in self.fold_sites for name in site.linears) + self.plain_linears
 
-    def per_position_groups(self) -> torch.Tensor:
-        return torch.arange(self.seq_len)
+    def groups_for(self, linear: str, per_position: bool) -> torch.Tensor:
+        if per_position:
+            return torch.arange(self.seq_len)
+        return self.linear_groups.get(linear, self.position_groups)
 
 
 def _ensure_bias(module: nn.Module, size: int, like: torch.Tensor, parameter: bool) -> torch.Tensor:
@@ -52,14 +70,36 @@ def _ensure_bias(module: nn.Module, size: int, like: torch.Tensor, parameter: bo
     return module.bias
 
 
+def _rows(ada: AdaLNRows, chunk: int, channels: int) -> slice:
+    return slice(chunk * channels, (chunk + 1) * channels)
+
+
+def _divide_(t: torch.Tensor, s: torch.Tensor) -> None:
+    t.copy_((t.double() / (s if t.dim() == 1 else s[:, None])).to(t.dtype))
+
+
 @torch.no_grad()
 def fold_scale(model: nn.Module, site: FoldSite, s: torch.Tensor) -> None:
     """Make the site's linears see x / s: the producer divides, the linears' weight columns multiply."""
-    norm = model.get_submodule(site.producer)
-    s = s.to(norm.weight.device, torch.float64)
-    norm.weight.copy_((norm.weight.double() / s).to(norm.weight.dtype))
-    if norm.bias is not None:
-        norm.bias.copy_((norm.bias.double() / s).to(norm.bias.dtype))
+    if isinstance(site.producer, AdaLNRows):
+        ada = site.producer
+        linear = model.get_submodule(ada.linear)
+        s = s.to(linear.weight.device, torch.float64)
+        for chunk in (ada.scale, ada.shift):
+            rows = _rows(ada, chunk, s.numel())
+            _divide_(linear.weight[rows], s)
+            _divide_(linear.bias[rows], s)
+        owner_path, _, attr = ada.one.rpartition(".")
+        owner = model.get_submodule(owner_path)
+        one = getattr(owner, attr)
+        one = torch.ones_like(s) if one is None else one.double()
+        setattr(owner, attr, (one / s).to(linear.weight.dtype))
+    else:
+        norm = model.get_submodule(site.producer)
+        s = s.to(norm.weight.device, torch.float64)
+        _divide_(norm.weight, s)
+        if norm.bias is not None:
+            _divide_(norm.bias, s)
     for name in site.linears:
         linear = model.get_submodule(name)
         linear.weight.copy_((linear.weight.double() * s).to(linear.weight.dtype))
@@ -68,9 +108,14 @@ def fold_scale(model: nn.Module, site: FoldSite, s: torch.Tensor) -> None:
 @torch.no_grad()
 def fold_shift(model: nn.Module, site: FoldSite, p: torch.Tensor) -> None:
     """Make the site's linears see x - p: the producer's bias absorbs -p, each linear's bias W p."""
-    norm = model.get_submodule(site.producer)
-    p = p.to(norm.weight.device, torch.float64)
-    bias = _ensure_bias(norm, p.numel(), norm.weight, parameter=False)
+    if isinstance(site.producer, AdaLNRows):
+        linear = model.get_submodule(site.producer.linear)
+        p = p.to(linear.weight.device, torch.float64)
+        bias = linear.bias[_rows(site.producer, site.producer.shift, p.numel())]
+    else:
+        norm = model.get_submodule(site.producer)
+        p = p.to(norm.weight.device, torch.float64)
+        bias = _ensure_bias(norm, p.numel(), norm.weight, parameter=False)
     bias.copy_((bias.double() - p).to(bias.dtype))
     for name in site.linears:
         linear = model.get_submodule(name)

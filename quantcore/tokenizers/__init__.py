@@ -1,5 +1,45 @@
-"""Image tokenizers: pixels <-> discrete token grids for the autoregressive models."""
+"""Image tokenizers: pixels <-> discrete token grids, looked up by name.
 
+Each tokenizer family contributes (config, model class, loader) entries to TOKENIZERS.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from quantcore.errors import ConfigError
 from quantcore.tokenizers.vq16 import VQ_CONFIGS, VQConfig, VQModel, load_vq
 
-__all__ = ["VQ_CONFIGS", "VQConfig", "VQModel", "load_vq"]
+TOKENIZERS = {name: (cfg, VQModel, load_vq) for name, cfg in VQ_CONFIGS.items()}
+
+
+def register_tokenizer(name: str, config, model_class, loader) -> None:
+    TOKENIZERS[name] = (config, model_class, loader)
+
+
+def _entry(name: str):
+    if name not in TOKENIZERS:
+        raise ConfigError(f"unknown tokenizer {name!r}; known: {', '.join(sorted(TOKENIZERS))}")
+    return TOKENIZERS[name]
+
+
+def build_tokenizer(name: str, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The named tokenizer with random weights (tests, and before an artifact's weights load)."""
+    config, model_class, _ = _entry(name)
+    with torch.device(device):
+        return model_class(config).eval()
+
+
+def load_tokenizer(name: str, checkpoint: str | Path | None = None, device: str | torch.device = "cpu"):
+    if checkpoint is None:
+        return build_tokenizer(name, device)
+    return _entry(name)[2](checkpoint, name, device)
+
+
+def downsample_factor(name: str) -> int:
+    return _entry(name)[0].downsample_factor
+
+
+__all__ = ["VQ_CONFIGS", "VQConfig", "VQModel", "load_vq", "TOKENIZERS", "build_tokenizer", "load_tokenizer"]

@@ -12,6 +12,7 @@ its settings, time, device and metrics into --out/training.json.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import platform
@@ -42,8 +43,8 @@ STAGES = ("classifier", "tokenizer", "llamagen", "par")
 DEFAULTS = {
     "classifier": dict(epochs=15, batch_size=256, lr=2e-3),
     "tokenizer": dict(epochs=12, batch_size=128, lr=1e-3),
-    "llamagen": dict(epochs=40, batch_size=256, lr=1e-3),
-    "par": dict(epochs=40, batch_size=256, lr=1e-3),
+    "llamagen": dict(epochs=40, batch_size=512, lr=1.5e-3),
+    "par": dict(epochs=40, batch_size=512, lr=1.5e-3),
 }
 CLASS_DROPOUT = 0.1  # share of labels replaced by the null class, so the model also learns p(x) for CFG
 CFG_SWEEP = (1.0, 2.0, 3.0, 4.0)
@@ -113,11 +114,16 @@ def save_fp16(model: nn.Module, path: Path) -> None:
 
 
 def record(out: Path, stage: str, entry: dict) -> None:
-    """Merge one stage's record into out/training.json."""
-    path = out / "training.json"
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data[stage] = entry
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    """Merge one stage's record into out/training.json, under a lock: two generator stages may run at once."""
+    with open(out / "training.json", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        text = f.read()
+        data = json.loads(text) if text else {}
+        data[stage] = entry
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def device_name(device: torch.device) -> str:
@@ -152,7 +158,7 @@ def train_classifier(data: Data, out: Path, hp: dict, seed: int) -> dict:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum += float(loss)
+            loss_sum += loss.item()
             step += 1
         log(f"classifier epoch {epoch + 1}/{hp['epochs']} loss {loss_sum / steps_per_epoch:.4f}")
     save_fp16(model, out / "proxy-classifier.safetensors")
@@ -311,7 +317,7 @@ def train_generator(data: Data, out: Path, hp: dict, seed: int, name: str, per_c
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            loss_sum += float(loss)
+            loss_sum += loss.item()
             step += 1
         model.eval()
         test_loss = sequence_loss(model, data.test_labels, test_tokens)
