@@ -20,7 +20,7 @@ from quantcore.calib.pool import check_cancel
 from quantcore.checkpoint import file_sha256
 from quantcore.errors import ArtifactError, ConfigError
 from quantcore.generation import ImageGenerator
-from quantcore.models import family_module
+from quantcore.models import bind_tokenizer, family_module
 from quantcore.pipeline import quantize
 from quantcore.recipe import Recipe
 from quantcore.registry import get_spec, load_model
@@ -70,6 +70,7 @@ def load_generator(
     spec = get_spec(source)
     model = load_model(source, checkpoint, device)
     tokenizer = load_tokenizer(spec.config.tokenizer, tokenizer_checkpoint, device)
+    bind_tokenizer(model, tokenizer)
     return ImageGenerator(model, tokenizer, spec.entry.sampling, source)
 
 
@@ -127,6 +128,7 @@ def quantize_job(
     report_progress("load", 0.0)
     fp = load_model(job.model, job.checkpoint, device)
     tokenizer = load_tokenizer(model_spec.config.tokenizer, job.tokenizer_checkpoint, device)
+    bind_tokenizer(fp, tokenizer)
     sampling = model_spec.entry.sampling.to_dict()
     calibration = build_calibration_set(fp, job.calibration, sampling, report_progress, should_cancel)
     quantized = copy.deepcopy(fp)

@@ -119,6 +119,7 @@ def verify_artifact(artifact_dir: str | Path) -> dict:
 
 def load_artifact(artifact_dir: str | Path, device: str | torch.device = "cpu"):
     """(quantized model, tokenizer, manifest), after verifying every file."""
+    from quantcore.models import bind_tokenizer
     from quantcore.pipeline import rebuild_structure
     from quantcore.quant.modules import set_quant_mode
     from quantcore.registry import get_spec
@@ -135,6 +136,7 @@ def load_artifact(artifact_dir: str | Path, device: str | torch.device = "cpu"):
         tokenizer.load_state_dict(load_file(str(artifact_dir / TOKENIZER_FILE)), strict=True)
     except RuntimeError as exc:
         raise ArtifactError(f"{artifact_dir}: weights do not fit the recorded structure: {exc}") from None
+    bind_tokenizer(model, tokenizer)
     weight_only = manifest["recipe"]["a_bits"] is None
     set_quant_mode(model, weights="on", acts="off" if weight_only else "on")
     return model.to(device).eval(), tokenizer.to(device).eval(), manifest
