@@ -1,10 +1,23 @@
-"""Model families, one module each.
+"""Model families, one module each (quantcore/models/llamagen.py is the reference family).
 
-A family module exposes: MODELS (name -> ModelEntry), build(config) -> model, generate_tokens(model,
-classes, seeds, use_cache=True, progress=None, **sampling), decode_images(model, tokenizer, tokens),
-and quant_layout(model); a family whose model needs its tokenizer at run time (VAR builds each
-scale's input from the VQ-VAE) also exposes bind_tokenizer(model, tokenizer). Its model has `.family`, `.config` (with num_classes, seq_len, tokenizer),
-`.null_class` and `sequence_logits(classes, tokens)` (the teacher-forced calibration pass).
+A family module exposes:
+- MODELS: name -> quantcore.models.common.ModelEntry(name, config, sampling, official_checkpoints,
+  notes, tags): the official full-size models and `<family>-tiny` test configs (tags=("test",)).
+  `config` is a frozen dataclass with num_classes, seq_len (input positions of the teacher-forced
+  calibration pass), num_tokens, grid_size, tokenizer (a name in quantcore.tokenizers.TOKENIZERS)
+  and to_dict(); `sampling` is a frozen dataclass of the official sampling settings with to_dict().
+- build(config) -> model. The model has `family`, `config`, `null_class` (the class id of the
+  unconditional CFG half) and sequence_logits(classes (B,), tokens (B, L)) -> logits (B, L, V).
+- generate_tokens(model, classes, seeds, *, use_cache=True, progress=None, **sampling): the official
+  sampler; one torch.Generator per image (common.draw), CFG rows = cond then uncond.
+- decode_images(model, tokenizer, tokens) -> uint8 (B, H, W, 3).
+- quant_layout(model) -> quantcore.quant.layout.QuantLayout.
+- bind_tokenizer(model, tokenizer), only where the model needs its tokenizer at run time (VAR builds
+  each scale's input from the VQ-VAE); keep the tokenizer out of the model's state_dict.
+Projections are quantcore.nn.Linear called as linear(x, pos) with the absolute positions passed
+down explicitly; attention uses two quantcore.nn.MatMul modules (no fused kernels); AdaLN
+modulation is LN(x) * (one + scale) + shift with `one` a buffer registered as None.
+A new family adds one line to FAMILY_MODULES below (and its tokenizers to quantcore.tokenizers).
 """
 
 from __future__ import annotations
