@@ -28,7 +28,7 @@ def calibrated():
 
 
 def rel_err(a, b):
-    return float((a - b).norm() / b.norm())
+    return float((a - b).detach().norm() / b.detach().norm())
 
 
 @pytest.mark.parametrize("name", MODELS)
