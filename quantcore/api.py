@@ -1,7 +1,7 @@
 """The engine's entry points for the CLI, the worker and notebooks.
 
 quantize_job(spec, out_dir, progress, should_cancel) -> manifest   (what a job runs)
-load_generator(source)                                -> ImageGenerator (model name or artifact)
+load_generator(source, real=True)                     -> ImageGenerator (model name or artifact)
 """
 
 from __future__ import annotations
@@ -14,14 +14,18 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from quantcore import zoo
 from quantcore.artifact import load_artifact, save_artifact
 from quantcore.calib import CalibrationSpec, build_calibration_set
 from quantcore.calib.pool import check_cancel
 from quantcore.checkpoint import file_sha256
 from quantcore.errors import ArtifactError, ConfigError
+from quantcore.eval.fidelity import teacher_forced_fidelity, token_agreement
 from quantcore.generation import ImageGenerator
 from quantcore.models import bind_tokenizer, family_module
 from quantcore.pipeline import quantize
+from quantcore.quant.modules import iter_quant_modules
+from quantcore.quant.real import plan_execution, to_real
 from quantcore.recipe import Recipe
 from quantcore.registry import get_spec, load_model
 from quantcore.tokenizers import load_tokenizer
@@ -61,14 +65,30 @@ def load_generator(
     checkpoint: str | Path | None = None,
     tokenizer_checkpoint: str | Path | None = None,
     device: str | torch.device = "cpu",
+    real: bool = True,
 ) -> ImageGenerator:
-    """An image generator for a registered model name or an artifact folder."""
+    """An image generator for a registered model name or an artifact folder.
+
+    An artifact runs its quantized layers on real low-bit kernels where the device supports them
+    (`quantcore.quant.real.to_real`); `real=False` keeps every layer simulated. `generator.execution`
+    records the path of each quantized layer.
+    """
     if Path(source).is_dir():
         model, tokenizer, manifest = load_artifact(source, device)
         spec = get_spec(manifest["model"]["name"])
-        return ImageGenerator(model, tokenizer, spec.entry.sampling, source)
+        if real:
+            execution = to_real(model)
+        else:
+            execution = {
+                n: {"path": "simulated", "reason": "real=False"} for n, _ in iter_quant_modules(model)
+            }
+        generator = ImageGenerator(model, tokenizer, spec.entry.sampling, source)
+        generator.execution = execution
+        return generator
     spec = get_spec(source)
     model = load_model(source, checkpoint, device)
+    if tokenizer_checkpoint is None and source in zoo.BUNDLED:
+        tokenizer_checkpoint = zoo.BUNDLED[source].tokenizer_checkpoint
     tokenizer = load_tokenizer(spec.config.tokenizer, tokenizer_checkpoint, device)
     bind_tokenizer(model, tokenizer)
     return ImageGenerator(model, tokenizer, spec.entry.sampling, source)
@@ -84,20 +104,15 @@ def fidelity_metrics(fp, quantized, evaluation: EvaluationSpec, sampling: dict) 
     n = evaluation.num_images
     if n == 0:
         return {}
-    cfg = fp.config
     generate_tokens = family_module(fp.family).generate_tokens
     device = next(fp.parameters()).device
-    classes = torch.arange(n, device=device) % cfg.num_classes
+    classes = torch.arange(n, device=device) % fp.config.num_classes
     seeds = [evaluation.seed + i for i in range(n)]
     fp_tokens = generate_tokens(fp, classes, seeds, **sampling)
     q_tokens = generate_tokens(quantized, classes, seeds, **sampling)
-    ref = fp.sequence_logits(classes, fp_tokens).log_softmax(-1)
-    got = quantized.sequence_logits(classes, fp_tokens).log_softmax(-1)
-    kl = (ref.exp() * (ref - got)).sum(-1).mean()
     return {
-        "token_agreement": float((fp_tokens == q_tokens).float().mean()),
-        "logit_kl": float(kl),
-        "top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).float().mean()),
+        "token_agreement": token_agreement(fp_tokens, q_tokens),
+        **teacher_forced_fidelity(fp, quantized, classes, fp_tokens),
         "num_images": n,
     }
 
@@ -127,7 +142,10 @@ def quantize_job(
     report_progress = progress or (lambda stage, fraction: None)
     report_progress("load", 0.0)
     fp = load_model(job.model, job.checkpoint, device)
-    tokenizer = load_tokenizer(model_spec.config.tokenizer, job.tokenizer_checkpoint, device)
+    tokenizer_checkpoint = job.tokenizer_checkpoint
+    if tokenizer_checkpoint is None and job.model in zoo.BUNDLED:
+        tokenizer_checkpoint = zoo.BUNDLED[job.model].tokenizer_checkpoint
+    tokenizer = load_tokenizer(model_spec.config.tokenizer, tokenizer_checkpoint, device)
     bind_tokenizer(fp, tokenizer)
     sampling = model_spec.entry.sampling.to_dict()
     calibration = build_calibration_set(fp, job.calibration, sampling, report_progress, should_cancel)
@@ -158,6 +176,8 @@ def quantize_job(
         "calibration": {**job.calibration.model_dump(), **calibration.record()},
         "evaluation": job.evaluation.model_dump(),
         "metrics": metrics,
+        # per layer, the path a loader on this kind of device runs (the loader records its own)
+        "execution": {"device": str(device), "layers": plan_execution(quantized, device)},
     }
     manifest = save_artifact(out_dir, quantized, tokenizer, manifest)
     report_progress("done", 1.0)

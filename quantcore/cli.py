@@ -1,4 +1,6 @@
-"""`ptq4arvg` command line: models, generate (more commands join as the engine grows).
+"""`ptq4arvg` command line of the engine: models, generate, quantize (`python -m quantcore`).
+
+The installed `ptq4arvg` script (app.entry) adds the service's commands: serve, worker, admin.
 
 Errors are one line on stderr and a non-zero exit; `--json` prints machine-readable results on stdout
 while progress bars go to stderr.
@@ -58,7 +60,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from quantcore.images import make_grid, save_png
 
     torch.set_grad_enabled(False)
-    generator = load_generator(args.model, args.checkpoint, args.tokenizer_checkpoint, args.device)
+    generator = load_generator(
+        args.model, args.checkpoint, args.tokenizer_checkpoint, args.device, real=not args.simulate
+    )
     seeds = args.seeds or [args.seed + i for i in range(len(args.classes))]
     sampling = {
         "cfg_scale": args.cfg_scale,
@@ -74,6 +78,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     images = generator.decode(tokens)
     out = save_png(make_grid(images), args.out)
     result = {"out": str(out), "classes": args.classes, "seeds": seeds, "size": list(images.shape[1:3])}
+    if generator.execution:
+        result["execution"] = generator.execution
     if args.json:
         print(json.dumps(result))
     else:
@@ -135,9 +141,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extend=None) -> argparse.ArgumentParser:
+    """The engine's commands; `extend(subparsers)` lets the service add its own (serve, worker)."""
     parser = argparse.ArgumentParser(prog="ptq4arvg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    if extend is not None:
+        extend(sub)
 
     p = sub.add_parser("models", help="list the model registry")
     p.add_argument("--json", action="store_true")
@@ -155,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--simulate", action="store_true", help="keep quantized layers simulated (no int8/fp8 kernels)"
+    )
     p.add_argument("--out", type=Path, required=True, help="PNG file to write")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -187,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, extend=None) -> int:
+    args = build_parser(extend).parse_args(argv)
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = lambda msg, cat, *a, **k: print(f"warning: {msg}", file=sys.stderr)

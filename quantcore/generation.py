@@ -39,6 +39,8 @@ class ImageGenerator:
         self.tokenizer = tokenizer.eval()
         self.defaults = defaults
         self.source = source
+        # per quantized layer, the execution path it runs (filled by load_generator for artifacts)
+        self.execution: dict[str, dict] = {}
 
     @property
     def default_sampling(self) -> dict:

@@ -7,13 +7,17 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 
-def make_grid(images: torch.Tensor | np.ndarray, ncol: int | None = None, pad: int = 2) -> np.ndarray:
+def to_numpy(images) -> np.ndarray:
+    """A torch tensor or array-like as a numpy array (torch itself is not imported here)."""
+    return images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
+
+
+def make_grid(images, ncol: int | None = None, pad: int = 2) -> np.ndarray:
     """Tile uint8 images (B, H, W, 3) into one (rows*H, cols*W, 3) array with `pad` pixels of white."""
-    arr = images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    arr = to_numpy(images)
     if arr.ndim != 4 or arr.dtype != np.uint8:
         raise ValueError(f"expected uint8 images of shape (B, H, W, C), got {arr.dtype} {arr.shape}")
     b, h, w, c = arr.shape

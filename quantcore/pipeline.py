@@ -239,6 +239,12 @@ def quantize(
 ) -> QuantizeReport:
     """Quantize `model` in place following `recipe`, calibrated on `calibration`."""
     model.eval()
+    # quantizers and tables created by the passes belong on the model's device
+    with torch.device(next(model.parameters()).device):
+        return _quantize(model, recipe, calibration, progress, should_cancel, batch_size)
+
+
+def _quantize(model, recipe, calibration, progress, should_cancel, batch_size) -> QuantizeReport:
     layout = layout_of(model)
     runner = _Runner(model, layout, calibration, batch_size, progress, should_cancel)
     report = QuantizeReport(recipe=recipe, layers={})
@@ -258,9 +264,6 @@ def quantize(
     calibrate_final(model, layout, runner, recipe)
     report.stages.append({"stage": "calibrate", "seconds": round(time.perf_counter() - start, 3)})
     report.layers = describe_quant_modules(model)
-    report.norms_with_bias = [
-        s.producer for s in layout.fold_sites if model.get_submodule(s.producer).bias is not None
-    ]
     return report
 
 

@@ -9,11 +9,14 @@ from pathlib import Path
 
 import torch
 
+from quantcore import zoo
 from quantcore.checkpoint import load_checkpoint
 from quantcore.errors import ConfigError
 from quantcore.models import FAMILY_MODULES, family_module
 from quantcore.models.common import ModelEntry
-from quantcore.tokenizers import downsample_factor
+from quantcore.tokenizers import VQModel, downsample_factor, register_tokenizer
+
+register_tokenizer(zoo.ZOO_VQ_NAME, zoo.ZOO_VQ, VQModel, zoo.load_zoo_tokenizer)
 
 
 class RandomWeightsWarning(UserWarning):
@@ -45,12 +48,12 @@ class ModelSpec:
         return {
             "name": self.name,
             "family": self.family,
-            "variant": "par" if getattr(cfg, "par_regions", 0) else "raster",
+            "variant": _variant(cfg),
             "parameters": self.parameter_count(),
             "image_size": cfg.grid_size * downsample_factor(cfg.tokenizer),
             "tokens": cfg.num_tokens,
             "tokenizer": cfg.tokenizer,
-            "bundled": False,
+            "bundled": self.name in zoo.BUNDLED,
             "official_checkpoints": list(self.entry.official_checkpoints),
             "sampling": self.entry.sampling.to_dict(),
             "config": cfg.to_dict(),
@@ -59,12 +62,19 @@ class ModelSpec:
         }
 
 
+def _variant(cfg) -> str:
+    """A config's own `variant` (VAR: next-scale), else LlamaGen's raster / par."""
+    return getattr(cfg, "variant", None) or ("par" if getattr(cfg, "par_regions", 0) else "raster")
+
+
 def all_specs() -> dict[str, ModelSpec]:
-    return {
+    specs = {
         name: ModelSpec(family, entry)
         for family in FAMILY_MODULES
         for name, entry in family_module(family).MODELS.items()
     }
+    specs.update({entry.name: ModelSpec("llamagen", entry) for entry in zoo.bundled_entries()})
+    return specs
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -96,6 +106,8 @@ def load_model(
     """Build a registered model, with weights from `checkpoint` or (with a warning) random ones."""
     spec = get_spec(name)
     model = spec.build(device)
+    if checkpoint is None and name in zoo.BUNDLED:
+        checkpoint = zoo.BUNDLED[name].checkpoint
     if checkpoint is None:
         warnings.warn(
             f"{name} has no checkpoint: running with random weights, its images will be noise",

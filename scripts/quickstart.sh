@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One command for a fresh machine: install, then run the main job.
+# One command for a fresh machine: install, then run the service in its embedded setup
+# (SQLite, local artifacts and a worker process under ./var, the registry's models registered).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
-.venv/bin/ptq4arvg models
-.venv/bin/ptq4arvg generate par-tiny --classes 0,1,2,3 --seed 0 --out out/quickstart.png
+exec .venv/bin/ptq4arvg serve "$@"

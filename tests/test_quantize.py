@@ -227,3 +227,25 @@ def test_recipe_serialises_and_bad_job_fields(tmp_path):
         quantize_job({"model": "llamagen-tiny", "calibration": {"num_samples": 1}}, tmp_path / "x")
     with pytest.raises(ConfigError, match="unknown model"):
         quantize_job({"model": "gpt-9"}, tmp_path / "y")
+
+
+@pytest.mark.parametrize("model", ["par-tiny", "rar-tiny", "var-tiny"])
+def test_per_position_stwq_runs_on_every_family(tmp_path, model):
+    recipe = {
+        "name": "sq+stwq-pp",
+        "w_bits": 8,
+        "a_bits": 8,
+        "passes": [{"kind": "smoothquant"}, {"kind": "stwq", "mode": "per_position"}],
+    }
+    quantize_job(
+        {
+            "model": model,
+            "recipe": recipe,
+            "calibration": {"num_samples": 4, "batch_size": 4},
+            "evaluation": {"num_images": 1},
+        },
+        tmp_path / "a",
+    )
+    loaded, _, manifest = load_artifact(tmp_path / "a")
+    groups = [d["input"]["num_groups"] for d in manifest["layers"].values() if d["kind"] == "linear"]
+    assert max(groups) >= loaded.config.seq_len - 1  # per-position tables, sized by the positions they see

@@ -61,10 +61,11 @@ def check_cancel(should_cancel: CancelCheck | None, where: str) -> None:
 @torch.no_grad()
 def last_block_features(model, classes: torch.Tensor, tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Token 0's output of the last transformer block (the feature the official DGC ranks)."""
+    from quantcore.models import family_module
+
     captured: list[torch.Tensor] = []
-    handle = model.layers[-1].register_forward_hook(
-        lambda m, a, out: captured.append(out[:, 0].float().cpu())
-    )
+    block = model.get_submodule(family_module(model.family).quant_layout(model).feature_module)
+    handle = block.register_forward_hook(lambda m, a, out: captured.append(out[:, 0].float().cpu()))
     try:
         for start in range(0, classes.numel(), batch_size):
             model.sequence_logits(classes[start : start + batch_size], tokens[start : start + batch_size])

@@ -27,6 +27,8 @@ from types import ModuleType
 
 FAMILY_MODULES = {
     "llamagen": "quantcore.models.llamagen",
+    "var": "quantcore.models.var",
+    "rar": "quantcore.models.rar",
 }
 
 

@@ -46,18 +46,26 @@ class QuantLayout:
     seq_len: int
     feature_module: str  # module whose output at token 0 DGC ranks (the last transformer block)
     log_sqrt2_probs: bool = False  # PAR quantizes attention probabilities with log-sqrt2
-    # per-linear STWQ tables overriding `position_groups` (e.g. RAR's per-position AdaLN input);
-    # a table of one group means per-tensor
+    # per-linear STWQ tables overriding `position_groups` in both STWQ modes (RAR's per-position
+    # AdaLN input; VAR's AdaLN condition has no token axis: a one-group table means per-tensor)
     linear_groups: dict[str, torch.Tensor] = field(default_factory=dict)
+    # per-linear tables for per-position STWQ where plain arange(seq_len) does not fit (RAR's final
+    # AdaLN sees positions 1.. only)
+    per_position_groups: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def all_linears(self) -> tuple[str, ...]:
         return tuple(name for site in self.fold_sites for name in site.linears) + self.plain_linears
 
     def groups_for(self, linear: str, per_position: bool) -> torch.Tensor:
-        if per_position:
-            return torch.arange(self.seq_len)
-        return self.linear_groups.get(linear, self.position_groups)
+        own = self.linear_groups.get(linear)
+        if not per_position:
+            return self.position_groups if own is None else own
+        if linear in self.per_position_groups:
+            return self.per_position_groups[linear]
+        if own is not None and int(own.max()) == 0:
+            return own  # no token axis: stays per-tensor
+        return torch.arange(self.seq_len)
 
 
 def _ensure_bias(module: nn.Module, size: int, like: torch.Tensor, parameter: bool) -> torch.Tensor:

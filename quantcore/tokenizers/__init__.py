@@ -10,9 +10,13 @@ from pathlib import Path
 import torch
 
 from quantcore.errors import ConfigError
+from quantcore.tokenizers.maskgit_vqgan import MASKGIT_CONFIGS, MaskGITVQGAN, load_maskgit
+from quantcore.tokenizers.var_vqvae import VAR_VQ_CONFIGS, VQVAE, load_var_vqvae
 from quantcore.tokenizers.vq16 import VQ_CONFIGS, VQConfig, VQModel, load_vq
 
 TOKENIZERS = {name: (cfg, VQModel, load_vq) for name, cfg in VQ_CONFIGS.items()}
+TOKENIZERS.update({name: (cfg, VQVAE, load_var_vqvae) for name, cfg in VAR_VQ_CONFIGS.items()})
+TOKENIZERS.update({name: (cfg, MaskGITVQGAN, load_maskgit) for name, cfg in MASKGIT_CONFIGS.items()})
 
 
 def register_tokenizer(name: str, config, model_class, loader) -> None:
@@ -42,4 +46,15 @@ def downsample_factor(name: str) -> int:
     return _entry(name)[0].downsample_factor
 
 
-__all__ = ["VQ_CONFIGS", "VQConfig", "VQModel", "load_vq", "TOKENIZERS", "build_tokenizer", "load_tokenizer"]
+__all__ = [
+    "VQ_CONFIGS",
+    "VQConfig",
+    "VQModel",
+    "load_vq",
+    "VAR_VQ_CONFIGS",
+    "VQVAE",
+    "load_var_vqvae",
+    "TOKENIZERS",
+    "build_tokenizer",
+    "load_tokenizer",
+]

@@ -18,9 +18,13 @@ from typing import NamedTuple
 import torch
 
 from quantcore.checkpoint import load_checkpoint
-from quantcore.models.llamagen import LlamaGenConfig, ModelEntry, SamplingDefaults
+from quantcore.errors import ConfigError
+from quantcore.generation import ImageGenerator
+from quantcore.models.common import ModelEntry
+from quantcore.models.llamagen import LlamaGen, LlamaGenConfig, SamplingDefaults
 from quantcore.tokenizers.vq16 import VQConfig, VQModel
 from quantcore.zoo.classifier import ProxyClassifier
+from quantcore.zoo.data import load_fashion_mnist, to_rgb32
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 ZOO_VQ_NAME = "VQ-zoo"
@@ -54,7 +58,7 @@ TINY_CONFIGS = {
     "tiny-par": LlamaGenConfig(**_TINY, par_regions=4),
 }
 # Chosen from the CFG sweep in training.json: the scale with the best proxy-FID among those >= 80% accuracy.
-CFG_SCALES = {"tiny-llamagen": 3.0, "tiny-par": 3.0}
+CFG_SCALES = {"tiny-llamagen": 2.0, "tiny-par": 2.0}
 NOTES = (
     "trained by the project on Fashion-MNIST (32x32 RGB, 8x8 tokens of VQ-zoo); quality figures are "
     "proxies (quantcore/zoo/weights/training.json)"
@@ -88,7 +92,12 @@ def bundled_entries() -> list[ModelEntry]:
     return [b.entry for b in BUNDLED.values()]
 
 
-def load_zoo_tokenizer(path: str | Path = TOKENIZER_WEIGHTS, device: str | torch.device = "cpu") -> VQModel:
+def load_zoo_tokenizer(
+    path: str | Path = TOKENIZER_WEIGHTS, config_name: str = ZOO_VQ_NAME, device: str | torch.device = "cpu"
+) -> VQModel:
+    """VQ-zoo with weights from `path`; the signature of a `quantcore.tokenizers` loader."""
+    if config_name != ZOO_VQ_NAME:
+        raise ConfigError(f"the zoo tokenizer is {ZOO_VQ_NAME!r}, not {config_name!r}")
     model = VQModel(ZOO_VQ)
     load_checkpoint(model, path)
     return model.to(device).eval()
@@ -100,3 +109,26 @@ def load_classifier(
     model = ProxyClassifier()
     load_checkpoint(model, path)
     return model.to(device).eval()
+
+
+def load_bundled(name: str, device: str | torch.device = "cpu") -> ImageGenerator:
+    """An ImageGenerator for a bundled model, with its trained weights and tokenizer."""
+    if name not in BUNDLED:
+        raise ConfigError(f"unknown bundled model {name!r}; bundled: {', '.join(BUNDLED)}")
+    entry, checkpoint, tokenizer_checkpoint = BUNDLED[name]
+    model = load_checkpoint(LlamaGen(entry.config), checkpoint).to(device).eval()
+    return ImageGenerator(
+        model, load_zoo_tokenizer(tokenizer_checkpoint, device=device), entry.sampling, name
+    )
+
+
+@torch.no_grad()
+def heldout_sequences(
+    model: LlamaGen, tokenizer: VQModel, count: int, root: str | Path | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(classes (N,), tokens (N, L) in `model`'s generation order) of the first `count` test images,
+    for teacher-forced fidelity (`quantcore.eval.fidelity`): sequences no bundled model trained on."""
+    images, labels = load_fashion_mnist("test", root)
+    device = tokenizer.quant_conv.weight.device
+    raster = tokenizer.encode_to_tokens(torch.from_numpy(to_rgb32(images[:count])).to(device))
+    return torch.from_numpy(labels[:count].astype("int64")).to(device), raster[:, model.order.to(device)]

@@ -1,0 +1,86 @@
+"""Service settings, read from the environment (prefix ``PTQ4ARVG_``) or given explicitly."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "PTQ4ARVG_"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    database_url: str = Field(
+        "sqlite:///./var/ptq4arvg.db",
+        description="SQLAlchemy URL: SQLite for embedded mode, postgresql+psycopg2://... in production.",
+    )
+    broker_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Celery broker: Redis in production, sqla+sqlite:///PATH in embedded mode.",
+    )
+    result_backend: str | None = Field(
+        None, description="Celery result backend; derived from broker_url when unset."
+    )
+    queue: str = Field("ptq4arvg", description="Celery queue that jobs and pings are sent to.")
+    artifact_dir: Path = Field(Path("./var/artifacts"), description="Root folder of job artifacts.")
+    visibility_timeout: int = Field(
+        43200,
+        ge=1,
+        description="Seconds before Redis re-delivers an un-acked task; keep above the longest job.",
+    )
+    job_lease_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="A running job whose heartbeat is older than this is taken over by another worker.",
+    )
+    engine_module: str = Field(
+        "quantcore.api",
+        description="Module providing quantize_job/load_generator (the quantcore engine contract).",
+    )
+    registry_module: str = Field(
+        "quantcore.registry", description="Module providing list_models() for the model registry."
+    )
+    register_models_at_startup: bool = Field(
+        True, description="Sync the engine's model registry into the models table when the API starts."
+    )
+    generator_cache_size: int = Field(2, ge=0, description="Generators kept loaded by /v1/generate.")
+    max_generate_images: int = Field(64, ge=1, description="Most images one /v1/generate call may ask for.")
+    max_request_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted (413 above).")
+
+    def derived_result_backend(self) -> str:
+        if self.result_backend:
+            return self.result_backend
+        if self.broker_url.startswith("sqla+"):
+            return "db+" + self.broker_url.removeprefix("sqla+")
+        return self.broker_url
+
+    @classmethod
+    def embedded(cls, var_dir: str | Path = "./var", **overrides) -> Settings:
+        """Settings of the single-machine setup: SQLite, SQLAlchemy broker, local artifact folder."""
+        var = Path(var_dir).resolve()
+        values = {
+            "database_url": f"sqlite:///{var / 'ptq4arvg.db'}",
+            "broker_url": f"sqla+sqlite:///{var / 'broker.db'}",
+            "result_backend": f"db+sqlite:///{var / 'results.db'}",
+            "artifact_dir": var / "artifacts",
+        }
+        values.update(overrides)
+        return cls(**values)
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that reproduces these settings in a child process."""
+        env = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            env[ENV_PREFIX + name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
+        return env
+
+
+@functools.lru_cache
+def get_settings() -> Settings:
+    return Settings()

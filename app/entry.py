@@ -1,0 +1,66 @@
+"""The `ptq4arvg` console script: the engine's commands plus serve, worker and admin.
+
+quantcore's CLI never imports the service; the service extends it here (imports point app -> quantcore).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from quantcore.cli import main as engine_main
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from app.server import is_configured, serve
+
+    embedded = not is_configured() and not args.production
+    serve(args.host, args.port, embedded=embedded, var_dir=args.var_dir, log_level=args.log_level)
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from app.worker_cmd import run_worker
+
+    run_worker(hostname=args.hostname, loglevel=args.log_level)
+    return 0
+
+
+def _admin(args: argparse.Namespace) -> int:
+    from app.cli import main as admin_main
+
+    return admin_main(args.admin_args)
+
+
+def add_service_commands(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the REST API; with no PTQ4ARVG_DATABASE_URL it is the embedded single-machine setup",
+        description="Embedded mode: SQLite, artifacts and an admin token under --var-dir, a worker child "
+        "process, the registry's models registered. Production: settings from PTQ4ARVG_* variables.",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--var-dir", default=None, help="embedded mode's folder (default ./var)")
+    p.add_argument("--production", action="store_true", help="refuse the embedded fallback")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("worker", help="run a Celery worker for quantization jobs (solo pool: one per GPU)")
+    p.add_argument("--hostname", default=None)
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=_worker)
+
+    p = sub.add_parser(
+        "admin", help="API keys and database: create-key, list-keys, revoke-key, migrate, sync-models"
+    )
+    p.add_argument("admin_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_admin)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return engine_main(argv, extend=add_service_commands)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

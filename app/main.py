@@ -1,0 +1,69 @@
+"""The FastAPI application: `uvicorn --factory app.main:create_app`."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from fastapi import FastAPI
+
+from app import services
+from app.body_limit import BodySizeLimitMiddleware
+from app.config import Settings, get_settings
+from app.db.session import get_sessionmaker, session_scope
+from app.generation import GeneratorCache
+from app.metrics import HttpMetrics, MetricsMiddleware
+from app.routes import artifacts, generate, health, jobs, models
+from worker.celery_app import make_celery
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None, *, run_worker: bool = False) -> FastAPI:
+    """The API. ``run_worker`` (embedded mode): start a worker child at startup, stop it at shutdown."""
+    settings = settings or get_settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        try:
+            settings.artifact_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # /readyz reports it; the process still answers /healthz
+            log.error("artifact folder %s is not usable: %s", settings.artifact_dir, e)
+        if settings.register_models_at_startup:
+            try:
+                with session_scope(settings.database_url) as db:
+                    n = services.sync_registry(db, settings)
+                log.info("registered %d registry models", n)
+            except Exception:
+                log.exception("could not sync the model registry; GET /v1/models may be incomplete")
+        worker = None
+        if run_worker:
+            from app.worker_cmd import start_worker_process
+
+            worker = start_worker_process(settings, hostname="embedded@%h", exit_with_parent=True)
+            app.state.worker_process = worker
+        try:
+            yield
+        finally:
+            if worker is not None:
+                from app.worker_cmd import stop_process
+
+                stop_process(worker)
+
+    app = FastAPI(
+        title="ptq4arvg",
+        version="0.1.0",
+        description="Post-training quantization jobs, artifacts and generation for autoregressive image "
+        "generators (PTQ4ARVG). Every route but /healthz and /readyz needs `Authorization: Bearer <key>`.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.sessionmaker = get_sessionmaker(settings.database_url)
+    app.state.celery = make_celery(settings)
+    app.state.generators = GeneratorCache(settings)
+    app.state.metrics = HttpMetrics()
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    for router in (health.router, jobs.router, artifacts.router, models.router, generate.router):
+        app.include_router(router)
+    return app

@@ -1,0 +1,1 @@
+"""HTTP routers: thin; they validate, authorize and call app.crud / app.services."""

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException, status
+from fastapi.responses import FileResponse
+from sqlalchemy.orm import Session
+
+from app import crud, schemas
+from app.deps import SessionDep, SettingsDep
+from app.security import JobsPrincipal, Principal
+from app.storage import UnsafeName, artifact_file, check_file_name
+
+router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
+
+
+def _get_visible_artifact(db: Session, artifact_id: str, principal: Principal):
+    artifact = crud.get_artifact(db, artifact_id, owner=principal.owner_filter)
+    if artifact is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"artifact {artifact_id} not found")
+    return artifact
+
+
+@router.get("/{artifact_id}", response_model=schemas.ArtifactOut)
+def get_artifact(
+    artifact_id: str,
+    db: SessionDep,
+    principal: JobsPrincipal,
+) -> schemas.ArtifactOut:
+    """The artifact's manifest and its files (name, size, sha256, download URL)."""
+    artifact = _get_visible_artifact(db, artifact_id, principal)
+    files = [
+        schemas.ArtifactFile(**f, url=f"/v1/artifacts/{artifact.id}/files/{f['name']}")
+        for f in artifact.files
+    ]
+    return schemas.ArtifactOut(
+        id=artifact.id,
+        job_id=artifact.job_id,
+        created_at=artifact.created_at,
+        total_bytes=artifact.total_bytes,
+        files=files,
+        manifest=artifact.manifest,
+    )
+
+
+@router.get(
+    "/{artifact_id}/files/{name}",
+    response_class=FileResponse,
+    responses={400: {"description": "Not a plain file name."}, 404: {"description": "No such file."}},
+)
+def download_file(
+    artifact_id: str,
+    name: str,
+    db: SessionDep,
+    settings: SettingsDep,
+    principal: JobsPrincipal,
+) -> FileResponse:
+    try:
+        check_file_name(name)
+    except UnsafeName as e:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, detail=str(e)) from e
+    artifact = _get_visible_artifact(db, artifact_id, principal)
+    entry = next((f for f in artifact.files if f["name"] == name), None)
+    if entry is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"artifact {artifact_id} has no file '{name}'")
+    try:
+        path = artifact_file(settings.artifact_dir, artifact.path, name)
+    except UnsafeName as e:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, detail=str(e)) from e
+    if not path.is_file():
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"file '{name}' is missing from storage")
+    media = "application/json" if name.endswith(".json") else "application/octet-stream"
+    return FileResponse(path, media_type=media, filename=name, headers={"X-Content-SHA256": entry["sha256"]})

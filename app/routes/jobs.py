@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body, HTTPException, Query, Response, status
+from sqlalchemy.orm import Session
+
+from app import crud, schemas, services
+from app.deps import CeleryDep, SessionDep, SettingsDep
+from app.security import JobsPrincipal, Principal
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+NOT_FOUND = {404: {"description": "No such job (or not yours)."}}
+
+
+def _get_visible_job(db: Session, job_id: str, principal: Principal):
+    job = crud.get_job(db, job_id, owner=principal.owner_filter)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} not found")
+    return job
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=schemas.JobOut,
+    responses={422: {"description": "Invalid spec; `loc` names the field."}},
+)
+def create_job(
+    response: Response,
+    spec: Annotated[schemas.JobSpec, Body(openapi_examples={"w8a8": {"value": schemas.JOB_SPEC_EXAMPLE}})],
+    db: SessionDep,
+    celery: CeleryDep,
+    settings: SettingsDep,
+    principal: JobsPrincipal,
+) -> schemas.JobOut:
+    """Queue a quantization job. Poll the `Location` for its state."""
+    job = services.submit_job(db, celery, settings, spec, principal)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return services.job_out(job)
+
+
+@router.get("", response_model=schemas.JobList)
+def list_jobs(
+    db: SessionDep,
+    principal: JobsPrincipal,
+    state: Annotated[schemas.JobState | None, Query(description="Only jobs in this state.")] = None,
+    model: Annotated[str | None, Query(max_length=128, description="Only jobs of this model.")] = None,
+    limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 20,
+    offset: Annotated[int, Query(ge=0, description="Jobs to skip.")] = 0,
+) -> schemas.JobList:
+    """Your jobs (all jobs for admins), newest first."""
+    jobs, total = crud.list_jobs(
+        db, owner=principal.owner_filter, state=state, model=model, limit=limit, offset=offset
+    )
+    return schemas.JobList(items=[services.job_out(j) for j in jobs], total=total, limit=limit, offset=offset)
+
+
+@router.get("/{job_id}", response_model=schemas.JobOut, responses=NOT_FOUND)
+def get_job(
+    job_id: str,
+    db: SessionDep,
+    principal: JobsPrincipal,
+) -> schemas.JobOut:
+    job = _get_visible_job(db, job_id, principal)
+    return services.job_out(job, events=crud.list_events(db, job.id))
+
+
+@router.post(
+    "/{job_id}/cancel",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=schemas.JobOut,
+    responses={**NOT_FOUND, 409: {"description": "The job already ended."}},
+)
+def cancel_job(
+    job_id: str,
+    db: SessionDep,
+    principal: JobsPrincipal,
+) -> schemas.JobOut:
+    """Cancel a job: a queued job ends at once; a running one stops at its next checkpoint."""
+    job = _get_visible_job(db, job_id, principal)
+    if job.state in ("succeeded", "failed", "canceled"):
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=f"job {job_id} already ended ({job.state})")
+    job = crud.request_cancel(db, job)
+    return services.job_out(job)

@@ -1,0 +1,231 @@
+"""What the routers do beyond one query: resolve models, submit jobs, register checkpoints, readiness.
+
+The engine's registry (``quantcore.registry``) is imported lazily, never at module import time.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+from fastapi import HTTPException, status
+from kombu import Connection
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from app import crud, schemas
+from app.config import Settings
+from app.db.models import Job, Model
+from app.security import Principal
+from app.storage import sha256_file
+from worker.celery_app import TASK_RUN_JOB
+
+log = logging.getLogger(__name__)
+
+
+def field_error(
+    loc: tuple[str | int, ...], msg: str, *, code: int = 422, kind: str = "value_error"
+) -> HTTPException:
+    """An error shaped like FastAPI's own validation errors, naming the offending field."""
+    return HTTPException(code, detail=[{"type": kind, "loc": list(loc), "msg": msg}])
+
+
+# ------------------------------------------------------------------------------------------ models
+
+
+def sync_registry(db: Session, settings: Settings) -> int:
+    """Insert/refresh the engine's registry entries (bundled models included). Returns how many."""
+    try:
+        registry = importlib.import_module(settings.registry_module)
+    except ImportError as e:
+        log.warning(
+            "model registry %s is not importable (%s); no models registered", settings.registry_module, e
+        )
+        return 0
+    entries = registry.list_models()
+    for entry in entries:
+        crud.upsert_registry_model(db, entry)
+    return len(entries)
+
+
+def register_checkpoint(db: Session, body: schemas.ModelRegister, principal: Principal) -> Model:
+    if crud.get_model(db, body.name) is not None:
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=f"a model named '{body.name}' already exists")
+    base = crud.get_model(db, body.base_model)
+    if base is None or base.source != "registry":
+        raise field_error(
+            ("body", "base_model"), f"unknown base model '{body.base_model}'; see GET /v1/models"
+        )
+    path = Path(body.checkpoint_path)
+    if not path.is_absolute():
+        raise field_error(("body", "checkpoint_path"), "give an absolute path on the server")
+    try:
+        if not path.is_file():
+            raise OSError("not a regular file")
+        size = path.stat().st_size
+        digest = sha256_file(path)
+    except OSError as e:
+        raise field_error(
+            ("body", "checkpoint_path"),
+            f"the server cannot read '{path}': {getattr(e, 'strerror', None) or e}",
+        ) from e
+    return crud.register_checkpoint(
+        db,
+        name=body.name,
+        base=base,
+        path=str(path),
+        sha256=digest,
+        size=size,
+        registered_by=principal.owner,
+    )
+
+
+# -------------------------------------------------------------------------------------------- jobs
+
+
+def build_engine_spec(db: Session, spec: schemas.JobSpec) -> tuple[dict[str, Any], str | None]:
+    """The dict quantcore.api.quantize_job receives, and the sha256 of its checkpoint (if any)."""
+    model = crud.get_model(db, spec.model)
+    if model is None:
+        raise field_error(("body", "model"), f"unknown model '{spec.model}'; see GET /v1/models")
+    base_name, checkpoint, sha = model.name, None, None
+    if model.source == "checkpoint":
+        base_name, checkpoint, sha = model.base_model, model.checkpoint_path, model.checkpoint_sha256
+    if spec.checkpoint is not None:
+        ckpt = crud.find_checkpoint(db, spec.checkpoint)
+        if ckpt is None:
+            raise field_error(
+                ("body", "checkpoint"),
+                f"unknown checkpoint '{spec.checkpoint}'; register it first with POST /v1/models",
+            )
+        if ckpt.base_model != base_name:
+            raise field_error(
+                ("body", "checkpoint"),
+                f"checkpoint '{ckpt.name}' is for model '{ckpt.base_model}', not '{base_name}'",
+            )
+        checkpoint, sha = ckpt.checkpoint_path, ckpt.checkpoint_sha256
+    engine_spec = {
+        "model": base_name,
+        "checkpoint": checkpoint,
+        "recipe": spec.recipe,
+        "w_bits": spec.w_bits,
+        "a_bits": spec.a_bits,
+        "calibration": spec.calibration.model_dump(),
+        "evaluation": spec.evaluation.model_dump(),
+    }
+    return engine_spec, sha
+
+
+def submit_job(
+    db: Session, celery: Celery, settings: Settings, spec: schemas.JobSpec, principal: Principal
+) -> Job:
+    engine_spec, sha = build_engine_spec(db, spec)
+    job = crud.create_job(
+        db, owner=principal.owner, spec=spec.model_dump(), engine_spec=engine_spec, checkpoint_sha256=sha
+    )
+    task_id = str(uuid.uuid4())
+    try:
+        celery.send_task(
+            TASK_RUN_JOB,
+            args=[job.id],
+            task_id=task_id,
+            queue=settings.queue,
+            retry=True,
+            retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
+        )
+    except Exception as e:
+        message = f"the job queue is unavailable ({type(e).__name__}: {e}); submit the job again later"
+        crud.transition(
+            db,
+            job.id,
+            ("queued",),
+            "failed",
+            error_kind="broker_unavailable",
+            error_message=message,
+            message=message,
+        )
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=message) from e
+    crud.set_task_id(db, job.id, task_id)
+    return crud.get_job(db, job.id)
+
+
+def job_out(job: Job, *, events: list | None = None) -> schemas.JobOut:
+    error = None
+    if job.error_message:
+        error = schemas.JobError(kind=job.error_kind or "internal", message=job.error_message)
+    return schemas.JobOut(
+        id=job.id,
+        owner=job.owner,
+        state=job.state,
+        spec=schemas.JobSpec.model_validate(job.spec),
+        progress=schemas.JobProgress(
+            stage=job.stage,
+            percent=round(100.0 * (job.progress or 0.0), 2),
+            eta_seconds=job.eta_seconds,
+            heartbeat_at=job.heartbeat_at,
+        ),
+        cancel_requested=job.cancel_requested,
+        attempt=job.attempt,
+        worker=job.worker,
+        error=error,
+        artifact_id=job.artifact.id if job.artifact is not None else None,
+        metrics=job.metrics,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        events=[schemas.JobEventOut.model_validate(e) for e in events] if events is not None else None,
+    )
+
+
+# ------------------------------------------------------------------------------------------- ready
+
+
+def _timed(fn) -> schemas.Check:
+    start = time.perf_counter()
+    try:
+        detail = fn()
+        ok = True
+    except Exception as e:
+        detail, ok = f"{type(e).__name__}: {e}", False
+    return schemas.Check(ok=ok, detail=detail, latency_ms=round(1000 * (time.perf_counter() - start), 2))
+
+
+def check_database(db: Session) -> schemas.Check:
+    def probe() -> str:
+        db.execute(text("SELECT 1"))
+        db.rollback()
+        return db.get_bind().dialect.name
+
+    return _timed(probe)
+
+
+def check_broker(settings: Settings) -> schemas.Check:
+    def probe() -> str:
+        with Connection(settings.broker_url, connect_timeout=2, transport_options={"max_retries": 1}) as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)
+            channel = conn.default_channel
+            client = getattr(channel, "client", None)
+            if client is not None and hasattr(client, "ping"):
+                client.ping()  # Redis: a real round trip
+            return conn.transport_cls if isinstance(conn.transport_cls, str) else conn.transport.driver_name
+
+    return _timed(probe)
+
+
+def check_storage(settings: Settings) -> schemas.Check:
+    def probe() -> str:
+        root = Path(settings.artifact_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        probe_file = root / f".ready-{uuid.uuid4().hex}"
+        probe_file.write_bytes(b"ok")
+        probe_file.unlink()
+        free = os.statvfs(root)
+        return f"{root} writable, {free.f_bavail * free.f_frsize / 2**30:.1f} GiB free"
+
+    return _timed(probe)

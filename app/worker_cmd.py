@@ -1,0 +1,103 @@
+"""Start a production Celery worker: one process per GPU, solo pool (no fork, so torch is safe).
+
+python -m app.worker_cmd [--queue Q] [--hostname NAME] [--loglevel info]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from app.config import Settings, get_settings
+
+
+def worker_argv(settings: Settings, *, hostname: str | None = None, loglevel: str = "info") -> list[str]:
+    argv = ["worker", "--pool=solo", "--concurrency=1", "-Q", settings.queue, f"--loglevel={loglevel}"]
+    argv += ["--without-gossip", "--without-mingle"]
+    if hostname:
+        argv += ["--hostname", hostname]
+    return argv
+
+
+def run_worker(
+    *,
+    hostname: str | None = None,
+    loglevel: str = "info",
+    settings: Settings | None = None,
+    parent_pid: int | None = None,
+) -> None:
+    """Run a Celery worker (solo pool) in this process until it is stopped. Settings come from the env.
+
+    ``parent_pid``: stop (warm shutdown) once this process is no longer our parent, e.g. when an
+    embedded server that started us was killed with SIGKILL.
+    """
+    from worker.celery_app import celery_app, make_celery
+
+    if parent_pid is not None:
+        _watch_parent(parent_pid)
+
+    app = celery_app if settings is None else make_celery(settings)
+    app.worker_main(worker_argv(settings or get_settings(), hostname=hostname, loglevel=loglevel))
+
+
+def _watch_parent(parent_pid: int, interval: float = 1.0) -> None:
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(interval)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def start_worker_process(
+    settings: Settings,
+    *,
+    hostname: str | None = None,
+    loglevel: str = "info",
+    exit_with_parent: bool = False,
+    **popen_kwargs,
+) -> subprocess.Popen:
+    """Start a worker as a child process in its own process group (stop it with stop_process)."""
+    env = {**os.environ, **settings.to_env()}
+    cmd = [sys.executable, "-m", "app.worker_cmd", f"--loglevel={loglevel}"]
+    if hostname:
+        cmd += ["--hostname", hostname]
+    if exit_with_parent:
+        cmd += ["--parent-pid", str(os.getpid())]
+    return subprocess.Popen(cmd, env=env, start_new_session=True, **popen_kwargs)
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 10.0) -> None:
+    """TERM the process group, wait, then KILL it (a hung worker only dies with SIGKILL)."""
+    if process.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m app.worker_cmd", description=__doc__.splitlines()[0])
+    parser.add_argument("--hostname", default=None, help="Celery node name, e.g. gpu0@%%h")
+    parser.add_argument("--loglevel", default="info")
+    parser.add_argument("--parent-pid", type=int, default=None, help="stop when this parent process dies")
+    args = parser.parse_args(argv)
+    run_worker(hostname=args.hostname, loglevel=args.loglevel, parent_pid=args.parent_pid)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Hand-written kernels for real low-bit execution (imported lazily: Triton is optional)."""

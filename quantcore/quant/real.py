@@ -1,0 +1,417 @@
+"""Real low-bit execution of a calibrated model: the engine's own parameters through integer/fp8 GEMMs.
+
+`to_real(model)` swaps every eligible `QuantLinear` for a `RealQuantLinear` built from it (no second
+calibration) and returns, per layer, the path it runs:
+
+    "int8-cpu" / "int8-gpu"  W(<=8)A(<=8) static or per-token acts: int8 x int8 -> int32 `torch._int_mm`,
+                             zero-points handled exactly in integer arithmetic (bit-exact codes; the
+                             only difference from simulation is the final float rounding)
+    "fp8-gpu"                W8A8 through e4m3 `torch._scaled_mm` with row-wise scales derived from the
+                             calibrated ranges (a different 8-bit grid: close to, not equal to, int8)
+    "w8-gpu" / "w4-gpu"      weight-only: int8 / packed int4 codes, fused dequantize-GEMM (Triton)
+    "simulated"              everything else, with the reason
+
+The integer identity (a = q_x - o_x and b = q_w - o_w are int8, z' = z - o the shifted zero-points):
+
+    sum_k (q_x - z_x)(q_w - z_w) = sum_k a b - z_x' (sum_k b - K z_w') - z_w' sum_k a
+
+`sum_k b - K z_w'` and z_w' are precomputed per output row; `sum_k a` is one row reduction per call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from quantcore.errors import ConfigError
+from quantcore.quant.modules import QuantLinear, QuantMatMul, iter_quant_modules, swap_module
+from quantcore.quant.quantizer import UniformQuantizer
+
+PATHS = ("int8-cpu", "int8-gpu", "fp8-gpu", "w8-gpu", "w4-gpu", "simulated")
+W8A8_CHOICES = ("auto", "int8", "fp8")
+E4M3_MAX = 448.0
+# cuBLASLt's int8 GEMM wants more than 16 rows; smaller calls are padded to this many rows.
+CUDA_INT_MM_MIN_ROWS = 32
+STATIC_OR_TOKEN = ("tensor", "group", "dynamic_token")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Packing of sub-byte weight codes (storage form; compute unpacks or reads nibbles in the kernel)
+# ---------------------------------------------------------------------------------------------------
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 (N, K) codes in 0..2^bits-1 -> packed uint8 rows.
+
+    4 bits: (N, K/2), byte j = code[j] | code[j + K/2] << 4 (the layout the Triton kernel reads);
+    6 bits: (N, 3K/4), every 4 codes -> 3 bytes, little-endian within the 24-bit word.
+    """
+    n, k = codes.shape
+    c = codes.to(torch.uint8)
+    if bits == 4:
+        if k % 2:
+            raise ConfigError(f"4-bit packing needs an even in_features, got {k}")
+        return c[:, : k // 2] | (c[:, k // 2 :] << 4)
+    if bits == 6:
+        if k % 4:
+            raise ConfigError(f"6-bit packing needs in_features divisible by 4, got {k}")
+        w = c.view(n, k // 4, 4).to(torch.int32)
+        word = w[..., 0] | (w[..., 1] << 6) | (w[..., 2] << 12) | (w[..., 3] << 18)
+        return (
+            torch.stack([word & 0xFF, (word >> 8) & 0xFF, (word >> 16) & 0xFF], -1)
+            .to(torch.uint8)
+            .view(n, -1)
+        )
+    raise ConfigError(f"packing is defined for 4 and 6 bits, got {bits}")
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Inverse of `pack_codes`: uint8 (N, K) codes."""
+    if bits == 4:
+        return torch.cat([packed & 0xF, packed >> 4], dim=1)[:, :k]
+    if bits == 6:
+        b = packed.view(packed.shape[0], -1, 3).to(torch.int32)
+        word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
+        codes = torch.stack([(word >> s) & 0x3F for s in (0, 6, 12, 18)], -1)
+        return codes.to(torch.uint8).view(packed.shape[0], -1)[:, :k]
+    raise ConfigError(f"packing is defined for 4 and 6 bits, got {bits}")
+
+
+def weight_codes(ql: QuantLinear) -> torch.Tensor:
+    """The integer weight codes q_w in 0..2^b-1 exactly as the simulated path rounds them (int32)."""
+    wq = ql.weight_quantizer
+    w = ql.weight.detach().float()
+    q = torch.round(w / wq.scale[:, None]) + wq.zero_point.float()[:, None]
+    return torch.clamp(q, 0, 2**wq.n_bits - 1).to(torch.int32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------------
+
+
+class RealQuantLinear(nn.Module):
+    """Shared state of the real paths: bias, per-row weight scale, and the calibrated input quantizer.
+
+    The input quantizer is kept as is (a submodule): its `params_for` gives the same (scale, zero-point)
+    per token that the simulated path uses, for per-tensor, STWQ group tables (indexed by `pos`) and
+    dynamic per-token parameters alike.
+    """
+
+    path = "simulated"
+
+    def __init__(self, ql: QuantLinear):
+        super().__init__()
+        self.in_features, self.out_features = ql.in_features, ql.out_features
+        self.w_bits = ql.weight_quantizer.n_bits
+        self.bias = None if ql.bias is None else nn.Parameter(ql.bias.detach().clone(), requires_grad=False)
+        self.register_buffer("w_scale", ql.weight_quantizer.scale.detach().float().clone())
+        self.input_quantizer = ql.input_quantizer
+        # Sub-byte codes are stored packed; this is their stored size (compute may keep them wider).
+        packed_row = -(-self.in_features * self.w_bits // 8)
+        self.packed_bytes = self.out_features * packed_row if self.w_bits in (4, 6) else None
+
+    @classmethod
+    def from_quant_linear(cls, ql: QuantLinear, path: str) -> RealQuantLinear:
+        kinds = {"int8-cpu": Int8Linear, "int8-gpu": Int8Linear, "fp8-gpu": Fp8Linear}
+        kinds |= {"w8-gpu": WeightOnlyLinear, "w4-gpu": WeightOnlyLinear}
+        if path not in kinds:
+            raise ConfigError(f"no real module for path {path!r}; real paths are {sorted(kinds)}")
+        module = kinds[path](ql, path)
+        return module.to(ql.weight.device)
+
+    def _act_params(self, xf: torch.Tensor, pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row (scale, zero-point) of the flattened (M, K) input, as float (M,) tensors."""
+        scale, zp = self.input_quantizer.params_for(xf, pos)
+        rows = xf.shape[:-1] + (1,)
+        return scale.expand(rows).reshape(-1), zp.expand(rows).reshape(-1)
+
+    def _finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def resident_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers()) + sum(
+            p.numel() * p.element_size() for p in self.parameters()
+        )
+
+    def describe_execution(self) -> dict:
+        out = {"path": self.path, "w_bits": self.w_bits, "resident_bytes": self.resident_bytes()}
+        if self.packed_bytes is not None:
+            out["packed_bytes"] = self.packed_bytes
+        return out
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, path={self.path}, W{self.w_bits}"
+
+
+class Int8Linear(RealQuantLinear):
+    """W(<=8)A(<=8) through int8 x int8 -> int32, exact in the integer codes."""
+
+    def __init__(self, ql: QuantLinear, path: str):
+        super().__init__(ql)
+        self.path = path
+        aq = ql.input_quantizer
+        self.a_bits = aq.n_bits
+        self.a_qmax = 2**aq.n_bits - 1
+        # Centre unsigned codes on zero so they fit int8 (any offset works; it cancels exactly).
+        self.a_offset = 2 ** (aq.n_bits - 1)
+        w_offset = 2 ** (self.w_bits - 1)
+        b = weight_codes(ql) - w_offset  # (N, K) in int8 range
+        w_zp = ql.weight_quantizer.zero_point.to(torch.int32) - w_offset
+        k = self.in_features
+        # cuBLASLt wants K and N multiples of 8: zero columns add nothing to any sum; extra rows are cut.
+        self.k_pad = (-k) % 8 if path == "int8-gpu" else 0
+        self.n_pad = (-self.out_features) % 8 if path == "int8-gpu" else 0
+        self.register_buffer("qweight", F.pad(b, (0, self.k_pad, 0, self.n_pad)).to(torch.int8))
+        self.register_buffer("w_zp", w_zp)
+        self.register_buffer("w_colterm", b.sum(1, dtype=torch.int32) - k * w_zp)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+        xf = x.float()
+        scale, zp = self._act_params(xf, pos)
+        xf = xf.reshape(-1, self.in_features)
+        q = torch.clamp(torch.round(xf / scale[:, None]) + zp[:, None], 0, self.a_qmax) - self.a_offset
+        a = q.to(torch.int8)
+        m = a.shape[0]
+        acc = torch._int_mm(self._pad_rows(a), self.qweight.t())[:m, : self.out_features]
+        rowsum = a.sum(1, dtype=torch.int32)
+        z_x = (zp - self.a_offset).to(torch.int32)
+        acc = acc - z_x[:, None] * self.w_colterm - rowsum[:, None] * self.w_zp
+        y = acc.float() * (scale[:, None] * self.w_scale)
+        return self._finish(y, x)
+
+    def _pad_rows(self, a: torch.Tensor) -> torch.Tensor:
+        if self.path != "int8-gpu":
+            return a
+        rows = max(0, CUDA_INT_MM_MIN_ROWS - a.shape[0]) if a.shape[0] <= 16 else 0
+        return F.pad(a, (0, self.k_pad, 0, rows)) if rows or self.k_pad else a
+
+    def describe_execution(self) -> dict:
+        out = super().describe_execution()
+        out["a_bits"] = self.a_bits
+        out["granularity"] = self.input_quantizer.granularity
+        if self.path == "int8-gpu":
+            out["padding"] = (
+                f"calls with <= 16 rows padded to {CUDA_INT_MM_MIN_ROWS}; K+{self.k_pad}, N+{self.n_pad}"
+            )
+        if self.w_bits < 8:
+            out["note"] = f"{self.w_bits}-bit codes resident as int8 for the 8-bit GEMM"
+        return out
+
+
+class Fp8Linear(RealQuantLinear):
+    """W8A8 through e4m3 `torch._scaled_mm`, row-wise scales (Hopper/Ada).
+
+    The activation is clipped to the calibrated range [(0 - z) s, (2^b - 1 - z) s] of its token and
+    scaled so that range's larger end maps to 448; the weight is the engine's dequantized weight,
+    re-encoded per row. e4m3 keeps 3 mantissa bits, so this is near, not equal to, the int8 result.
+    """
+
+    def __init__(self, ql: QuantLinear, path: str):
+        super().__init__(ql)
+        self.path = path
+        aq = ql.input_quantizer
+        self.a_bits, self.a_qmax = aq.n_bits, 2**aq.n_bits - 1
+        wq = ql.weight_quantizer
+        w_hat = (weight_codes(ql) - wq.zero_point.to(torch.int32)[:, None]).float() * wq.scale[:, None]
+        row_scale = (w_hat.abs().amax(1) / E4M3_MAX).clamp(min=1e-12)
+        self.register_buffer("qweight", (w_hat / row_scale[:, None]).to(torch.float8_e4m3fn))
+        self.register_buffer("w8_scale", row_scale[None, :].contiguous())
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+        xf = x.float()
+        scale, zp = self._act_params(xf, pos)
+        xf = xf.reshape(-1, self.in_features)
+        lo, hi = (-zp * scale)[:, None], ((self.a_qmax - zp) * scale)[:, None]
+        s8 = (torch.maximum(lo.abs(), hi.abs()) / E4M3_MAX).clamp(min=1e-12)
+        a = (torch.clamp(xf, lo, hi) / s8).to(torch.float8_e4m3fn)
+        y = torch._scaled_mm(a, self.qweight.t(), s8, self.w8_scale, out_dtype=torch.bfloat16)
+        return self._finish(y, x)
+
+    def describe_execution(self) -> dict:
+        out = super().describe_execution()
+        out["a_bits"] = self.a_bits
+        out["granularity"] = self.input_quantizer.granularity
+        out["note"] = "e4m3 re-encoding of the calibrated ranges: close to the int8 result, not equal"
+        return out
+
+
+class WeightOnlyLinear(RealQuantLinear):
+    """Weight-only int8 or packed int4 codes with the fused dequantize-GEMM; y = s (x q^T - z sum x)."""
+
+    def __init__(self, ql: QuantLinear, path: str):
+        super().__init__(ql)
+        self.path = path
+        codes = weight_codes(ql)
+        zp = ql.weight_quantizer.zero_point.to(torch.int32)
+        if path == "w4-gpu":
+            if self.w_bits > 4 or self.in_features % 2:
+                raise ConfigError(f"w4-gpu needs <= 4-bit weights and an even in_features, got {ql!r}")
+            self.kernel_bits = 4
+            self.register_buffer("qweight", pack_codes(codes.to(torch.uint8), 4))
+        else:
+            self.kernel_bits = 8
+            codes, zp = codes - 128, zp - 128  # centred int8: small partial sums, exact in bf16
+            self.register_buffer("qweight", codes.to(torch.int8))
+        self.register_buffer("w_zp", zp.float())
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+        from quantcore.kernels.wo_gemm import wo_gemm
+
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        acc = wo_gemm(x2, self.qweight, self.kernel_bits)
+        y = (acc - x2.float().sum(1, keepdim=True) * self.w_zp) * self.w_scale
+        return self._finish(y, x)
+
+    def describe_execution(self) -> dict:
+        out = super().describe_execution()
+        if self.w_bits == 6:
+            out["note"] = "6-bit codes resident as int8 (the 8-bit kernel); packed_bytes is the stored size"
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Planning and conversion
+# ---------------------------------------------------------------------------------------------------
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def plan_layer(ql: QuantLinear, device: torch.device, w8a8: str = "auto") -> tuple[str, str]:
+    """(path, reason) for one QuantLinear on `device`; "auto" W8A8 GPU layers are decided by timing."""
+    wq, aq = ql.weight_quantizer, ql.input_quantizer
+    if wq.mode != "on" or not bool(wq.initialized):
+        return "simulated", "weights are not quantized (weight quantizer off)"
+    cuda = device.type == "cuda"
+    if aq.mode == "off":
+        if not cuda:
+            return "simulated", "weight-only layer: the CPU path needs quantized activations"
+        if not _triton_available():
+            return "simulated", "weight-only layer: Triton is not importable for the dequantize-GEMM"
+        if wq.n_bits <= 4 and ql.in_features % 2 == 0:
+            return "w4-gpu", ""
+        return "w8-gpu", ""
+    if aq.mode != "on":
+        return "simulated", f"input quantizer is in mode {aq.mode!r}"
+    if not isinstance(aq, UniformQuantizer):
+        return "simulated", "log-sqrt2 input quantizer has no integer GEMM form"
+    if aq.granularity not in STATIC_OR_TOKEN:
+        return "simulated", f"per-{aq.granularity} input scales cannot be factored out of a GEMM"
+    if aq.passthrough is not None and aq.passthrough.numel():
+        return "simulated", "sink positions pass through in FP (mixed precision inside one GEMM)"
+    if not cuda:
+        return "int8-cpu", ""
+    fp8_ok = (
+        torch.cuda.get_device_capability(device) >= (8, 9)
+        and wq.n_bits == 8
+        and aq.n_bits == 8
+        and ql.in_features % 16 == 0
+        and ql.out_features % 16 == 0
+    )
+    if w8a8 == "fp8" and fp8_ok:
+        return "fp8-gpu", ""
+    if w8a8 == "auto" and fp8_ok:
+        return "auto", ""
+    return "int8-gpu", "" if w8a8 != "fp8" else "fp8 needs sm_89+, W8A8 and K, N multiples of 16"
+
+
+def _time_ms(fn: Callable[[], object], reps: int = 20) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def _pick_w8a8(ql: QuantLinear, rows: int, dtype: torch.dtype, cache: dict) -> tuple[str, str]:
+    """The faster of the int8 and fp8 modules for this layer's (K, N) at `rows` input rows."""
+    key = (ql.in_features, ql.out_features, rows)
+    if key not in cache:
+        x = torch.randn(rows, ql.in_features, device=ql.weight.device, dtype=dtype)
+        pos = torch.zeros(1, dtype=torch.long, device=x.device)
+        x = x[None]  # (1, rows, K): per-position tables see one position repeated
+        pos = pos.expand(rows)
+        times = {}
+        for path in ("int8-gpu", "fp8-gpu"):
+            module = RealQuantLinear.from_quant_linear(ql, path)
+            times[path] = _time_ms(lambda m=module: m(x, pos))
+        cache[key] = times
+    times = cache[key]
+    best = min(times, key=times.get)
+    return best, f"timed at {rows} rows: int8 {times['int8-gpu']:.4f} ms, fp8 {times['fp8-gpu']:.4f} ms"
+
+
+@torch.no_grad()
+def to_real(
+    model: nn.Module,
+    device: str | torch.device | None = None,
+    *,
+    w8a8: str = "auto",
+    tune_rows: int = 64,
+) -> dict[str, dict]:
+    """Swap every eligible QuantLinear of `model` for its real module, in place; returns the execution map.
+
+    `w8a8` picks the GPU W8A8 path: "int8" (exact codes), "fp8", or "auto" (per (K, N) shape, the
+    faster at `tune_rows` input rows, timed once here so that the choice is fixed and recorded).
+    Layers that stay simulated are listed with the reason; attention matmuls always stay simulated.
+    """
+    if w8a8 not in W8A8_CHOICES:
+        raise ConfigError(f"w8a8 must be one of {W8A8_CHOICES}, got {w8a8!r}")
+    if device is None:
+        device = next(model.parameters()).device
+    device = torch.device(device)
+    dtype = next(model.parameters()).dtype
+    report: dict[str, dict] = {}
+    timings: dict = {}
+    for name, module in list(iter_quant_modules(model)):
+        if isinstance(module, QuantMatMul):
+            report[name] = {"path": "simulated", "reason": "attention matmul (activation x activation)"}
+            continue
+        path, reason = plan_layer(module, device, w8a8)
+        if path == "auto":
+            path, reason = _pick_w8a8(module, tune_rows, dtype, timings)
+        if path == "simulated":
+            report[name] = {"path": path, "reason": reason}
+            continue
+        real = RealQuantLinear.from_quant_linear(module, path)
+        swap_module(model, name, real)
+        report[name] = real.describe_execution() | ({"reason": reason} if reason else {})
+    return report
+
+
+def plan_execution(model: nn.Module, device: str | torch.device = "cpu") -> dict[str, dict]:
+    """What `to_real` would run per layer on `device`, without converting (no timing: "auto" stays)."""
+    device = torch.device(device)
+    plan = {}
+    for name, module in iter_quant_modules(model):
+        if isinstance(module, QuantMatMul):
+            plan[name] = {"path": "simulated", "reason": "attention matmul (activation x activation)"}
+            continue
+        path, reason = plan_layer(module, device)
+        plan[name] = {"path": "int8-gpu|fp8-gpu" if path == "auto" else path} | (
+            {"reason": reason} if reason else {}
+        )
+    return plan
+
+
+def summarize(report: dict[str, dict]) -> dict[str, int]:
+    """Layers per path, for one-line summaries."""
+    counts: dict[str, int] = {}
+    for entry in report.values():
+        counts[entry["path"]] = counts.get(entry["path"], 0) + 1
+    return counts

@@ -1,0 +1,102 @@
+"""A stand-in engine that follows the quantcore engine contract exactly, with scripted behaviour.
+
+The service tests point the worker at it (PTQ4ARVG_ENGINE_MODULE=scripted_engine) to exercise the
+job machinery (claim, progress, cancel, failures, crash recovery, artifacts) while quantcore.api is
+being written; the end-to-end tests in test_engine_e2e.py use the real engine. Behaviour per model:
+
+- scripted-fast:  5 quick steps, then an artifact (a weights file + manifest.json);
+- scripted-slow:  calibration.num_samples steps of 0.1 s each, checking should_cancel between steps;
+- scripted-usererror: raises quantcore.errors.ConfigError (a user error);
+- scripted-crash: raises RuntimeError (an internal failure).
+
+Every completed run appends one line to $SCRIPTED_ENGINE_LOG, so tests can count completions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+from quantcore.errors import Canceled, ConfigError
+
+MODELS = [
+    {
+        "name": name,
+        "family": "scripted",
+        "bundled": True,
+        "parameters": 1000,
+        "official_checkpoints": [],
+        "sampling": {"cfg_scale": 1.5, "temperature": 1.0},
+    }
+    for name in ("scripted-fast", "scripted-slow", "scripted-usererror", "scripted-crash")
+]
+
+
+def list_models() -> list[dict]:
+    return [dict(m) for m in MODELS]
+
+
+def quantize_job(spec: dict, out_dir: Path, progress, should_cancel) -> dict:
+    model = spec["model"]
+    if model == "scripted-usererror":
+        raise ConfigError(f"w_bits={spec['w_bits']} is not supported by {model}: use w_bits=8")
+    if model == "scripted-crash":
+        raise RuntimeError("scripted crash in the middle of calibration")
+    steps, delay = (5, 0.02) if model == "scripted-fast" else (int(spec["calibration"]["num_samples"]), 0.1)
+    for i in range(steps):
+        if should_cancel():
+            raise Canceled("canceled between calibration batches")
+        progress("calibration", i / steps)
+        time.sleep(delay)
+    progress("calibration", 1.0)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=False, exist_ok=True)
+    weights = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).digest() * 64
+    (out_dir / "model.safetensors").write_bytes(weights)
+    manifest = {
+        "model": model,
+        "checkpoint": spec.get("checkpoint"),
+        "recipe": spec["recipe"],
+        "w_bits": spec["w_bits"],
+        "a_bits": spec["a_bits"],
+        "calibration": spec["calibration"],
+        "metrics": {"proxy_fid": 1.23, "token_agreement": 0.98},
+        "files": {"model.safetensors": {"sha256": hashlib.sha256(weights).hexdigest(), "size": len(weights)}},
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    log = os.environ.get("SCRIPTED_ENGINE_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(
+                json.dumps({"model": model, "seed": spec["calibration"]["seed"], "pid": os.getpid()}) + "\n"
+            )
+    return manifest
+
+
+class _Generator:
+    default_sampling = {"cfg_scale": 1.5, "temperature": 1.0}
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def generate(self, classes: list[int], seeds: list[int], **sampling):
+        import time
+
+        import torch
+
+        time.sleep(float(sampling.get("delay_s", 0)))  # a slow device, so concurrent requests queue up
+        images = []
+        for c, s in zip(classes, seeds, strict=True):
+            g = torch.Generator().manual_seed(int(s) * 1000 + int(c))
+            images.append(torch.randint(0, 256, (16, 16, 3), generator=g, dtype=torch.uint8))
+        return torch.stack(images)
+
+
+def load_generator(source: str, checkpoint: str | None = None):
+    if not (source.startswith("scripted-") or (Path(source) / "manifest.json").is_file()):
+        raise ConfigError(f"unknown model or artifact '{source}'")
+    return _Generator(source)

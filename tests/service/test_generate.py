@@ -1,0 +1,105 @@
+"""POST /v1/generate: PNG or JSON, same seed -> same bytes, models and artifacts, ownership."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from .helpers import submit
+
+
+def generate(service, token, **body):
+    return service.client.post("/v1/generate", json=body, headers=service.auth(token))
+
+
+def test_png_grid_is_deterministic_per_seed(service, keys):
+    a = generate(service, keys["alice"], model="scripted-fast", classes=[1, 2, 3], seed=5, format="png")
+    assert a.status_code == 200, a.text
+    assert a.headers["content-type"] == "image/png" and a.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert a.headers["x-seeds"] == "5,6,7"
+    image = np.asarray(Image.open(io.BytesIO(a.content)))
+    assert image.shape == (16 + 2 * 2, 16 * 3 + 2 * 4, 3)  # three images in a row, 2-pixel frame
+    b = generate(service, keys["alice"], model="scripted-fast", classes=[1, 2, 3], seed=5, format="png")
+    assert a.content == b.content
+    c = generate(service, keys["alice"], model="scripted-fast", classes=[1, 2, 3], seed=6, format="png")
+    assert c.content != a.content
+
+
+def test_json_has_one_image_and_seed_each(service, keys):
+    r = generate(service, keys["bob"], model="scripted-fast", classes=[4, 4], seeds=[11, 12], format="json")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [(i["class_label"], i["seed"]) for i in body["images"]] == [(4, 11), (4, 12)]
+    assert body["width"] == body["height"] == 16
+    assert body["sampling"] == {"cfg_scale": 1.5, "temperature": 1.0}
+    pngs = [base64.b64decode(i["png_base64"]) for i in body["images"]]
+    assert pngs[0] != pngs[1]
+    single = generate(service, keys["bob"], model="scripted-fast", classes=[4], seed=11, format="json").json()
+    assert base64.b64decode(single["images"][0]["png_base64"]) == pngs[0]
+
+
+def test_from_an_artifact_only_for_its_owner(service, keys, workers):
+    workers.ensure()
+    job = submit(service, keys["alice"], model="scripted-fast")
+    artifact = service.wait_job(job["id"], keys["alice"])["artifact_id"]
+    r = generate(service, keys["alice"], artifact_id=artifact, classes=[0], seed=0)
+    assert r.status_code == 200 and r.content[:4] == b"\x89PNG"
+    assert generate(service, keys["bob"], artifact_id=artifact, classes=[0]).status_code == 404
+    admin = generate(service, keys["root"], artifact_id=artifact, classes=[0])  # admins have every scope
+    assert admin.status_code == 200
+    no_scope = generate(service, keys["carol"], artifact_id=artifact, classes=[0])  # jobs scope only
+    assert no_scope.status_code == 403
+
+
+@pytest.mark.parametrize(
+    ("body", "loc"),
+    [
+        ({"classes": [1]}, ["body"]),
+        ({"model": "scripted-fast", "artifact_id": "x", "classes": [1]}, ["body"]),
+        ({"model": "scripted-fast", "classes": []}, ["body", "classes"]),
+        ({"model": "scripted-fast", "classes": list(range(65))}, ["body", "classes"]),
+        ({"model": "scripted-fast", "classes": [1, 2], "seeds": [1]}, ["body"]),
+        ({"model": "no-such-model", "classes": [1]}, ["body", "model"]),
+        ({"model": "scripted-fast", "classes": [1], "format": "gif"}, ["body", "format"]),
+    ],
+)
+def test_bad_requests_are_422(service, keys, body, loc):
+    r = generate(service, keys["alice"], **body)
+    assert r.status_code == 422, r.text
+    assert loc in [e["loc"] for e in r.json()["detail"]]
+
+
+def _metric(service, token, name):
+    text = service.client.get("/metrics", headers=service.auth(token)).text
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def test_concurrent_requests_are_batched_and_bytes_do_not_depend_on_the_batch(service, keys):
+    from concurrent.futures import ThreadPoolExecutor
+
+    admin = keys["root"]
+    token = keys["alice"]
+    sampling = {"delay_s": 0.6}
+    bodies = [
+        {"model": "scripted-fast", "classes": [c], "seed": 40 + c, "sampling": sampling} for c in range(6)
+    ]
+    alone = [generate(service, token, **b).content for b in bodies[:2]]
+    batches_before = _metric(service, admin, "ptq4arvg_generate_batches_total")
+    requests_before = _metric(service, admin, "ptq4arvg_generate_requests_total")
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        results = list(pool.map(lambda b: generate(service, token, **b), bodies))
+    assert all(r.status_code == 200 and r.content[:4] == b"\x89PNG" for r in results)
+    assert [r.content for r in results[:2]] == alone  # same class and seed, same bytes, batched or not
+    batches = _metric(service, admin, "ptq4arvg_generate_batches_total") - batches_before
+    served = _metric(service, admin, "ptq4arvg_generate_requests_total") - requests_before
+    assert served == 6 and batches < 6  # requests waiting on the busy device were served together
+
+
+def test_body_over_the_limit_is_refused_with_413(service, keys):
+    huge = {"model": "scripted-fast", "classes": [1] * 600_000}  # ~1.8 MB of JSON
+    r = generate(service, keys["alice"], **huge)
+    assert r.status_code == 413 and "larger than" in r.json()["detail"]

@@ -1,0 +1,159 @@
+"""Real int8 execution on the CPU (`torch._int_mm`) against the simulated (fake-quant) path.
+
+Tolerance: the int8 path computes sum_k (q_x - z_x)(q_w - z_w) exactly in int32 from the very codes
+the simulation rounds to, so it differs from a float64 simulation only by the float32 rounding of
+the final scale multiply: max |real - sim64| / max |sim64| <= 1e-6 per layer.
+"""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from conftest import random_llamagen
+from quantcore.api import load_generator, quantize_job
+from quantcore.calib import CalibrationSpec, build_calibration_set
+from quantcore.cli import main as cli_main
+from quantcore.errors import ConfigError
+from quantcore.models.llamagen import generate_tokens
+from quantcore.pipeline import quantize
+from quantcore.quant.modules import QuantMatMul, iter_quant_modules
+from quantcore.quant.real import Int8Linear, RealQuantLinear, pack_codes, to_real, unpack_codes
+from quantcore.recipe import Recipe
+
+EXACT = 1e-6
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    out = {}
+    for name in ("llamagen-tiny", "par-tiny"):
+        fp = random_llamagen(name, std=0.3)
+        out[name] = (
+            fp,
+            build_calibration_set(fp, CalibrationSpec(num_samples=8, batch_size=8), {"cfg_scale": 2.0}),
+        )
+    return out
+
+
+def _quantized(calibrated, name, preset="ptq4arvg", bits=(8, 8)):
+    fp, calib = calibrated[name]
+    model = copy.deepcopy(fp)
+    quantize(model, Recipe.preset(preset, *bits), calib)
+    return model, calib
+
+
+def _layer_errors(sim, real, report, calib):
+    """Per converted layer: max |real - sim64| / max |sim64| on its teacher-forced inputs."""
+    inputs = {}
+    hooks = [
+        sim.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: inputs.__setitem__(n, a))
+        for n, e in report.items()
+        if e["path"] != "simulated"
+    ]
+    with torch.no_grad():
+        sim.sequence_logits(calib.classes[:4], calib.tokens[:4])
+        for h in hooks:
+            h.remove()
+        sim64 = copy.deepcopy(sim).double()
+        return {
+            n: float(
+                (real.get_submodule(n)(x, pos).double() - (ref := sim64.get_submodule(n)(x.double(), pos)))
+                .abs()
+                .max()
+                / ref.abs().max()
+            )
+            for n, (x, pos) in inputs.items()
+        }
+
+
+@pytest.mark.parametrize("name", ["llamagen-tiny", "par-tiny"])
+@pytest.mark.parametrize("bits", [(8, 8), (6, 6)])
+def test_int8_layers_equal_simulation_and_tokens_agree(calibrated, name, bits):
+    sim, calib = _quantized(calibrated, name, bits=bits)
+    real = copy.deepcopy(sim)
+    report = to_real(real)
+    linears = {n for n, m in iter_quant_modules(sim) if not isinstance(m, QuantMatMul)}
+    assert {n for n, e in report.items() if e["path"] == "int8-cpu"} == linears
+    assert all(isinstance(real.get_submodule(n), Int8Linear) for n in linears)
+    errors = _layer_errors(sim, real, report, calib)
+    assert len(errors) == len(linears) and max(errors.values()) <= EXACT, errors
+    classes, seeds = torch.arange(8) % 10, list(range(8))
+    ref = generate_tokens(sim, classes, seeds, cfg_scale=2.0)
+    got = generate_tokens(real, classes, seeds, cfg_scale=2.0)
+    assert float((ref == got).float().mean()) >= 0.99
+
+
+def test_static_group_tables_are_indexed_by_position(calibrated):
+    sim, calib = _quantized(calibrated, "par-tiny")
+    real = copy.deepcopy(sim)
+    to_real(real)
+    lin = real.layers[0].feed_forward.w2
+    assert lin.input_quantizer.granularity == "group" and lin.input_quantizer.num_params > 2
+    x = torch.randn(2, 3, lin.in_features)
+    ref = sim.layers[0].feed_forward.w2
+    for pos in (torch.tensor([0, 1, 2]), torch.tensor([9, 10, 11])):
+        torch.testing.assert_close(lin(x, pos), ref(x, pos), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(lin(x, torch.tensor([0, 1, 2])), lin(x, torch.tensor([9, 10, 11])))
+
+
+def test_layers_without_an_integer_form_stay_simulated_with_a_reason(calibrated):
+    sim, _ = _quantized(calibrated, "llamagen-tiny", preset="rtn", bits=(8, None))
+    report = to_real(copy.deepcopy(sim))
+    assert {e["path"] for e in report.values()} == {"simulated"}
+    assert all("weight-only" in e["reason"] for e in report.values())
+    sim, _ = _quantized(calibrated, "par-tiny")
+    sim.layers[0].attention.wo.input_quantizer.set_passthrough([0])
+    report = to_real(copy.deepcopy(sim))
+    assert report["layers.0.attention.wo"]["path"] == "simulated"
+    assert "sink" in report["layers.0.attention.wo"]["reason"]
+    assert report["layers.0.attention.matmul_qk"]["reason"].startswith("attention matmul")
+
+
+def test_dynamic_token_acts_run_exactly(calibrated):
+    sim, calib = _quantized(calibrated, "llamagen-tiny", preset="dtwq")
+    real = copy.deepcopy(sim)
+    report = to_real(real)
+    assert "int8-cpu" in {e["path"] for e in report.values()}
+    assert max(_layer_errors(sim, real, report, calib).values()) <= EXACT
+
+
+@pytest.mark.parametrize("bits", [4, 6])
+def test_pack_round_trip(bits):
+    codes = torch.randint(0, 2**bits, (5, 24), dtype=torch.uint8)
+    packed = pack_codes(codes, bits)
+    assert packed.shape == (5, 24 * bits // 8)
+    assert torch.equal(unpack_codes(packed, bits, 24), codes)
+
+
+def test_errors_are_typed(calibrated):
+    sim, _ = _quantized(calibrated, "llamagen-tiny")
+    with pytest.raises(ConfigError):
+        to_real(sim, w8a8="int4")
+    with pytest.raises(ConfigError):
+        RealQuantLinear.from_quant_linear(sim.layers[0].attention.wo, "int2-cpu")
+
+
+def test_artifact_loads_real_by_default_and_simulated_on_request(tmp_path, capsys):
+    spec = {
+        "model": "llamagen-tiny",
+        "w_bits": 8,
+        "a_bits": 8,
+        "calibration": {"num_samples": 4, "batch_size": 4},
+        "evaluation": {"num_images": 0},
+    }
+    manifest = quantize_job(spec, tmp_path / "a")
+    assert manifest["execution"]["layers"]["layers.0.attention.wqkv"]["path"] == "int8-cpu"
+    real, sim = load_generator(str(tmp_path / "a")), load_generator(str(tmp_path / "a"), real=False)
+    assert real.execution["layers.0.attention.wqkv"]["path"] == "int8-cpu"
+    assert {e["path"] for e in sim.execution.values()} == {"simulated"}
+    tokens = real.generate_tokens([1, 2, 3], [5, 6, 7])
+    assert float((tokens == sim.generate_tokens([1, 2, 3], [5, 6, 7])).float().mean()) >= 0.99
+    args = ["generate", str(tmp_path / "a"), "--classes", "1,2", "--out", str(tmp_path / "g.png")]
+    assert cli_main([*args, "--json", "--no-progress"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["execution"]["layers.0.feed_forward.w2"]["path"] == "int8-cpu"
+    assert cli_main([*args, "--json", "--no-progress", "--simulate"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["execution"]["layers.0.feed_forward.w2"]["path"] == "simulated"
