@@ -30,6 +30,7 @@ from torch.nn import functional as F
 
 from quantcore.checkpoint import load_checkpoint
 from quantcore.errors import ConfigError
+from quantcore.tokenizers.common import check_divisible, float_images, token_grid
 
 
 @dataclass(frozen=True)
@@ -215,39 +216,17 @@ class MaskGITVQGAN(nn.Module):
     @torch.no_grad()
     def encode_to_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, H, W, 3) or float (B, 3, H, W) in [0, 1] -> LongTensor (B, h*w) in raster order."""
-        weight = self.encoder.conv_in.weight
-        if images.dtype == torch.uint8:
-            if images.ndim != 4 or images.shape[-1] != self.config.image_channels:
-                raise ConfigError(f"uint8 images must be (B, H, W, 3), got shape {tuple(images.shape)}")
-            images = images.permute(0, 3, 1, 2).to(weight.device, weight.dtype) / 255.0
-        elif images.ndim != 4 or images.shape[1] != self.config.image_channels:
-            raise ConfigError(f"float images must be (B, 3, H, W) in [0, 1], got shape {tuple(images.shape)}")
-        else:
-            images = images.to(weight.device, weight.dtype)
-        f = self.downsample_factor
-        if images.shape[2] % f or images.shape[3] % f:
-            raise ConfigError(
-                f"image size {tuple(images.shape[2:])} is not a multiple of the downsample factor {f}"
-            )
+        images = float_images(
+            images, self.config.image_channels, self.encoder.conv_in.weight, unit_range=True
+        )
+        check_divisible(images, self.downsample_factor)
         return self.quantize(self.encoder(images))
 
     @torch.no_grad()
     def decode_tokens(self, tokens: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """LongTensor (B, h*w) in raster order -> uint8 (B, H, W, 3). `grid` defaults to a square."""
-        b, n = tokens.shape
-        if grid is None:
-            side = round(n**0.5)
-            if side * side != n:
-                raise ConfigError(f"{n} tokens per image is not a square grid; pass grid=(h, w)")
-            grid = (side, side)
-        if grid[0] * grid[1] != n:
-            raise ConfigError(f"grid {tuple(grid)} does not hold {n} tokens per image")
-        size = self.config.codebook_size
-        if n and (int(tokens.min()) < 0 or int(tokens.max()) >= size):
-            raise ConfigError(
-                f"token ids must lie in [0, {size}), got [{int(tokens.min())}, {int(tokens.max())}]"
-            )
-        ids = tokens.to(self.encoder.conv_in.weight.device).view(b, *grid)
+        grid = token_grid(tokens, grid, self.config.codebook_size)
+        ids = tokens.to(self.encoder.conv_in.weight.device).view(tokens.shape[0], *grid)
         images = self.decoder(self.quantize.lookup(ids))
         # The official conversion: clamp to [0, 1], times 255, truncated to uint8.
         return (images.clamp(0.0, 1.0) * 255.0).to(torch.uint8).permute(0, 2, 3, 1).contiguous()

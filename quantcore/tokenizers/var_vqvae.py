@@ -35,6 +35,7 @@ from torch.nn import functional as F
 
 from quantcore.checkpoint import check_state_dict, read_state_dict
 from quantcore.errors import ConfigError
+from quantcore.tokenizers.common import ResnetBlock
 
 OFFICIAL_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
@@ -110,22 +111,6 @@ def _norm(channels: int, cfg: VARVQConfig) -> nn.GroupNorm:
     return nn.GroupNorm(cfg.norm_groups, channels, eps=1e-6, affine=True)
 
 
-class ResnetBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, cfg: VARVQConfig):
-        super().__init__()
-        self.norm1 = _norm(in_ch, cfg)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.norm2 = _norm(out_ch, cfg)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        # official: nn.Identity (no keys) when the width does not change
-        self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
-
-
 class AttnBlock(nn.Module):
     """Single-head self-attention over all pixels; one fused 1x1 qkv conv, softmax scale C^-1/2."""
 
@@ -169,7 +154,7 @@ class Level(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, n_res: int, attn: bool, resample: str | None, cfg):
         super().__init__()
         self.block = nn.ModuleList(
-            ResnetBlock(in_ch if i == 0 else out_ch, out_ch, cfg) for i in range(n_res)
+            ResnetBlock(in_ch if i == 0 else out_ch, out_ch, cfg.norm_groups, 1e-6) for i in range(n_res)
         )
         self.attn = nn.ModuleList(AttnBlock(out_ch, cfg) for _ in range(n_res) if attn)
         if resample == "down":
@@ -192,9 +177,9 @@ class Level(nn.Module):
 class Mid(nn.Module):
     def __init__(self, channels: int, cfg: VARVQConfig):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, cfg)
+        self.block_1 = ResnetBlock(channels, channels, cfg.norm_groups, 1e-6)
         self.attn_1 = AttnBlock(channels, cfg)
-        self.block_2 = ResnetBlock(channels, channels, cfg)
+        self.block_2 = ResnetBlock(channels, channels, cfg.norm_groups, 1e-6)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(h)))

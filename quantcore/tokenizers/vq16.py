@@ -22,6 +22,7 @@ from torch.nn import functional as F
 
 from quantcore.checkpoint import load_checkpoint
 from quantcore.errors import ConfigError
+from quantcore.tokenizers.common import ResnetBlock, check_divisible, float_images, token_grid
 
 
 @dataclass(frozen=True)
@@ -73,24 +74,6 @@ def _norm(channels: int, cfg: VQConfig) -> nn.GroupNorm:
     return nn.GroupNorm(cfg.norm_groups, channels, eps=cfg.norm_eps)
 
 
-class ResnetBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, cfg: VQConfig):
-        super().__init__()
-        self.norm1 = _norm(in_ch, cfg)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.norm2 = _norm(out_ch, cfg)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        # A 1x1 conv puts the residual in the new width when the block changes it.
-        self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        if self.nin_shortcut is not None:
-            x = self.nin_shortcut(x)
-        return x + h
-
-
 class AttnBlock(nn.Module):
     """Single-head self-attention over all pixels, with 1x1 convs as the projections."""
 
@@ -137,7 +120,10 @@ class ConvBlock(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, n_res: int, attn: bool, resample: str | None, cfg: VQConfig):
         super().__init__()
-        self.res = nn.ModuleList(ResnetBlock(in_ch if i == 0 else out_ch, out_ch, cfg) for i in range(n_res))
+        self.res = nn.ModuleList(
+            ResnetBlock(in_ch if i == 0 else out_ch, out_ch, cfg.norm_groups, cfg.norm_eps)
+            for i in range(n_res)
+        )
         self.attn = nn.ModuleList(AttnBlock(out_ch, cfg) for _ in range(n_res) if attn)
         # The official keys name the resampler after its direction.
         self.downsample = Downsample(out_ch) if resample == "down" else None
@@ -157,7 +143,11 @@ class ConvBlock(nn.Module):
 
 def _mid(channels: int, cfg: VQConfig) -> nn.ModuleList:
     return nn.ModuleList(
-        [ResnetBlock(channels, channels, cfg), AttnBlock(channels, cfg), ResnetBlock(channels, channels, cfg)]
+        [
+            ResnetBlock(channels, channels, cfg.norm_groups, cfg.norm_eps),
+            AttnBlock(channels, cfg),
+            ResnetBlock(channels, channels, cfg.norm_groups, cfg.norm_eps),
+        ]
     )
 
 
@@ -280,42 +270,16 @@ class VQModel(nn.Module):
     @torch.no_grad()
     def encode_to_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, H, W, 3) or float (B, 3, H, W) in [-1, 1] -> LongTensor (B, h*w) in raster order."""
-        weight = self.quant_conv.weight
-        if images.dtype == torch.uint8:
-            if images.ndim != 4 or images.shape[-1] != self.config.image_channels:
-                raise ConfigError(f"uint8 images must be (B, H, W, 3), got shape {tuple(images.shape)}")
-            # The official preprocessing: ToTensor (/255) then Normalize(0.5, 0.5).
-            images = images.permute(0, 3, 1, 2).to(weight.device, weight.dtype) / 127.5 - 1.0
-        elif images.ndim != 4 or images.shape[1] != self.config.image_channels:
-            raise ConfigError(
-                f"float images must be (B, 3, H, W) in [-1, 1], got shape {tuple(images.shape)}"
-            )
-        else:
-            images = images.to(weight.device, weight.dtype)
-        f = self.downsample_factor
-        if images.shape[2] % f or images.shape[3] % f:
-            raise ConfigError(
-                f"image size {tuple(images.shape[2:])} is not a multiple of the downsample factor {f}"
-            )
+        # The official preprocessing: ToTensor (/255) then Normalize(0.5, 0.5).
+        images = float_images(images, self.config.image_channels, self.quant_conv.weight, unit_range=False)
+        check_divisible(images, self.downsample_factor)
         return self.encode(images)[1]
 
     @torch.no_grad()
     def decode_tokens(self, tokens: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """LongTensor (B, h*w) in raster order -> uint8 (B, H, W, 3). `grid` defaults to a square."""
-        b, n = tokens.shape
-        if grid is None:
-            side = round(n**0.5)
-            if side * side != n:
-                raise ConfigError(f"{n} tokens per image is not a square grid; pass grid=(h, w)")
-            grid = (side, side)
-        if grid[0] * grid[1] != n:
-            raise ConfigError(f"grid {tuple(grid)} does not hold {n} tokens per image")
-        size = self.config.codebook_size
-        if n and (int(tokens.min()) < 0 or int(tokens.max()) >= size):
-            raise ConfigError(
-                f"token ids must lie in [0, {size}), got [{int(tokens.min())}, {int(tokens.max())}]"
-            )
-        ids = tokens.to(self.quant_conv.weight.device).view(b, *grid)
+        grid = token_grid(tokens, grid, self.config.codebook_size)
+        ids = tokens.to(self.quant_conv.weight.device).view(tokens.shape[0], *grid)
         images = self.decode_codes(self.quantize.lookup(ids))
         # The official sampling scripts' conversion: 127.5 * x + 128 truncated is round-half-up of
         # (x + 1) * 127.5, and clamping to [0, 255] is clamping x to [-1, 1].

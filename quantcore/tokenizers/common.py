@@ -1,0 +1,70 @@
+"""Pieces the image tokenizers share: input checks and the taming-style residual block."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from quantcore.errors import ConfigError
+
+
+def float_images(images: torch.Tensor, channels: int, like: torch.Tensor, unit_range: bool) -> torch.Tensor:
+    """uint8 (B, H, W, C) or float (B, C, H, W) -> float (B, C, H, W) on `like`'s device and dtype.
+
+    uint8 maps to [0, 1] (unit_range, MaskGIT) or to [-1, 1] (ToTensor + Normalize(0.5, 0.5): LlamaGen, VAR).
+    """
+    span = "[0, 1]" if unit_range else "[-1, 1]"
+    if images.dtype == torch.uint8:
+        if images.ndim != 4 or images.shape[-1] != channels:
+            raise ConfigError(f"uint8 images must be (B, H, W, {channels}), got shape {tuple(images.shape)}")
+        images = images.permute(0, 3, 1, 2).to(like.device, like.dtype)
+        return images / 255.0 if unit_range else images / 127.5 - 1.0
+    if images.ndim != 4 or images.shape[1] != channels:
+        raise ConfigError(
+            f"float images must be (B, {channels}, H, W) in {span}, got shape {tuple(images.shape)}"
+        )
+    return images.to(like.device, like.dtype)
+
+
+def check_divisible(images: torch.Tensor, factor: int) -> None:
+    if images.shape[2] % factor or images.shape[3] % factor:
+        raise ConfigError(
+            f"image size {tuple(images.shape[2:])} is not a multiple of the downsample factor {factor}"
+        )
+
+
+def token_grid(tokens: torch.Tensor, grid: tuple[int, int] | None, codebook_size: int) -> tuple[int, int]:
+    """The (h, w) grid of raster-order tokens (B, h*w), after checking shape and id range."""
+    n = tokens.shape[1]
+    if grid is None:
+        side = round(n**0.5)
+        if side * side != n:
+            raise ConfigError(f"{n} tokens per image is not a square grid; pass grid=(h, w)")
+        grid = (side, side)
+    if grid[0] * grid[1] != n:
+        raise ConfigError(f"grid {tuple(grid)} does not hold {n} tokens per image")
+    if n and (int(tokens.min()) < 0 or int(tokens.max()) >= codebook_size):
+        raise ConfigError(
+            f"token ids must lie in [0, {codebook_size}), got [{int(tokens.min())}, {int(tokens.max())}]"
+        )
+    return grid
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice plus a residual; official key names (norm1, conv1, norm2, conv2,
+    nin_shortcut) of the LlamaGen and VAR VQ models."""
+
+    def __init__(self, in_ch: int, out_ch: int, groups: int, eps: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        # A 1x1 conv puts the residual in the new width when the block changes it (no keys otherwise).
+        self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
