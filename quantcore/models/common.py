@@ -43,3 +43,11 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor
     cdf = probs.double().cumsum(-1)
     idx = torch.searchsorted(cdf, (u.to(cdf.device) * cdf[..., -1])[..., None]).squeeze(-1)
     return idx.clamp_(max=probs.shape[-1] - 1)
+
+
+def modulate(
+    x: torch.Tensor, one: torch.Tensor | None, scale: torch.Tensor, shift: torch.Tensor
+) -> torch.Tensor:
+    """AdaLN's x * (1 + scale) + shift, where `one` (None = the constant 1) becomes the vector 1/s once
+    a smoothing scale is folded into the AdaLN rows (quantcore.quant.layout.AdaLNRows)."""
+    return x * ((1.0 if one is None else one) + scale) + shift

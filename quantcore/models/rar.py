@@ -44,7 +44,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from quantcore.errors import ConfigError
-from quantcore.models.common import ModelEntry, draw, filter_logits
+from quantcore.models.common import ModelEntry, draw, filter_logits, modulate
 from quantcore.nn import Linear, MatMul
 from quantcore.quant.layout import AdaLNRows, FoldSite, QuantLayout
 
@@ -151,11 +151,6 @@ def _entries() -> dict[str, ModelEntry]:
 MODELS: dict[str, ModelEntry] = _entries()
 
 
-def _modulate(x: torch.Tensor, one: torch.Tensor | None, scale: torch.Tensor, shift: torch.Tensor):
-    """x * (1 + scale) + shift, with the 1 a vector once a smoothing scale is folded in."""
-    return x * ((1.0 if one is None else one) + scale) + shift
-
-
 def _ada(modulation: nn.Sequential, c: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """Sequential(SiLU, Linear), called by hand so the linear receives the positions."""
     return modulation[1](modulation[0](c), pos)
@@ -220,9 +215,9 @@ class Block(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _ada(
             self.adaLN_modulation, c, pos
         ).chunk(6, dim=-1)
-        h = _modulate(self.norm1(x), self.one_msa, scale_msa, shift_msa)
+        h = modulate(self.norm1(x), self.one_msa, scale_msa, shift_msa)
         x = x + gate_msa * self.attn(h, pos, mask, use_cache)
-        h = _modulate(self.norm2(x), self.one_mlp, scale_mlp, shift_mlp)
+        h = modulate(self.norm2(x), self.one_mlp, scale_mlp, shift_mlp)
         return x + gate_mlp * self.mlp(h, pos)
 
 
@@ -235,7 +230,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         scale, shift = _ada(self.adaLN_modulation, c, pos).chunk(2, dim=-1)
-        return _modulate(self.norm_final(x), self.one, scale, shift)
+        return modulate(self.norm_final(x), self.one, scale, shift)
 
 
 class RAR(nn.Module):

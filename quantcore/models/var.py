@@ -57,7 +57,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from quantcore.errors import ConfigError
-from quantcore.models.common import ModelEntry, draw
+from quantcore.models.common import ModelEntry, draw, modulate
 from quantcore.nn import Linear, MatMul
 from quantcore.quant.layout import AdaLNRows, FoldSite, QuantLayout
 from quantcore.tokenizers.var_vqvae import OFFICIAL_PATCH_NUMS
@@ -203,10 +203,6 @@ def _adaln(ada_lin: nn.Sequential, cond: torch.Tensor) -> torch.Tensor:
     return ada_lin[1](ada_lin[0](cond[:, None]), cond.new_zeros(1, dtype=torch.long))
 
 
-def _modulate(norm: torch.Tensor, one: torch.Tensor | None, scale: torch.Tensor, shift: torch.Tensor):
-    return norm * (scale + 1 if one is None else scale + one) + shift
-
-
 class FFN(nn.Module):
     def __init__(self, config: VARConfig):
         super().__init__()
@@ -280,9 +276,9 @@ class AdaLNSelfAttn(nn.Module):
         gamma1, gamma2, scale1, scale2, shift1, shift2 = (
             _adaln(self.ada_lin, cond).view(-1, 1, 6, self.C).unbind(2)
         )
-        h = _modulate(self.ln_wo_grad(x), self.one1, scale1, shift1)
+        h = modulate(self.ln_wo_grad(x), self.one1, scale1, shift1)
         x = x + self.attn(h, pos, attn_bias, use_cache) * gamma1
-        h = _modulate(self.ln_wo_grad(x), self.one2, scale2, shift2)
+        h = modulate(self.ln_wo_grad(x), self.one2, scale2, shift2)
         return x + self.ffn(h, pos) * gamma2
 
 
@@ -297,7 +293,7 @@ class AdaLNBeforeHead(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         scale, shift = _adaln(self.ada_lin, cond).view(-1, 1, 2, self.C).unbind(2)
-        return _modulate(self.ln_wo_grad(x), self.one, scale, shift)
+        return modulate(self.ln_wo_grad(x), self.one, scale, shift)
 
 
 class VAR(nn.Module):
