@@ -95,7 +95,7 @@ def load_generator(
 
 
 @torch.no_grad()
-def fidelity_metrics(fp, quantized, evaluation: EvaluationSpec, sampling: dict) -> dict:
+def fidelity_metrics(fp, quantized, evaluation: EvaluationSpec, sampling: dict, should_cancel=None) -> dict:
     """Agreement of the quantized model with its FP model on the same classes and seeds.
 
     token_agreement: share of sampled tokens equal under the same seeds (CFG on);
@@ -108,8 +108,9 @@ def fidelity_metrics(fp, quantized, evaluation: EvaluationSpec, sampling: dict) 
     device = next(fp.parameters()).device
     classes = torch.arange(n, device=device) % fp.config.num_classes
     seeds = [evaluation.seed + i for i in range(n)]
-    fp_tokens = generate_tokens(fp, classes, seeds, **sampling)
-    q_tokens = generate_tokens(quantized, classes, seeds, **sampling)
+    step_check = lambda n: check_cancel(should_cancel, "evaluation")  # noqa: E731
+    fp_tokens = generate_tokens(fp, classes, seeds, progress=step_check, **sampling)
+    q_tokens = generate_tokens(quantized, classes, seeds, progress=step_check, **sampling)
     return {
         "token_agreement": token_agreement(fp_tokens, q_tokens),
         **teacher_forced_fidelity(fp, quantized, classes, fp_tokens),
@@ -157,7 +158,7 @@ def quantize_job(
     calibration_seconds = time.perf_counter() - t0
     check_cancel(should_cancel, "evaluation")
     report_progress("evaluate", 0.0)
-    metrics = fidelity_metrics(fp, quantized, job.evaluation, sampling)
+    metrics = fidelity_metrics(fp, quantized, job.evaluation, sampling, should_cancel)
     metrics["calibration_seconds"] = round(calibration_seconds, 3)
     metrics["total_seconds"] = round(time.perf_counter() - started, 3)
     check_cancel(should_cancel, "artifact write")

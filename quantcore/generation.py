@@ -32,13 +32,22 @@ def sampling_settings(defaults, overrides: dict):
 
 
 class ImageGenerator:
-    """Generates uint8 images (B, H, W, 3); the same seed, weights and software give the same bytes."""
+    """Generates uint8 images (B, H, W, 3); the same seed, weights and software give the same bytes.
 
-    def __init__(self, model: torch.nn.Module, tokenizer: torch.nn.Module, defaults, source: str):
+    Images run in fixed-size chunks (the last one padded), so every kernel sees the same shapes
+    whatever the request size: an image's bytes then depend on its class and seed only, not on the
+    other images it was generated with (GEMM blocking, and so rounding, can change with the batch).
+    The service relies on this when it batches concurrent requests.
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, tokenizer: torch.nn.Module, defaults, source: str, chunk_size: int = 8
+    ):
         self.model = model.eval()
         self.tokenizer = tokenizer.eval()
         self.defaults = defaults
         self.source = source
+        self.chunk_size = chunk_size
         # per quantized layer, the execution path it runs (filled by load_generator for artifacts)
         self.execution: dict[str, dict] = {}
 
@@ -65,16 +74,37 @@ class ImageGenerator:
             )
         if len(classes) != len(seeds):
             raise ConfigError(f"got {len(seeds)} seeds for {len(classes)} classes; give one seed per image")
-        settings = sampling_settings(self.defaults, sampling)
+        settings = sampling_settings(self.defaults, sampling).to_dict()
         device = next(self.model.parameters()).device
-        labels = torch.tensor([int(c) for c in classes], device=device)
-        return family_module(self.model.family).generate_tokens(
-            self.model, labels, [int(s) for s in seeds], progress=progress, **settings.to_dict()
-        )
+        generate = family_module(self.model.family).generate_tokens
+        out = []
+        for start in range(0, len(classes), self.chunk_size):
+            labels, chunk_seeds = self._padded(classes, start), self._padded(seeds, start)
+            done = start // self.chunk_size * self.model.config.num_tokens
+            report = None if progress is None else (lambda n, done=done: progress(done + n))
+            tokens = generate(
+                self.model, torch.tensor(labels, device=device), chunk_seeds, progress=report, **settings
+            )
+            out.append(tokens[: min(self.chunk_size, len(classes) - start)])
+        return torch.cat(out)
+
+    def _padded(self, values: Sequence[int], start: int) -> list[int]:
+        chunk = [int(v) for v in values[start : start + self.chunk_size]]
+        return chunk + [chunk[-1]] * (self.chunk_size - len(chunk))
+
+    def progress_total(self, num_images: int) -> int:
+        """Tokens a progress callback counts up to for `num_images` images."""
+        return -(-num_images // self.chunk_size) * self.model.config.num_tokens
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        return family_module(self.model.family).decode_images(self.model, self.tokenizer, tokens).cpu()
+        decode = family_module(self.model.family).decode_images
+        images = []
+        for start in range(0, tokens.shape[0], self.chunk_size):
+            chunk = tokens[start : start + self.chunk_size]
+            padded = torch.cat([chunk, chunk[-1:].expand(self.chunk_size - chunk.shape[0], -1)])
+            images.append(decode(self.model, self.tokenizer, padded)[: chunk.shape[0]].cpu())
+        return torch.cat(images)
 
     def generate(
         self, classes: Sequence[int], seeds: Sequence[int], progress=None, **sampling

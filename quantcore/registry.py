@@ -14,9 +14,10 @@ from quantcore.checkpoint import load_checkpoint
 from quantcore.errors import ConfigError
 from quantcore.models import FAMILY_MODULES, family_module
 from quantcore.models.common import ModelEntry
-from quantcore.tokenizers import VQModel, downsample_factor, register_tokenizer
+from quantcore.tokenizers import downsample_factor, register_tokenizer
 
-register_tokenizer(zoo.ZOO_VQ_NAME, zoo.ZOO_VQ, VQModel, zoo.load_zoo_tokenizer)
+for _name, (_config, _model_class, _) in zoo.ZOO_TOKENIZERS.items():
+    register_tokenizer(_name, _config, _model_class, zoo.load_zoo_tokenizer)
 
 
 class RandomWeightsWarning(UserWarning):
@@ -73,7 +74,7 @@ def all_specs() -> dict[str, ModelSpec]:
         for family in FAMILY_MODULES
         for name, entry in family_module(family).MODELS.items()
     }
-    specs.update({entry.name: ModelSpec("llamagen", entry) for entry in zoo.bundled_entries()})
+    specs.update({name: ModelSpec(b.family, b.entry) for name, b in zoo.BUNDLED.items()})
     return specs
 
 

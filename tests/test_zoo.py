@@ -18,7 +18,7 @@ from quantcore.eval.proxy import (
     proxy_inception_score,
     proxy_metrics,
 )
-from quantcore.models.llamagen import LlamaGen
+from quantcore.models import family_module
 from quantcore.zoo import (
     BUNDLED,
     CLASSIFIER_WEIGHTS,
@@ -149,13 +149,15 @@ def test_teacher_forced_fidelity():
 
 def test_bundled_entries_and_strict_loading():
     names = [e.name for e in bundled_entries()]
-    assert names == ["tiny-llamagen", "tiny-par"]
-    for entry, checkpoint, tokenizer_checkpoint in BUNDLED.values():
-        assert "bundled" in entry.tags and entry.config.vocab_size == ZOO_VQ.codebook_size
-        assert tokenizer_checkpoint == TOKENIZER_WEIGHTS
+    assert names == ["tiny-llamagen", "tiny-par", "tiny-var", "tiny-rar"]
+    for entry, checkpoint, tokenizer_checkpoint, family in BUNDLED.values():
+        assert "bundled" in entry.tags
+        if family == "llamagen":
+            assert entry.config.vocab_size == ZOO_VQ.codebook_size
+            assert tokenizer_checkpoint == TOKENIZER_WEIGHTS
         # strict: every key present with the model's shape (load_checkpoint raises otherwise)
         sd = read_state_dict(checkpoint)
-        assert sd.keys() == LlamaGen(entry.config).state_dict().keys()
+        assert sd.keys() == family_module(family).build(entry.config).state_dict().keys()
     load_zoo_tokenizer()
     load_classifier()
     total = sum(p.stat().st_size for p in CLASSIFIER_WEIGHTS.parent.glob("*.safetensors"))

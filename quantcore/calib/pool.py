@@ -93,12 +93,15 @@ def build_calibration_set(
     )
     seeds = [spec.seed * 1_000_003 + i for i in range(spec.num_samples)]
     chunks = []
+    # cancel checks at every decoding step too: one batch of a large model takes a while
+    step_check = lambda n: check_cancel(should_cancel, "calibration sampling")  # noqa: E731
     for start in range(0, spec.num_samples, spec.batch_size):
         check_cancel(should_cancel, "calibration sampling")
         stop = min(start + spec.batch_size, spec.num_samples)
-        chunks.append(
-            generate_tokens(model, labels[start:stop].to(device), seeds[start:stop], **sampling).cpu()
+        batch = generate_tokens(
+            model, labels[start:stop].to(device), seeds[start:stop], progress=step_check, **sampling
         )
+        chunks.append(batch.cpu())
         if progress:
             progress("calibration-pool", stop / spec.num_samples)
     tokens = torch.cat(chunks)

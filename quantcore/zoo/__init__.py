@@ -4,6 +4,9 @@ claim can be measured offline.
 - `VQ-zoo`: a LlamaGen VQ (same class, smaller config) that maps 32x32 RGB to 8x8 tokens of 512 codes;
 - `tiny-llamagen` (raster order) and `tiny-par` (PAR, 4 regions): class-conditional LlamaGen models on
   those tokens, trained with 10% class dropout so classifier-free guidance works;
+- `VAR-VQVAE-zoo` (VAR's multi-scale VQ-VAE class, scales 1, 2, 3, 4, 6, 8) and `tiny-var` on its 130 tokens;
+- `MaskGIT-zoo` (the MaskGIT VQGAN class, 32x32 -> 8x8 tokens) and `tiny-rar` on its 64 tokens, trained in
+  raster order only (the order our RAR sampler decodes in; official RAR trains on random permutations);
 - a proxy classifier (`classifier.ProxyClassifier`) for the proxy metrics in `quantcore.eval.proxy`.
 
 Weights live in `weights/` (safetensors, fp16 storage) with `training.json`, written by
@@ -20,8 +23,11 @@ import torch
 from quantcore.checkpoint import load_checkpoint
 from quantcore.errors import ConfigError
 from quantcore.generation import ImageGenerator
+from quantcore.models import bind_tokenizer, family_module, rar, var
 from quantcore.models.common import ModelEntry
-from quantcore.models.llamagen import LlamaGen, LlamaGenConfig, SamplingDefaults
+from quantcore.models.llamagen import LlamaGenConfig, SamplingDefaults
+from quantcore.tokenizers.maskgit_vqgan import MaskGITConfig, MaskGITVQGAN
+from quantcore.tokenizers.var_vqvae import VQVAE, VARVQConfig
 from quantcore.tokenizers.vq16 import VQConfig, VQModel
 from quantcore.zoo.classifier import ProxyClassifier
 from quantcore.zoo.data import load_fashion_mnist, to_rgb32
@@ -40,6 +46,33 @@ ZOO_VQ = VQConfig(
     usage_window=512,  # the (unused) usage buffer is saved in every file: keep it small
 )
 TOKENIZER_WEIGHTS = WEIGHTS_DIR / "vq-zoo.safetensors"
+ZOO_VAR_VQ_NAME = "VAR-VQVAE-zoo"
+# VAR's VQ-VAE at 32x32: two downsamplings to an 8x8 latent, six scales (1+4+9+16+36+64 = 130 tokens).
+ZOO_VAR_VQ = VARVQConfig(
+    vocab_size=512,
+    cvae=16,
+    ch=24,
+    ch_mult=(1, 2, 2),
+    num_res_blocks=1,
+    norm_groups=8,
+    patch_nums=(1, 2, 3, 4, 6, 8),
+)
+ZOO_MASKGIT_NAME = "MaskGIT-zoo"
+# The MaskGIT VQGAN at 32x32: two average-pool downsamplings to 8x8 tokens.
+ZOO_MASKGIT = MaskGITConfig(
+    codebook_size=512,
+    z_channels=16,
+    hidden_channels=32,
+    channel_mult=(1, 2, 2),
+    num_res_blocks=1,
+    norm_groups=8,
+)
+# name -> (config, model class, weights): every tokenizer the registry learns from the zoo.
+ZOO_TOKENIZERS = {
+    ZOO_VQ_NAME: (ZOO_VQ, VQModel, TOKENIZER_WEIGHTS),
+    ZOO_VAR_VQ_NAME: (ZOO_VAR_VQ, VQVAE, WEIGHTS_DIR / "var-vqvae-zoo.safetensors"),
+    ZOO_MASKGIT_NAME: (ZOO_MASKGIT, MaskGITVQGAN, WEIGHTS_DIR / "maskgit-zoo.safetensors"),
+}
 CLASSIFIER_WEIGHTS = WEIGHTS_DIR / "proxy-classifier.safetensors"
 TRAINING_JSON = WEIGHTS_DIR / "training.json"
 
@@ -56,19 +89,56 @@ _TINY = dict(
 TINY_CONFIGS = {
     "tiny-llamagen": LlamaGenConfig(**_TINY),
     "tiny-par": LlamaGenConfig(**_TINY, par_regions=4),
+    # A custom width (the official VAR ties it to 64 * depth) to fit the bundled-weights budget.
+    "tiny-var": var.VARConfig(
+        depth=4,
+        embed_dim=112,
+        num_heads=4,
+        num_classes=10,
+        vocab_size=ZOO_VAR_VQ.vocab_size,
+        cvae=ZOO_VAR_VQ.cvae,
+        patch_nums=ZOO_VAR_VQ.patch_nums,
+        tokenizer=ZOO_VAR_VQ_NAME,
+    ),
+    "tiny-rar": rar.RARConfig(
+        dim=112,
+        n_layer=4,
+        mlp_dim=448,
+        n_head=4,
+        num_classes=10,
+        codebook_size=ZOO_MASKGIT.codebook_size,
+        grid_size=8,
+        spare_pos_rows=2,  # the fewest the layout reads: no unused table rows in the file
+        spare_timestep_rows=1,
+        tokenizer=ZOO_MASKGIT_NAME,
+    ),
 }
+FAMILIES = {"tiny-llamagen": "llamagen", "tiny-par": "llamagen", "tiny-var": "var", "tiny-rar": "rar"}
 # Chosen from the CFG sweep in training.json: the scale with the best proxy-FID among those >= 80% accuracy.
-CFG_SCALES = {"tiny-llamagen": 2.0, "tiny-par": 2.0}
+CFG_SCALES = {"tiny-llamagen": 2.0, "tiny-par": 2.0, "tiny-var": 4.0, "tiny-rar": 4.0}
+# Each family's sampling settings for the tiny models: the official knobs with the swept CFG scale. VAR
+# keeps its top-k 900 (all 512 codes) and top-p 0.96; RAR's cosine CFG ramp uses exponent 1.
+SAMPLING = {
+    "tiny-llamagen": SamplingDefaults(cfg_scale=CFG_SCALES["tiny-llamagen"]),
+    "tiny-par": SamplingDefaults(cfg_scale=CFG_SCALES["tiny-par"]),
+    "tiny-var": var.SamplingDefaults(cfg_scale=CFG_SCALES["tiny-var"]),
+    "tiny-rar": rar.SamplingDefaults(cfg_scale=CFG_SCALES["tiny-rar"], cfg_pow=1.0),
+}
 NOTES = (
-    "trained by the project on Fashion-MNIST (32x32 RGB, 8x8 tokens of VQ-zoo); quality figures are "
-    "proxies (quantcore/zoo/weights/training.json)"
+    "trained by the project on Fashion-MNIST (32x32 RGB, {tokens} tokens of {tokenizer}); quality figures "
+    "are proxies (quantcore/zoo/weights/training.json){extra}"
 )
+EXTRA_NOTES = {
+    "tiny-rar": "; trained in raster order only (the order the sampler decodes in), not on RAR's random "
+    "orders annealed to raster"
+}
 
 
 class BundledModel(NamedTuple):
     entry: ModelEntry
     checkpoint: Path
     tokenizer_checkpoint: Path
+    family: str
 
 
 BUNDLED: dict[str, BundledModel] = {
@@ -76,12 +146,15 @@ BUNDLED: dict[str, BundledModel] = {
         ModelEntry(
             name,
             config,
-            SamplingDefaults(cfg_scale=CFG_SCALES[name]),
-            notes=NOTES,
+            SAMPLING[name],
+            notes=NOTES.format(
+                tokens=config.num_tokens, tokenizer=config.tokenizer, extra=EXTRA_NOTES.get(name, "")
+            ),
             tags=("bundled", "fashion-mnist"),
         ),
         WEIGHTS_DIR / f"{name}.safetensors",
-        TOKENIZER_WEIGHTS,
+        ZOO_TOKENIZERS[config.tokenizer][2],
+        FAMILIES[name],
     )
     for name, config in TINY_CONFIGS.items()
 }
@@ -93,13 +166,17 @@ def bundled_entries() -> list[ModelEntry]:
 
 
 def load_zoo_tokenizer(
-    path: str | Path = TOKENIZER_WEIGHTS, config_name: str = ZOO_VQ_NAME, device: str | torch.device = "cpu"
-) -> VQModel:
-    """VQ-zoo with weights from `path`; the signature of a `quantcore.tokenizers` loader."""
-    if config_name != ZOO_VQ_NAME:
-        raise ConfigError(f"the zoo tokenizer is {ZOO_VQ_NAME!r}, not {config_name!r}")
-    model = VQModel(ZOO_VQ)
-    load_checkpoint(model, path)
+    path: str | Path | None = None, config_name: str = ZOO_VQ_NAME, device: str | torch.device = "cpu"
+) -> torch.nn.Module:
+    """A zoo tokenizer with weights from `path` (default: its bundled file); the signature of a
+    `quantcore.tokenizers` loader."""
+    if config_name not in ZOO_TOKENIZERS:
+        raise ConfigError(
+            f"unknown zoo tokenizer {config_name!r}; zoo tokenizers: {', '.join(ZOO_TOKENIZERS)}"
+        )
+    config, model_class, bundled = ZOO_TOKENIZERS[config_name]
+    model = model_class(config)
+    load_checkpoint(model, bundled if path is None else path)
     return model.to(device).eval()
 
 
@@ -115,20 +192,27 @@ def load_bundled(name: str, device: str | torch.device = "cpu") -> ImageGenerato
     """An ImageGenerator for a bundled model, with its trained weights and tokenizer."""
     if name not in BUNDLED:
         raise ConfigError(f"unknown bundled model {name!r}; bundled: {', '.join(BUNDLED)}")
-    entry, checkpoint, tokenizer_checkpoint = BUNDLED[name]
-    model = load_checkpoint(LlamaGen(entry.config), checkpoint).to(device).eval()
-    return ImageGenerator(
-        model, load_zoo_tokenizer(tokenizer_checkpoint, device=device), entry.sampling, name
-    )
+    entry, checkpoint, tokenizer_checkpoint, family = BUNDLED[name]
+    model = load_checkpoint(family_module(family).build(entry.config), checkpoint).to(device).eval()
+    tokenizer = load_zoo_tokenizer(tokenizer_checkpoint, entry.config.tokenizer, device)
+    bind_tokenizer(model, tokenizer)
+    return ImageGenerator(model, tokenizer, entry.sampling, name)
+
+
+def generation_order(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Tokens (N, L) from the tokenizer's order into `model`'s generation order: LlamaGen permutes
+    (PAR), VAR and RAR generate in their tokenizer's order (VAR's is already scale by scale)."""
+    order = getattr(model, "order", None)
+    return tokens if order is None else tokens[:, order.to(tokens.device)]
 
 
 @torch.no_grad()
 def heldout_sequences(
-    model: LlamaGen, tokenizer: VQModel, count: int, root: str | Path | None = None
+    model: torch.nn.Module, tokenizer: torch.nn.Module, count: int, root: str | Path | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(classes (N,), tokens (N, L) in `model`'s generation order) of the first `count` test images,
     for teacher-forced fidelity (`quantcore.eval.fidelity`): sequences no bundled model trained on."""
     images, labels = load_fashion_mnist("test", root)
-    device = tokenizer.quant_conv.weight.device
-    raster = tokenizer.encode_to_tokens(torch.from_numpy(to_rgb32(images[:count])).to(device))
-    return torch.from_numpy(labels[:count].astype("int64")).to(device), raster[:, model.order.to(device)]
+    device = next(tokenizer.parameters()).device
+    tokens = tokenizer.encode_to_tokens(torch.from_numpy(to_rgb32(images[:count])).to(device))
+    return torch.from_numpy(labels[:count].astype("int64")).to(device), generation_order(model, tokens)

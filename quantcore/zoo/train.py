@@ -1,12 +1,14 @@
 """Train the bundled models on Fashion-MNIST.
 
-    python -m quantcore.zoo.train {classifier,tokenizer,llamagen,par,all} --out quantcore/zoo/weights \
+    python -m quantcore.zoo.train STAGE [STAGE ...] --out quantcore/zoo/weights \
         [--device cuda] [--epochs N] [--limit N]
 
-Stages read what earlier stages wrote to --out: the tokenizer is evaluated with the classifier, and the
-generators train on the tokenizer's tokens and are evaluated with both. `all` runs them in that order.
-Every stage is seeded, stores fp16 safetensors, evaluates the stored (fp16-rounded) weights, and merges
-its settings, time, device and metrics into --out/training.json.
+STAGE: classifier, tokenizer, llamagen, par, var-tokenizer, var, rar-tokenizer, rar, or all.
+Stages read what earlier stages wrote to --out: a tokenizer is evaluated with the classifier, and each
+generator trains on its tokenizer's tokens (llamagen and par on `tokenizer`'s, var on `var-tokenizer`'s,
+rar on `rar-tokenizer`'s) and is evaluated with both. Stages run in the order given; `all` runs every
+stage in the order above. Every stage is seeded, stores fp16 safetensors, evaluates the stored
+(fp16-rounded) weights, and merges its settings, time, device and metrics into --out/training.json.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import json
 import math
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -27,27 +31,47 @@ from torch.nn import functional as F
 
 from quantcore.checkpoint import load_checkpoint
 from quantcore.eval.proxy import proxy_features, proxy_metrics
-from quantcore.models.llamagen import LlamaGen, generate_tokens, to_raster
+from quantcore.models import bind_tokenizer, family_module
+from quantcore.tokenizers.maskgit_vqgan import MaskGITVQGAN
+from quantcore.tokenizers.var_vqvae import VQVAE
 from quantcore.tokenizers.vq16 import VQModel
 from quantcore.zoo import (
+    BUNDLED,
     TINY_CONFIGS,
+    ZOO_MASKGIT_NAME,
+    ZOO_TOKENIZERS,
+    ZOO_VAR_VQ_NAME,
     ZOO_VQ,
+    ZOO_VQ_NAME,
+    generation_order,
     load_classifier,
     load_zoo_tokenizer,
 )
 from quantcore.zoo.classifier import ProxyClassifier
 from quantcore.zoo.data import load_fashion_mnist, to_rgb32
 
-STAGES = ("classifier", "tokenizer", "llamagen", "par")
+STAGES = ("classifier", "tokenizer", "llamagen", "par", "var-tokenizer", "var", "rar-tokenizer", "rar")
+GENERATORS = {"llamagen": "tiny-llamagen", "par": "tiny-par", "var": "tiny-var", "rar": "tiny-rar"}
 # Per-stage defaults: epochs, batch size, peak learning rate.
 DEFAULTS = {
     "classifier": dict(epochs=15, batch_size=256, lr=2e-3),
     "tokenizer": dict(epochs=10, batch_size=256, lr=1e-3),
     "llamagen": dict(epochs=12, batch_size=512, lr=1.5e-3),
     "par": dict(epochs=12, batch_size=512, lr=1.5e-3),
+    # Smaller than VQ-zoo: 8 epochs keep a tokenizer and its generator inside one ~5-minute GPU run.
+    "var-tokenizer": dict(epochs=8, batch_size=256, lr=1e-3),
+    "var": dict(epochs=15, batch_size=512, lr=1.5e-3),
+    "rar-tokenizer": dict(epochs=8, batch_size=256, lr=1e-3),
+    "rar": dict(epochs=15, batch_size=512, lr=1.5e-3),
 }
 CLASS_DROPOUT = 0.1  # share of labels replaced by the null class, so the model also learns p(x) for CFG
-CFG_SWEEP = (1.0, 2.0, 3.0, 4.0)
+# CFG scales swept per family. LlamaGen guides every token with weight cfg; VAR ramps the weight
+# linearly to 1 + cfg at the last scale, RAR (cosine, exponent 1) from 1 to cfg: wider sweeps.
+CFG_SWEEPS = {
+    "llamagen": (1.0, 2.0, 3.0, 4.0),
+    "var": (0.5, 1.0, 2.0, 3.0, 4.0),
+    "rar": (1.0, 2.0, 3.0, 4.0, 6.0),
+}
 
 
 def log(msg: str) -> None:
@@ -189,37 +213,127 @@ def vq_losses(vq: VQModel, x: torch.Tensor, amp: bool) -> tuple[torch.Tensor, di
     return loss, parts, ids
 
 
+def vq_latents(vq: VQModel, x: torch.Tensor) -> torch.Tensor:
+    """The (N, D) vectors VQ-zoo's code lookup sees for images x."""
+    z = F.normalize(vq.quant_conv(vq.encoder(x)), dim=1)
+    return z.permute(0, 2, 3, 1).reshape(-1, ZOO_VQ.codebook_embed_dim)
+
+
+def residual_quantize(vq: VQVAE, f: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """VAR's multi-scale residual quantization of latents f (B, C, h, w) as its training runs it
+    (official `VectorQuantizer2.forward`): the f_hat after every scale (differentiable in the codes and
+    the phi convs), the tokens (B, L), and the residual vectors each scale looked up (B * L, C)."""
+    q = vq.quantize
+    b, c = f.shape[:2]
+    codes = q.embedding.weight
+    rest, f_hat = f.detach(), torch.zeros_like(f)
+    f_hats, ids, vectors = [], [], []
+    last = len(q.patch_nums) - 1
+    for si, pn in enumerate(q.patch_nums):
+        z = rest if si == last else F.interpolate(rest, size=(pn, pn), mode="area")
+        z = z.permute(0, 2, 3, 1).reshape(-1, c)
+        with torch.no_grad():
+            idx = torch.cdist(z, codes.detach()).argmin(1)
+        h = q._upsampled(q.embedding(idx).view(b, pn, pn, c).permute(0, 3, 1, 2), si)  # phi(upsampled codes)
+        f_hat = f_hat + h
+        rest = rest - h.detach()
+        f_hats.append(f_hat)
+        ids.append(idx.view(b, pn * pn))
+        vectors.append(z)
+    return f_hats, torch.cat(ids, dim=1), torch.cat(vectors)
+
+
+def var_vq_losses(vq: VQVAE, x: torch.Tensor, amp: bool) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """VAR's VQ-VAE objective without the GAN and perceptual terms: MSE reconstruction of the
+    straight-through f_hat, and codebook + 0.25 commitment losses averaged over the f_hat after every
+    scale (official), so that each coarse prefix of the token pyramid already approximates the latent."""
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
+        h = vq.encoder(x)
+    f = vq.quant_conv(h.float())
+    f_hats, ids, _ = residual_quantize(vq, f)
+    codebook_loss = sum(F.mse_loss(f_hat, f.detach()) for f_hat in f_hats) / len(f_hats)
+    commit_loss = sum(F.mse_loss(f, f_hat.detach()) for f_hat in f_hats) / len(f_hats)
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
+        recon = vq.decoder(vq.post_quant_conv(f + (f_hats[-1] - f).detach()))  # straight-through
+    recon_loss = F.mse_loss(recon.float(), x)
+    loss = recon_loss + codebook_loss + 0.25 * commit_loss
+    parts = {"recon": recon_loss.item(), "codebook": codebook_loss.item(), "commit": commit_loss.item()}
+    return loss, parts, ids
+
+
+def var_vq_latents(vq: VQVAE, x: torch.Tensor) -> torch.Tensor:
+    """The residuals of every scale: a restarted code lands where some scale needs one."""
+    return residual_quantize(vq, vq.quant_conv(vq.encoder(x)))[2]
+
+
+def maskgit_losses(vq: MaskGITVQGAN, x: torch.Tensor, amp: bool) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """The MaskGIT VQGAN objective without the GAN and perceptual terms: MSE reconstruction, codebook
+    and 0.25 commitment losses, straight-through past the plain-L2 lookup. The model reads and writes
+    [0, 1]; the reconstruction loss is taken on the [-1, 1] scale like the other tokenizers'."""
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
+        z = vq.encoder((x + 1) / 2).float()
+    with torch.no_grad():
+        ids = vq.quantize(z)
+    codes = vq.quantize.lookup(ids.view(z.shape[0], *z.shape[2:]))
+    codebook_loss = F.mse_loss(codes, z.detach())
+    commit_loss = F.mse_loss(z, codes.detach())
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
+        recon = vq.decoder(z + (codes - z).detach())
+    recon_loss = F.mse_loss(recon.float() * 2 - 1, x)
+    loss = recon_loss + codebook_loss + 0.25 * commit_loss
+    parts = {"recon": recon_loss.item(), "codebook": codebook_loss.item(), "commit": commit_loss.item()}
+    return loss, parts, ids
+
+
+def maskgit_latents(vq: MaskGITVQGAN, x: torch.Tensor) -> torch.Tensor:
+    z = vq.encoder((x + 1) / 2)
+    return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+
+
+class TokenizerStage(NamedTuple):
+    name: str  # a key of quantcore.zoo.ZOO_TOKENIZERS: config, class and file name
+    losses: Callable  # (model, x in [-1, 1], amp) -> (loss, loss parts, token ids)
+    latents: Callable  # (model, x) -> the (N, D) vectors the code lookup sees, for dead-code restarts
+
+
+TOKENIZER_STAGES = {
+    "tokenizer": TokenizerStage(ZOO_VQ_NAME, vq_losses, vq_latents),
+    "var-tokenizer": TokenizerStage(ZOO_VAR_VQ_NAME, var_vq_losses, var_vq_latents),
+    "rar-tokenizer": TokenizerStage(ZOO_MASKGIT_NAME, maskgit_losses, maskgit_latents),
+}
+
+
 @torch.no_grad()
-def restart_dead_codes(vq: VQModel, used: torch.Tensor, x: torch.Tensor, gen: torch.Generator) -> int:
-    """Move codes that no vector picked this epoch onto random encoder outputs, so the whole codebook
-    stays in use (a common VQ-VAE remedy; LlamaGen relies on a large codebook instead)."""
+def restart_dead_codes(
+    vq: nn.Module, used: torch.Tensor, x: torch.Tensor, gen: torch.Generator, latents: Callable
+) -> int:
+    """Move codes that no vector picked this epoch onto random latents of images x, so the whole
+    codebook stays in use (a common VQ-VAE remedy; LlamaGen relies on a large codebook instead)."""
     dead = (~used).nonzero().squeeze(1)
     if dead.numel():
-        z = (
-            F.normalize(vq.quant_conv(vq.encoder(x)), dim=1)
-            .permute(0, 2, 3, 1)
-            .reshape(-1, ZOO_VQ.codebook_embed_dim)
-        )
+        z = latents(vq, x)
         pick = torch.randint(0, z.shape[0], (dead.numel(),), generator=gen, device=gen.device)
         vq.quantize.embedding.weight[dead] = z[pick]
     return int(dead.numel())
 
 
-def train_tokenizer(data: Data, out: Path, hp: dict, seed: int) -> dict:
+def train_tokenizer(data: Data, out: Path, hp: dict, seed: int, stage: TokenizerStage) -> dict:
     device = data.train.device
+    config, model_class, weights = ZOO_TOKENIZERS[stage.name]
     torch.manual_seed(seed)
     gen = torch.Generator(device).manual_seed(seed)
-    vq = VQModel(ZOO_VQ).to(device)
+    vq = model_class(config).to(device)
+    codebook_size = vq.quantize.embedding.num_embeddings
     opt = torch.optim.AdamW(vq.parameters(), lr=hp["lr"], betas=(0.9, 0.95), weight_decay=0.0)
     steps_per_epoch = data.train.shape[0] // hp["batch_size"]
     total, step = hp["epochs"] * steps_per_epoch, 0
     for epoch in range(hp["epochs"]):
         vq.train()
-        used = torch.zeros(ZOO_VQ.codebook_size, dtype=torch.bool, device=device)
+        used = torch.zeros(codebook_size, dtype=torch.bool, device=device)
         sums = {"recon": 0.0, "codebook": 0.0, "commit": 0.0}
         for idx in batches(data.train.shape[0], hp["batch_size"], gen):
             x = random_flip(to_float(data.train[idx]), gen)
-            loss, parts, ids = vq_losses(vq, x, amp=device.type == "cuda")
+            loss, parts, ids = stage.losses(vq, x, amp=device.type == "cuda")
             set_lr(opt, cosine_lr(step, total, hp["lr"], warmup=200))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -228,12 +342,14 @@ def train_tokenizer(data: Data, out: Path, hp: dict, seed: int) -> dict:
             sums = {k: sums[k] + parts[k] for k in sums}
             step += 1
         usage = float(used.float().mean())
-        restarted = restart_dead_codes(vq, used, x, gen) if epoch < hp["epochs"] - 2 else 0
+        settling = epoch >= hp["epochs"] - 2  # no restarts in the last two epochs
+        restarted = 0 if settling else restart_dead_codes(vq, used, x, gen, stage.latents)
         means = " ".join(f"{k} {v / steps_per_epoch:.4f}" for k, v in sums.items())
-        log(f"tokenizer epoch {epoch + 1}/{hp['epochs']} {means} usage {usage:.3f} restarted {restarted}")
-    save_fp16(vq, out / "vq-zoo.safetensors")
+        log(f"{stage.name} epoch {epoch + 1}/{hp['epochs']} {means} usage {usage:.3f} restarted {restarted}")
+    path = out / weights.name
+    save_fp16(vq, path)
 
-    stored = load_zoo_tokenizer(out / "vq-zoo.safetensors", device=device)
+    stored = load_zoo_tokenizer(path, stage.name, device)
     tokens = tokenize(stored, data.test)
     recon = torch.cat([stored.decode_tokens(t) for t in tokens.split(1000)])
     mse = float(((recon.float() - data.test.float()) / 127.5).pow(2).mean())
@@ -241,7 +357,7 @@ def train_tokenizer(data: Data, out: Path, hp: dict, seed: int) -> dict:
         "final_train_recon_mse": sums["recon"] / steps_per_epoch,
         "test_recon_mse": mse,
         "test_psnr_db": 10 * math.log10(4.0 / mse),  # signal range [-1, 1] spans 2
-        "test_codebook_usage": float(torch.unique(tokens).numel() / ZOO_VQ.codebook_size),
+        "test_codebook_usage": float(torch.unique(tokens).numel() / codebook_size),
     }
     if (out / "proxy-classifier.safetensors").is_file():
         classifier = load_classifier(out / "proxy-classifier.safetensors", device)
@@ -249,27 +365,42 @@ def train_tokenizer(data: Data, out: Path, hp: dict, seed: int) -> dict:
         metrics["proxy_accuracy_on_reconstructions"] = float(
             (probs.argmax(1) == data.test_labels.cpu().numpy()).mean()
         )
-    log(f"tokenizer metrics {metrics}")
+    log(f"{stage.name} metrics {metrics}")
     return metrics
 
 
 @torch.no_grad()
-def tokenize(vq: VQModel, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> raster tokens (N, h*w)."""
+def tokenize(vq: nn.Module, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> tokens (N, L) in the tokenizer's order (raster; VAR: scale by scale)."""
     return torch.cat([vq.encode_to_tokens(part) for part in images.split(batch_size)])
 
 
-def init_llamagen(model: LlamaGen) -> None:
-    """LlamaGen's initialisation: N(0, 0.02) for linears and embeddings, a zero output head."""
+HEADS = {"llamagen": "output", "var": "head", "rar": "lm_head"}
+
+
+def init_generator(model: nn.Module) -> None:
+    """LlamaGen's initialisation, for every family: N(0, 0.02) for linears and embeddings, zero biases,
+    a zero output head. RAR's learned tables, zeros in its constructor, get N(0, 0.02) as in the
+    official RAR; VAR keeps the position tables its constructor draws."""
     for module in model.modules():
         if isinstance(module, nn.Linear | nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
-    nn.init.zeros_(model.output.weight)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+    if model.family == "rar":
+        for table in (
+            model.cls_token,
+            model.pos_embed,
+            model.target_aware_pos_embed,
+            model.timesteps_embeddings,
+        ):
+            nn.init.trunc_normal_(table, std=0.02)
+    nn.init.zeros_(getattr(model, HEADS[model.family]).weight)
 
 
 @torch.no_grad()
 def sequence_loss(
-    model: LlamaGen, classes: torch.Tensor, tokens: torch.Tensor, batch_size: int = 500
+    model: nn.Module, classes: torch.Tensor, tokens: torch.Tensor, batch_size: int = 500
 ) -> float:
     """Mean teacher-forced cross-entropy (nats per token) of sequences in generation order."""
     total = 0.0
@@ -280,23 +411,29 @@ def sequence_loss(
 
 
 def train_generator(data: Data, out: Path, hp: dict, seed: int, name: str, per_class: int) -> dict:
+    """Teacher-forced next-token (VAR: next-scale) training of a bundled generator, in its generation
+    order (RAR: raster only; the official RAR anneals from random permutations to raster, but our
+    sampler decodes in raster order)."""
     device = data.train.device
-    config = TINY_CONFIGS[name]
-    vq = load_zoo_tokenizer(out / "vq-zoo.safetensors", device=device)
+    config, family = TINY_CONFIGS[name], BUNDLED[name].family
+    vq = load_zoo_tokenizer(out / ZOO_TOKENIZERS[config.tokenizer][2].name, config.tokenizer, device)
+    vq.requires_grad_(False)  # VAR's teacher-forced inputs run through its (frozen) quantizer
     torch.manual_seed(seed)
     gen = torch.Generator(device).manual_seed(seed)
-    model = LlamaGen(config).to(device)
-    init_llamagen(model)
-    order = model.order.to(device)
+    model = family_module(family).build(config).to(device)
+    init_generator(model)
+    bind_tokenizer(model, vq)
     # Training set: every image and its mirror image, tokenized once, in generation order.
     flipped = data.train.flip(2)
-    train_tokens = torch.cat([tokenize(vq, data.train), tokenize(vq, flipped)])[:, order]
+    train_tokens = generation_order(model, torch.cat([tokenize(vq, data.train), tokenize(vq, flipped)]))
     train_labels = torch.cat([data.train_labels, data.train_labels])
-    test_tokens = tokenize(vq, data.test)[:, order]
+    test_tokens = generation_order(model, tokenize(vq, data.test))
     log(f"{name}: {train_tokens.shape[0]} training sequences of {train_tokens.shape[1]} tokens")
 
-    decay = [p for n, p in model.named_parameters() if p.ndim == 2 and "embedding" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim == 2 and "embedding" not in n)]
+    # Weight decay on the linears' weights only (embeddings, position tables and biases are exempt).
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    decay = [p for p in model.parameters() if id(p) in linear]
+    rest = [p for p in model.parameters() if id(p) not in linear]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}],
         lr=hp["lr"],
@@ -333,33 +470,39 @@ def train_generator(data: Data, out: Path, hp: dict, seed: int, name: str, per_c
     path = out / f"{name}.safetensors"
     save_fp16(model, path)
 
-    stored = load_checkpoint(LlamaGen(config), path).to(device).eval()  # fp16 storage, fp32 compute
+    # fp16 storage, fp32 compute
+    stored = load_checkpoint(family_module(family).build(config), path).to(device).eval()
+    bind_tokenizer(stored, vq)
     metrics = {
         "final_train_loss": loss_sum / steps_per_epoch,
         "test_loss": sequence_loss(stored, data.test_labels, test_tokens),
-        "cfg_sweep": evaluate_generator(stored, vq, data, out, per_class),
+        "cfg_sweep": evaluate_generator(stored, vq, data, out, per_class, BUNDLED[name].entry.sampling),
     }
     log(f"{name} metrics {json.dumps(metrics)}")
     return metrics
 
 
 @torch.no_grad()
-def evaluate_generator(model: LlamaGen, vq: VQModel, data: Data, out: Path, per_class: int) -> dict:
-    """Proxy metrics of `per_class` images per class at each CFG scale of the sweep (seed = 1000c + i)."""
+def evaluate_generator(
+    model: nn.Module, vq: nn.Module, data: Data, out: Path, per_class: int, sampling
+) -> dict:
+    """Proxy metrics of `per_class` images per class at each CFG scale of the family's sweep (seed =
+    1000c + i), the other sampling settings from `sampling` (the bundled model's defaults)."""
     device = data.train.device
+    family = family_module(model.family)
     classifier = load_classifier(out / "proxy-classifier.safetensors", device)
     test_features, _ = proxy_features(classifier, data.test)
     labels = torch.arange(10, device=device).repeat_interleave(per_class)
     seeds = [1000 * int(c) + i % per_class for i, c in enumerate(labels.tolist())]
-    grid = model.config.grid_size
     sweep = {}
-    for scale in CFG_SWEEP:
+    for scale in CFG_SWEEPS[model.family]:
+        settings = {**sampling.to_dict(), "cfg_scale": scale}
         images = []
         for c, s in zip(
             labels.split(500), [seeds[i : i + 500] for i in range(0, len(seeds), 500)], strict=True
         ):
-            tokens = generate_tokens(model, c, s, cfg_scale=scale)
-            images.append(vq.decode_tokens(to_raster(model, tokens), grid=(grid, grid)))
+            tokens = family.generate_tokens(model, c, s, **settings)
+            images.append(family.decode_images(model, vq, tokens))
         images = torch.cat(images)
         sweep[str(scale)] = proxy_metrics(classifier, images, labels.cpu().numpy(), test_features)
         log(f"  cfg {scale}: {sweep[str(scale)]}")
@@ -375,7 +518,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m quantcore.zoo.train", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("stage", choices=(*STAGES, "all"))
+    parser.add_argument("stages", nargs="+", choices=(*STAGES, "all"), metavar="STAGE")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "weights")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data", default=None, help="folder with the Fashion-MNIST IDX .gz files")
@@ -390,18 +533,17 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     data = Data(device, args.data, args.limit)
     log(f"data: train {tuple(data.train.shape)}, test {tuple(data.test.shape)} on {device_name(device)}")
-    for stage in STAGES if args.stage == "all" else (args.stage,):
+    for stage in STAGES if "all" in args.stages else args.stages:
         hp = dict(DEFAULTS[stage])
         if args.epochs is not None:
             hp["epochs"] = args.epochs
         start = time.time()
         if stage == "classifier":
             metrics = train_classifier(data, args.out, hp, args.seed)
-        elif stage == "tokenizer":
-            metrics = train_tokenizer(data, args.out, hp, args.seed)
+        elif stage in TOKENIZER_STAGES:
+            metrics = train_tokenizer(data, args.out, hp, args.seed, TOKENIZER_STAGES[stage])
         else:
-            name = "tiny-llamagen" if stage == "llamagen" else "tiny-par"
-            metrics = train_generator(data, args.out, hp, args.seed, name, args.eval_per_class)
+            metrics = train_generator(data, args.out, hp, args.seed, GENERATORS[stage], args.eval_per_class)
         seconds = time.time() - start
         log(f"{stage} done in {seconds:.0f} s")
         record(
