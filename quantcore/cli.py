@@ -1,4 +1,4 @@
-"""`ptq4arvg` command line of the engine: models, generate, quantize (`python -m quantcore`).
+"""`ptq4arvg` command line of the engine: models, generate, quantize, compare (`python -m quantcore`).
 
 The installed `ptq4arvg` script (app.entry) adds the service's commands: serve, worker, admin.
 
@@ -70,7 +70,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "top_k": args.top_k,
         "top_p": args.top_p,
     }
-    total = generator.model.config.num_tokens
+    total = generator.progress_total(len(args.classes))
     with _progress_bar(total, f"generate {args.model}", not args.no_progress) as bar:
         tokens = generator.generate_tokens(
             args.classes, seeds, progress=lambda n: bar.update(n - bar.n), **sampling
@@ -141,6 +141,58 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from quantcore.compare import CompareSpec, plan_rows, run_compare
+
+    rows = plan_rows(_names(args.recipes), _names(args.bits), _names(args.selection))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        spec = CompareSpec(
+            model=args.model,
+            checkpoint=str(args.checkpoint) if args.checkpoint else None,
+            tokenizer_checkpoint=str(args.tokenizer_checkpoint) if args.tokenizer_checkpoint else None,
+            rows=rows,
+            num_images=args.num_images,
+            calib_samples=args.calib_samples,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            heldout=args.heldout,
+            reference_images=args.reference_images,
+            noise_floor=args.noise_floor,
+        )
+    except Exception as exc:  # pydantic's error -> one line naming the option
+        first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
+        option = "--" + "-".join(str(p) for p in first["loc"]).replace("_", "-")
+        raise ConfigError(f"{option}: {first['msg']}") from None
+    bar = tqdm(
+        total=100,
+        file=sys.stderr,
+        disable=args.no_progress,
+        bar_format="{desc:<48.48}{percentage:3.0f}%|{bar}|",
+    )
+
+    def progress(stage: str, fraction: float) -> None:
+        bar.set_description_str(stage)
+        bar.n = round(100 * fraction)
+        bar.refresh()
+
+    with bar:
+        report = run_compare(spec, args.out, progress)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"wrote {args.out}/report.md, report.json, timings.json and {len(report['rows'])} grids")
+    return 0
+
+
 def build_parser(extend=None) -> argparse.ArgumentParser:
     """The engine's commands; `extend(subparsers)` lets the service add its own (serve, worker)."""
     parser = argparse.ArgumentParser(prog="ptq4arvg", description=__doc__.splitlines()[0])
@@ -196,6 +248,36 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser(
+        "compare", help="FP and recipes x bit-widths side by side: report.json/.md and image grids"
+    )
+    p.add_argument("model", help="registered model name; bundled ones also get proxy metrics")
+    p.add_argument(
+        "--recipes", default="fp,rtn,smoothquant,ptq4arvg", help="fp and/or presets, comma-separated"
+    )
+    p.add_argument("--bits", default="w8a8,w6a6", help="comma-separated, like w8a8,w6a6,w4a8")
+    p.add_argument(
+        "--selection",
+        default="dgc-official",
+        help="calibration selections: dgc-official, dgc-mahalanobis, random, uniform",
+    )
+    p.add_argument("--num-images", type=int, default=100, help="images per row (class-balanced)")
+    p.add_argument("--calib-samples", type=int, default=32, help="images generated for the calibration pool")
+    p.add_argument("--seed", type=int, default=0, help="calibration seed")
+    p.add_argument("--batch-size", type=int, default=50, help="images per generation batch")
+    p.add_argument("--heldout", type=int, default=256, help="held-out sequences for logit KL / top-1")
+    p.add_argument(
+        "--reference-images", type=int, default=10_000, help="test-split images for proxy-FID (test)"
+    )
+    p.add_argument("--noise-floor", action="store_true", help="also sample FP under other seeds")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--checkpoint", type=Path)
+    p.add_argument("--tokenizer-checkpoint", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="folder for the report and grids")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 
