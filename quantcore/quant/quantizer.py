@@ -10,6 +10,7 @@ Parameters are plain buffers, so a state_dict of a quantizer loads into a fresh 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import torch
@@ -167,8 +168,10 @@ class _Stats:
         self.max[slots] = torch.maximum(self.max[slots], hi.float())
 
 
-class _ObservingQuantizer(nn.Module):
-    """Mode switch, sink pass-through and streaming statistics shared by the static quantizers."""
+class _ObservingQuantizer(nn.Module, ABC):
+    """Mode switch, sink pass-through and streaming statistics shared by the static quantizers.
+
+    Subclasses say how a mini-batch is observed, how calibration ends and how a tensor is quantized."""
 
     kind = "base"
 
@@ -240,14 +243,14 @@ class _ObservingQuantizer(nn.Module):
             return xq
         return torch.where(kept.to(x.device)[:, None], xq, x)
 
-    def observe(self, x: torch.Tensor, pos: torch.Tensor | None = None) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def observe(self, x: torch.Tensor, pos: torch.Tensor | None = None) -> None: ...
 
-    def quantize(self, x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def quantize(self, x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor: ...
 
-    def finalize(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def finalize(self) -> None: ...
 
     def _observe_rows(self, slot: int | slice, rows: torch.Tensor) -> None:
         """Feed an (R, m) block to reservoir `slot` (an int for group slots, a slice for row/channel)."""
