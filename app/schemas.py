@@ -7,12 +7,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-RECIPES = ("ptq4arvg", "rtn", "smoothquant", "os+", "gps", "stwq", "sq+stwq", "dtwq")
+from quantcore.recipe import PRESETS  # pydantic and yaml only: importing it keeps torch out of the API
+
+RECIPES = tuple(PRESETS)
 SELECTIONS = ("dgc-official", "dgc-mahalanobis", "random", "uniform")
 SCOPES = ("jobs", "generate", "admin")
 
-# Kept equal to quantcore.recipe.PRESETS (a test checks it); not imported, to keep torch out of the API import.
-Recipe = Literal["ptq4arvg", "rtn", "smoothquant", "os+", "gps", "stwq", "sq+stwq", "dtwq"]
+Recipe = Literal[RECIPES]
+# Kept equal to quantcore.methods.selection.METHODS (a test checks it); that module imports torch.
 Selection = Literal["dgc-official", "dgc-mahalanobis", "random", "uniform"]
 JobState = Literal["queued", "running", "succeeded", "failed", "canceled"]
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$"

@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from quantcore import zoo
 from quantcore.artifact import load_artifact, save_artifact
 from quantcore.calib import CalibrationSpec, build_calibration_set
 from quantcore.calib.pool import check_cancel
@@ -22,13 +21,12 @@ from quantcore.checkpoint import file_sha256
 from quantcore.errors import ArtifactError, ConfigError
 from quantcore.eval.fidelity import teacher_forced_fidelity, token_agreement
 from quantcore.generation import ImageGenerator
-from quantcore.models import bind_tokenizer, family_module
+from quantcore.models import family_module
 from quantcore.pipeline import quantize
 from quantcore.quant.modules import iter_quant_modules
 from quantcore.quant.real import plan_execution, to_real
 from quantcore.recipe import Recipe
-from quantcore.registry import get_spec, load_model
-from quantcore.tokenizers import load_tokenizer
+from quantcore.registry import get_spec, load_model_and_tokenizer
 
 
 class EvaluationSpec(BaseModel):
@@ -53,6 +51,15 @@ class JobSpec(BaseModel):
     a_bits: int | None = Field(8, ge=2, le=8)
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+
+    @classmethod
+    def parse(cls, data: dict) -> JobSpec:
+        """Validate a job spec; the first error becomes a ConfigError naming its field."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise ConfigError(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
 
     def resolved_recipe(self) -> Recipe:
         if isinstance(self.recipe, Recipe):
@@ -85,13 +92,8 @@ def load_generator(
         generator = ImageGenerator(model, tokenizer, spec.entry.sampling, source)
         generator.execution = execution
         return generator
-    spec = get_spec(source)
-    model = load_model(source, checkpoint, device)
-    if tokenizer_checkpoint is None and source in zoo.BUNDLED:
-        tokenizer_checkpoint = zoo.BUNDLED[source].tokenizer_checkpoint
-    tokenizer = load_tokenizer(spec.config.tokenizer, tokenizer_checkpoint, device)
-    bind_tokenizer(model, tokenizer)
-    return ImageGenerator(model, tokenizer, spec.entry.sampling, source)
+    model, tokenizer = load_model_and_tokenizer(source, checkpoint, tokenizer_checkpoint, device)
+    return ImageGenerator(model, tokenizer, get_spec(source).entry.sampling, source)
 
 
 @torch.no_grad()
@@ -129,11 +131,7 @@ def quantize_job(
     device: str | torch.device = "cpu",
 ) -> dict:
     """Calibrate, quantize, evaluate and write an artifact to `out_dir`; returns its manifest."""
-    try:
-        job = spec if isinstance(spec, JobSpec) else JobSpec.model_validate(spec)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ConfigError(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+    job = spec if isinstance(spec, JobSpec) else JobSpec.parse(spec)
     recipe = job.resolved_recipe()
     model_spec = get_spec(job.model)
     out_dir = Path(out_dir)
@@ -142,12 +140,7 @@ def quantize_job(
     started = time.perf_counter()
     report_progress = progress or (lambda stage, fraction: None)
     report_progress("load", 0.0)
-    fp = load_model(job.model, job.checkpoint, device)
-    tokenizer_checkpoint = job.tokenizer_checkpoint
-    if tokenizer_checkpoint is None and job.model in zoo.BUNDLED:
-        tokenizer_checkpoint = zoo.BUNDLED[job.model].tokenizer_checkpoint
-    tokenizer = load_tokenizer(model_spec.config.tokenizer, tokenizer_checkpoint, device)
-    bind_tokenizer(fp, tokenizer)
+    fp, tokenizer = load_model_and_tokenizer(job.model, job.checkpoint, job.tokenizer_checkpoint, device)
     sampling = model_spec.entry.sampling.to_dict()
     calibration = build_calibration_set(fp, job.calibration, sampling, report_progress, should_cancel)
     quantized = copy.deepcopy(fp)

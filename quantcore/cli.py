@@ -112,11 +112,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         },
         "evaluation": {"num_images": args.eval_images},
     }
-    try:
-        job = JobSpec.model_validate(spec)
-    except Exception as exc:  # pydantic's error -> one line naming the field
-        first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
-        raise ConfigError(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+    job = JobSpec.parse(spec)  # before the progress bar, so a bad spec prints one line only
     bar = tqdm(
         total=100, file=sys.stderr, disable=args.no_progress, bar_format="{desc:<22}{percentage:3.0f}%|{bar}|"
     )

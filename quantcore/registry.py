@@ -12,9 +12,9 @@ import torch
 from quantcore import zoo
 from quantcore.checkpoint import load_checkpoint
 from quantcore.errors import ConfigError
-from quantcore.models import FAMILY_MODULES, family_module
+from quantcore.models import FAMILY_MODULES, bind_tokenizer, family_module
 from quantcore.models.common import ModelEntry
-from quantcore.tokenizers import downsample_factor, register_tokenizer
+from quantcore.tokenizers import downsample_factor, load_tokenizer, register_tokenizer
 
 for _name, (_config, _model_class, _) in zoo.ZOO_TOKENIZERS.items():
     register_tokenizer(_name, _config, _model_class, zoo.load_zoo_tokenizer)
@@ -118,3 +118,18 @@ def load_model(
     else:
         load_checkpoint(model, checkpoint, suggest=suggest_fit)
     return model.eval()
+
+
+def load_model_and_tokenizer(
+    name: str,
+    checkpoint: str | Path | None = None,
+    tokenizer_checkpoint: str | Path | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A registered model and its tokenizer, bound together; bundled models default to their weights."""
+    model = load_model(name, checkpoint, device)
+    if tokenizer_checkpoint is None and name in zoo.BUNDLED:
+        tokenizer_checkpoint = zoo.BUNDLED[name].tokenizer_checkpoint
+    tokenizer = load_tokenizer(get_spec(name).config.tokenizer, tokenizer_checkpoint, device)
+    bind_tokenizer(model, tokenizer)
+    return model, tokenizer

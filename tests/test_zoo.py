@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import random_llamagen
+from quantcore.api import load_generator
 from quantcore.checkpoint import read_state_dict
 from quantcore.errors import ConfigError, DatasetError
 from quantcore.eval.fidelity import teacher_forced_fidelity, token_agreement, token_agreement_by_position
@@ -26,7 +27,6 @@ from quantcore.zoo import (
     ZOO_VQ,
     bundled_entries,
     heldout_sequences,
-    load_bundled,
     load_classifier,
     load_zoo_tokenizer,
 )
@@ -169,7 +169,7 @@ def test_bundled_generators_make_recognisable_images():
     classifier = load_classifier()
     labels = [c for c in range(10) for _ in range(3)]
     for name in BUNDLED:
-        images = load_bundled(name).generate(labels, seeds=list(range(30)))
+        images = load_generator(name).generate(labels, seeds=list(range(30)))
         assert images.shape == (30, 32, 32, 3) and images.dtype == torch.uint8
         out = proxy_metrics(classifier, images, np.array(labels))
         assert out["proxy_class_accuracy"] >= 0.8, (name, out)
@@ -183,7 +183,7 @@ def test_training_record_merges(tmp_path):
 
 @have_data
 def test_heldout_sequences_feed_teacher_forced_fidelity():
-    gen = load_bundled("tiny-par")
+    gen = load_generator("tiny-par")
     classes, tokens = heldout_sequences(gen.model, gen.tokenizer, 8)
     assert classes.shape == (8,) and tokens.shape == (8, gen.model.config.num_tokens)
     same = teacher_forced_fidelity(gen.model, gen.model, classes, tokens)

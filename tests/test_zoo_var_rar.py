@@ -11,7 +11,7 @@ from quantcore.models import family_module
 from quantcore.recipe import PRESETS
 from quantcore.registry import get_spec
 from quantcore.tokenizers import load_tokenizer
-from quantcore.zoo import BUNDLED, ZOO_TOKENIZERS, heldout_sequences, load_bundled, load_zoo_tokenizer
+from quantcore.zoo import BUNDLED, ZOO_TOKENIZERS, heldout_sequences, load_zoo_tokenizer
 from quantcore.zoo.data import DEFAULT_DIR
 
 NEW = ("tiny-var", "tiny-rar")
@@ -39,7 +39,7 @@ def test_weights_load_strictly_and_the_registry_knows_the_family(name):
 def test_api_generates_images_of_the_right_shape(name):
     images = load_generator(name).generate([0, 5, 9], seeds=[1, 2, 3])
     assert images.shape == (3, 32, 32, 3) and images.dtype == torch.uint8
-    again = load_bundled(name).generate([0, 5, 9], seeds=[1, 2, 3])
+    again = load_generator(name).generate([0, 5, 9], seeds=[1, 2, 3])
     assert torch.equal(images, again)
 
 
@@ -58,7 +58,7 @@ def test_tokenizer_round_trip_keeps_the_image(name):
 @have_data
 @pytest.mark.parametrize("name", NEW)
 def test_heldout_sequences_in_generation_order(name):
-    gen = load_bundled(name)
+    gen = load_generator(name)
     classes, tokens = heldout_sequences(gen.model, gen.tokenizer, 8)
     assert classes.shape == (8,) and tokens.shape == (8, gen.model.config.num_tokens)
     same = teacher_forced_fidelity(gen.model, gen.model, classes, tokens)

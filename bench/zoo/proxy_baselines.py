@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from quantcore.api import load_generator
 from quantcore.eval.proxy import proxy_features, proxy_fid, proxy_metrics
-from quantcore.zoo import BUNDLED, load_bundled, load_classifier, load_zoo_tokenizer
+from quantcore.zoo import BUNDLED, load_classifier, load_zoo_tokenizer
 from quantcore.zoo.data import load_fashion_mnist, to_rgb32
 
 PER_CLASS = 50
@@ -48,7 +49,7 @@ def main() -> None:
     }
     labels = [c for c in range(10) for _ in range(PER_CLASS)]
     for name in BUNDLED:
-        gen = load_bundled(name)
+        gen = load_generator(name)
         t = time.time()
         a = gen.generate(labels, seeds=list(range(len(labels))))
         seconds = time.time() - t

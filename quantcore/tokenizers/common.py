@@ -9,6 +9,17 @@ from torch.nn import functional as F
 from quantcore.errors import ConfigError
 
 
+def check_channel_levels(
+    config: str, field: str, base: int, mults: tuple[int, ...], norm_groups: int
+) -> None:
+    """The multipliers `field` need a level, and every width (base * mult) must split into GroupNorm groups."""
+    if not mults:
+        raise ConfigError(f"{config}.{field} must have at least one level")
+    bad = sorted(c for c in {base * m for m in mults} | {base} if c % norm_groups)
+    if bad:
+        raise ConfigError(f"{config}.norm_groups={norm_groups} does not divide channel widths {bad}")
+
+
 def float_images(images: torch.Tensor, channels: int, like: torch.Tensor, unit_range: bool) -> torch.Tensor:
     """uint8 (B, H, W, C) or float (B, C, H, W) -> float (B, C, H, W) on `like`'s device and dtype.
 

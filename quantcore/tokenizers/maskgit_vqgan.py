@@ -30,7 +30,7 @@ from torch.nn import functional as F
 
 from quantcore.checkpoint import load_checkpoint
 from quantcore.errors import ConfigError
-from quantcore.tokenizers.common import check_divisible, float_images, token_grid
+from quantcore.tokenizers.common import check_channel_levels, check_divisible, float_images, token_grid
 
 
 @dataclass(frozen=True)
@@ -45,14 +45,9 @@ class MaskGITConfig:
     image_channels: int = 3
 
     def __post_init__(self) -> None:
-        if not self.channel_mult:
-            raise ConfigError("MaskGITConfig.channel_mult must have at least one level")
-        widths = {self.hidden_channels * m for m in self.channel_mult}
-        bad = sorted(c for c in widths if c % self.norm_groups)
-        if bad:
-            raise ConfigError(
-                f"MaskGITConfig.norm_groups={self.norm_groups} does not divide channel widths {bad}"
-            )
+        check_channel_levels(
+            "MaskGITConfig", "channel_mult", self.hidden_channels, self.channel_mult, self.norm_groups
+        )
 
     @property
     def downsample_factor(self) -> int:

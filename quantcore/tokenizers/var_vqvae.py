@@ -35,7 +35,7 @@ from torch.nn import functional as F
 
 from quantcore.checkpoint import check_state_dict, read_state_dict
 from quantcore.errors import ConfigError
-from quantcore.tokenizers.common import ResnetBlock
+from quantcore.tokenizers.common import ResnetBlock, check_channel_levels
 
 OFFICIAL_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
@@ -64,10 +64,7 @@ class VARVQConfig:
             )
         if abs(self.quant_resi) <= 1e-6:
             raise ConfigError("quant_resi must be non-zero (the official phi convs are always present)")
-        widths = {self.ch * m for m in self.ch_mult} | {self.ch}
-        bad = sorted(c for c in widths if c % self.norm_groups)
-        if bad:
-            raise ConfigError(f"norm_groups={self.norm_groups} does not divide channel widths {bad}")
+        check_channel_levels("VARVQConfig", "ch_mult", self.ch, self.ch_mult, self.norm_groups)
 
     @property
     def downsample_factor(self) -> int:

@@ -22,7 +22,13 @@ from torch.nn import functional as F
 
 from quantcore.checkpoint import load_checkpoint
 from quantcore.errors import ConfigError
-from quantcore.tokenizers.common import ResnetBlock, check_divisible, float_images, token_grid
+from quantcore.tokenizers.common import (
+    ResnetBlock,
+    check_channel_levels,
+    check_divisible,
+    float_images,
+    token_grid,
+)
 
 
 @dataclass(frozen=True)
@@ -41,12 +47,7 @@ class VQConfig:
     usage_window: int = 65536
 
     def __post_init__(self) -> None:
-        if not self.ch_mult:
-            raise ConfigError("VQConfig.ch_mult must have at least one level")
-        widths = {self.ch * m for m in self.ch_mult}
-        bad = sorted(c for c in widths if c % self.norm_groups)
-        if bad:
-            raise ConfigError(f"VQConfig.norm_groups={self.norm_groups} does not divide channel widths {bad}")
+        check_channel_levels("VQConfig", "ch_mult", self.ch, self.ch_mult, self.norm_groups)
 
     @property
     def downsample_factor(self) -> int:

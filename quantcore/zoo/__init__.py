@@ -22,8 +22,7 @@ import torch
 
 from quantcore.checkpoint import load_checkpoint
 from quantcore.errors import ConfigError
-from quantcore.generation import ImageGenerator
-from quantcore.models import bind_tokenizer, family_module, rar, var
+from quantcore.models import rar, var
 from quantcore.models.common import ModelEntry
 from quantcore.models.llamagen import LlamaGenConfig, SamplingDefaults
 from quantcore.tokenizers.maskgit_vqgan import MaskGITConfig, MaskGITVQGAN
@@ -186,17 +185,6 @@ def load_classifier(
     model = ProxyClassifier()
     load_checkpoint(model, path)
     return model.to(device).eval()
-
-
-def load_bundled(name: str, device: str | torch.device = "cpu") -> ImageGenerator:
-    """An ImageGenerator for a bundled model, with its trained weights and tokenizer."""
-    if name not in BUNDLED:
-        raise ConfigError(f"unknown bundled model {name!r}; bundled: {', '.join(BUNDLED)}")
-    entry, checkpoint, tokenizer_checkpoint, family = BUNDLED[name]
-    model = load_checkpoint(family_module(family).build(entry.config), checkpoint).to(device).eval()
-    tokenizer = load_zoo_tokenizer(tokenizer_checkpoint, entry.config.tokenizer, device)
-    bind_tokenizer(model, tokenizer)
-    return ImageGenerator(model, tokenizer, entry.sampling, name)
 
 
 def generation_order(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:

@@ -95,17 +95,15 @@ def bundled_model(engine_service, keys) -> str:
     ]
     registry = [m for m in items if m["source"] == "registry" and m["family"] != "scripted"]
     bundled = [m for m in registry if m["bundled"]]
-    # Until the zoo ships trained weights, fall back to the registry's tiny test models.
-    candidates = bundled or [m for m in registry if "test" in m["info"].get("tags", [])]
-    assert candidates, "the registry lists no bundled (or test) model"
-    return min(candidates, key=lambda m: m["parameters"] or 0)["name"]
+    assert bundled, "the registry lists no bundled model"
+    return min(bundled, key=lambda m: m["parameters"] or 0)["name"]
 
 
-def test_the_api_recipes_are_the_engine_presets():
-    from app.schemas import RECIPES, Recipe
-    from quantcore.recipe import PRESETS
+def test_the_api_selections_are_the_engines():
+    from app.schemas import SELECTIONS, Selection
+    from quantcore.methods.selection import METHODS
 
-    assert set(RECIPES) == set(PRESETS) == set(Recipe.__args__)
+    assert set(SELECTIONS) == set(METHODS) == set(Selection.__args__)
 
 
 def submit(svc: Service, token: str, spec: dict) -> dict:
