@@ -39,7 +39,8 @@ class ModelSpec:
 
     def build(self, device: str | torch.device = "cpu") -> torch.nn.Module:
         with torch.device(device):
-            return family_module(self.family).build(self.config)
+            model = family_module(self.family).build(self.config)
+        return model.to(device)  # layout tables are built on the CPU inside the constructors
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.build("meta").parameters())

@@ -86,15 +86,48 @@ def test_weight_only_kernels_agree_with_simulation(bits):
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("m", [1, 2, 17, 64, 200])
-def test_weight_only_kernel_matches_reference_at_odd_shapes(bits, m):
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_weight_only_kernel_matches_reference_at_odd_shapes(bits, m, with_bias):
     pytest.importorskip("triton")
-    from quantcore.kernels.wo_gemm import wo_gemm
+    import quantcore.kernels.wo_gemm  # noqa: F401
     from quantcore.quant.real import pack_codes
 
     n, k = 328, 1280
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     codes = torch.randint(0, 2**bits, (n, k), device="cuda", dtype=torch.int32)
-    stored = (codes - 128).to(torch.int8) if bits == 8 else pack_codes(codes.to(torch.uint8), 4)
-    out = wo_gemm(x, stored, bits)
-    ref = x.double() @ (codes - (128 if bits == 8 else 0)).double().T
-    assert float((out.double() - ref).norm() / ref.norm()) < 1e-5
+    zp = torch.randint(0, 2**bits, (n,), device="cuda", dtype=torch.int32)
+    scale = torch.rand(n, device="cuda") * 0.01 + 1e-3
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) if with_bias else None
+    offset = 128 if bits == 8 else 0  # 8-bit codes are stored centred into int8
+    stored = (codes - offset).to(torch.int8) if bits == 8 else pack_codes(codes.to(torch.uint8), 4)
+    out = torch.ops.quantcore.wo_linear(x, stored, (zp - offset).float(), scale, bias, bits)
+    ref = (x.double() @ (codes - zp[:, None]).double().T) * scale.double()
+    if bias is not None:
+        ref = ref + bias.double()
+    assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+    assert float((out.double() - ref).norm() / ref.norm()) < 8e-3  # the bf16 output rounding
+
+
+@pytest.mark.parametrize("m", [1, 2, 16, 33, 64])
+@pytest.mark.parametrize("a_bits", [8, 6])
+def test_fused_w8a8_kernel_is_the_integer_gemm(m, a_bits):
+    pytest.importorskip("triton")
+    import quantcore.kernels.wo_gemm  # noqa: F401
+
+    n, k, n_pad, k_pad = 200, 328, 8, 8  # Int8Linear's padded storage is read in place
+    x = torch.randn(m, k, device="cuda") * 3
+    x_scale = torch.rand(m, device="cuda") * 0.05 + 0.01
+    x_zp = torch.randint(0, 2**a_bits, (m,), device="cuda").float()
+    codes = torch.randint(-128, 128, (n, k), device="cuda", dtype=torch.int32)
+    w_zp = torch.randint(-128, 128, (n,), device="cuda").float()
+    w_scale = torch.rand(n, device="cuda") * 0.01
+    stored = torch.nn.functional.pad(codes, (0, k_pad, 0, n_pad)).to(torch.int8)
+    out = torch.ops.quantcore.a8_linear(x, x_scale, x_zp, stored, w_zp, w_scale, None, n, a_bits)
+    q = torch.clamp(torch.round(x / x_scale[:, None]) + x_zp[:, None], 0, 2**a_bits - 1) - x_zp[:, None]
+    ref = (
+        (q.double() @ (codes.double() - w_zp.double()[:, None]).T)
+        * x_scale.double()[:, None]
+        * w_scale.double()
+    )
+    assert out.shape == (m, n)
+    assert float((out.double() - ref).norm() / ref.norm()) < 8e-3  # the bf16 output rounding

@@ -1,105 +1,195 @@
-"""Weight-only int8 / packed int4 GEMM for the small-batch decode path (Triton, CUDA only).
+"""Low-bit linears with dequantization fused into one GEMM kernel (Triton, CUDA only).
 
-y = s_w * (x @ q^T - z * rowsum(x)) + bias, with q the stored integer weight codes. The kernel only
-computes the partial products x @ q^T, split over K so that a decode step (M = 2 x batch rows) still
-fills the GPU; the per-row scale, zero-point and bias are applied by the caller in one epilogue.
+Two custom ops share one kernel; `torch.compile` keeps each as a single opaque call and CUDA graphs
+capture it:
 
-Storage: 8-bit codes as int8 (q - 128, with z shifted the same way); 4-bit codes packed two per byte,
-byte j of a row holding k = j (low nibble) and k = j + K/2 (high nibble), so each half of K is read
-with plain strided loads and no interleave.
+    quantcore::wo_linear   weight-only   y = s_w * (x @ (q_w - z_w)^T) + bias
+    quantcore::a8_linear   W(<=8)A(<=8)  y = s_x s_w * ((q_x - z_x) @ (q_w - z_w)^T) + bias,
+                           q_x = clamp(round(x / s_x) + z_x, 0, 2^a - 1) computed in the kernel from
+                           per-row (s_x, z_x): static per-tensor or STWQ tables already gathered by pos
 
-Importing this module imports Triton; callers import it lazily, only on a CUDA device.
+Both integer operands are formed in the kernel as bf16, which is exact (|q - z| <= 255), and multiplied
+on the bf16 tensor cores with fp32 accumulation: the integer products are exact and only the fp32 sum
+rounds (relative 6e-8), so a8_linear reproduces the int8 GEMM's result to fp32 accumulation rounding
+without a separate quantize kernel or an int32 epilogue. It is the decode-sized path (few rows: weight
+bytes, not MACs, set the time); larger M goes to the int8/fp8 tensor-core GEMMs (real.py decides).
+
+Every output tile is one program over the full K, with the epilogue (scales, bias, bf16 store) in the
+kernel: one launch per linear. Small M leaves few output tiles, so BLOCK_N shrinks (down to 16) until
+there are about as many programs as multiprocessors.
+
+Storage: 8-bit codes as int8 (q - 128, z shifted the same way; Int8Linear's padded matrix is read in
+place through its row stride); 4-bit codes packed two per byte, byte j of a row holding k = j (low
+nibble) and k = j + K/2 (high nibble). Importing this module imports Triton: only on a CUDA device.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
-# Programs per multiprocessor to aim for when choosing split-K (memory-bound: keep loads in flight).
-_WAVES = 2
+SKINNY_ROWS = 64  # up to this many rows: skinny tiles, BLOCK_N shrunk to spread the weight stream
 
 
 @triton.jit
-def _wo_gemm_kernel(
+def _lowbit_kernel(
     x_ptr,
     w_ptr,
-    part_ptr,
+    wz_ptr,
+    ws_ptr,
+    xs_ptr,
+    xz_ptr,
+    bias_ptr,
+    out_ptr,
     M,
     N,
     K_ITER,  # columns of w iterated over: K for 8-bit, K // 2 for packed 4-bit
     HALF,  # K // 2 for packed 4-bit (offset of the high-nibble columns of x), unused for 8-bit
     stride_xm,
     stride_wn,
-    stride_ps,
-    stride_pm,
-    k_per_split,
+    stride_om,
+    X_QMAX: tl.constexpr,  # 0 = weight-only; else 2^a - 1 and x is quantized in the prologue
     BITS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
-    pid_s = tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    m_ok = rm[:, None] < M
-    n_ok = rn[:, None] < N
+    m_ok = rm < M
+    n_ok = rn < N
+    wz = tl.load(wz_ptr + rn, mask=n_ok, other=0.0)[:, None]
+    if X_QMAX > 0:
+        xs = tl.load(xs_ptr + rm, mask=m_ok, other=1.0)[:, None]
+        xz = tl.load(xz_ptr + rm, mask=m_ok, other=0.0)[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_start = pid_s * k_per_split
-    for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
+    for k0 in range(0, K_ITER, BLOCK_K):
         kk = k0 + rk
         k_ok = kk[None, :] < K_ITER
-        w = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=n_ok & k_ok, other=0)
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok & k_ok, other=0.0)
-        if BITS == 8:
-            acc += tl.dot(x, tl.trans(w.to(tl.bfloat16)))
+        w = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=n_ok[:, None] & k_ok, other=0)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok, other=0.0)
+        if X_QMAX > 0:  # (q_x - z_x) as exact small integers from x in its own precision
+            q = tl.minimum(tl.maximum(libdevice.rint(x.to(tl.float32) / xs) + xz, 0.0), X_QMAX)
+            x = tl.where(k_ok, q - xz, 0.0).to(tl.bfloat16)
         else:
-            lo = (w & 0xF).to(tl.bfloat16)
-            hi = ((w >> 4) & 0xF).to(tl.bfloat16)
-            xh = tl.load(x_ptr + rm[:, None] * stride_xm + (kk + HALF)[None, :], mask=m_ok & k_ok, other=0.0)
+            x = x.to(tl.bfloat16)
+        if BITS == 8:
+            acc += tl.dot(x, tl.trans((w.to(tl.float32) - wz).to(tl.bfloat16)))
+        else:
+            lo = ((w & 0xF).to(tl.float32) - wz).to(tl.bfloat16)
+            hi = (((w >> 4) & 0xF).to(tl.float32) - wz).to(tl.bfloat16)
+            xh = tl.load(
+                x_ptr + rm[:, None] * stride_xm + (kk + HALF)[None, :], mask=m_ok[:, None] & k_ok, other=0.0
+            )
+            xh = xh.to(tl.bfloat16)
             acc += tl.dot(x, tl.trans(lo))
             acc += tl.dot(xh, tl.trans(hi))
-    out = part_ptr + pid_s * stride_ps + rm[:, None] * stride_pm + rn[None, :]
-    tl.store(out, acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+    acc = acc * tl.load(ws_ptr + rn, mask=n_ok, other=0.0)[None, :]
+    if X_QMAX > 0:
+        acc = acc * xs
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out_mask = m_ok[:, None] & n_ok[None, :]
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(tl.bfloat16), mask=out_mask)
 
 
-def wo_gemm(x: torch.Tensor, qweight: torch.Tensor, bits: int) -> torch.Tensor:
-    """fp32 (M, N) = x (M, K) bf16 @ codes^T, codes int8 (N, K) or packed uint8 (N, K // 2)."""
-    m, k = x.shape
-    n = qweight.shape[0]
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _launch(x2, qweight, n, k, w_zp, w_scale, x_scale, x_zp, bias, bits, x_qmax) -> torch.Tensor:
+    m = x2.shape[0]
     k_iter = k if bits == 8 else k // 2
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-    block_n, block_k = 64, 128 if bits == 8 else 64
-    grid_n, grid_m = triton.cdiv(n, block_n), triton.cdiv(m, block_m)
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    k_blocks = triton.cdiv(k_iter, block_k)
-    split = max(1, min(k_blocks, triton.cdiv(_WAVES * sms, grid_n * grid_m)))
-    k_per_split = triton.cdiv(k_blocks, split) * block_k
-    split = triton.cdiv(k_iter, k_per_split)
-    parts = torch.empty(split, m, n, device=x.device, dtype=torch.float32)
-    _wo_gemm_kernel[(grid_n, grid_m, split)](
-        x,
+    if m <= SKINNY_ROWS:
+        block_m, block_k, warps = max(16, triton.next_power_of_2(m)), (256 if bits == 8 else 128), 4
+        block_n = 64
+        while block_n > 16 and triton.cdiv(n, block_n) * triton.cdiv(m, block_m) < _sm_count(
+            x2.device.index or 0
+        ):
+            block_n //= 2
+    else:
+        block_m, block_n, block_k, warps = 128, 128, 64, 8
+    out = torch.empty(m, n, device=x2.device, dtype=torch.bfloat16)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    _lowbit_kernel[grid](
+        x2,
         qweight,
-        parts,
+        w_zp,
+        w_scale,
+        x_scale if x_scale is not None else w_scale,
+        x_zp if x_zp is not None else w_zp,
+        bias if bias is not None else w_scale,
+        out,
         m,
         n,
         k_iter,
         k // 2,
-        x.stride(0),
+        x2.stride(0),
         qweight.stride(0),
-        parts.stride(0),
-        parts.stride(1),
-        k_per_split,
+        out.stride(0),
+        X_QMAX=x_qmax,
         BITS=bits,
+        HAS_BIAS=bias is not None,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        num_warps=4,
+        num_warps=warps,
         num_stages=3,
     )
-    # A fixed-order sum over the splits keeps the result deterministic (no atomics).
-    return parts[0] if split == 1 else parts.sum(0)
+    return out
+
+
+@torch.library.custom_op("quantcore::wo_linear", mutates_args=())
+def wo_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    zero_point: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+) -> torch.Tensor:
+    """bf16 (..., N) = s * (x @ (q - z)^T) + bias for x (..., K); q int8 (N, K) or packed uint8 (N, K/2)."""
+    n, k = qweight.shape[0], x.shape[-1]
+    x2 = x.reshape(-1, k).contiguous()
+    out = _launch(x2, qweight, n, k, zero_point, scale, None, None, bias, bits, 0)
+    return out.reshape(*x.shape[:-1], n)
+
+
+@wo_linear.register_fake
+def _(x, qweight, zero_point, scale, bias, bits):
+    return x.new_empty(*x.shape[:-1], qweight.shape[0], dtype=torch.bfloat16)
+
+
+@torch.library.custom_op("quantcore::a8_linear", mutates_args=())
+def a8_linear(
+    x: torch.Tensor,
+    x_scale: torch.Tensor,
+    x_zero_point: torch.Tensor,
+    qweight: torch.Tensor,
+    w_zero_point: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_features: int,
+    a_bits: int,
+) -> torch.Tensor:
+    """bf16 (M, N) for x (M, K) with per-row activation (scale, zero-point) (M,) float and int8 weight
+    codes (N', K') (q_w - 128, possibly padded: only N x K is read)."""
+    k = x.shape[-1]
+    scale, zp = x_scale.contiguous(), x_zero_point.contiguous()  # per-tensor params arrive expanded
+    return _launch(
+        x.contiguous(), qweight, out_features, k, w_zero_point, w_scale, scale, zp, bias, 8, 2**a_bits - 1
+    )
+
+
+@a8_linear.register_fake
+def _(x, x_scale, x_zero_point, qweight, w_zero_point, w_scale, bias, out_features, a_bits):
+    return x.new_empty(x.shape[0], out_features, dtype=torch.bfloat16)

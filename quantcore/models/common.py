@@ -40,8 +40,13 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor
     Per-image generators make an image depend on its seed only, not on the batch it was served in.
     """
     u = torch.stack([torch.rand(probs.shape[1], generator=g, dtype=torch.float64) for g in generators])
+    return draw_from(probs, u.to(probs.device))
+
+
+def draw_from(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF samples of probs (B, N, V) for uniforms u (B, N) in [0, 1): no host sync."""
     cdf = probs.double().cumsum(-1)
-    idx = torch.searchsorted(cdf, (u.to(cdf.device) * cdf[..., -1])[..., None]).squeeze(-1)
+    idx = torch.searchsorted(cdf, (u * cdf[..., -1])[..., None]).squeeze(-1)
     return idx.clamp_(max=probs.shape[-1] - 1)
 
 

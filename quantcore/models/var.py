@@ -243,7 +243,8 @@ class SelfAttention(nn.Module):
         if use_cache:
             self.k_cache[:b, :, pos] = k
             self.v_cache[:b, :, pos] = v
-            kv_len = int(pos.max()) + 1
+            # the bias spans every cached key; without one, up to the last position
+            kv_len = attn_bias.shape[-1] if attn_bias is not None else int(pos.max()) + 1
             k, v = self.k_cache[:b, :, :kv_len], self.v_cache[:b, :, :kv_len]
         scores = self.matmul_qk(q, k.transpose(-2, -1))  # attn_l2_norm: scale 1
         if attn_bias is not None:

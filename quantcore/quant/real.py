@@ -5,7 +5,9 @@ calibration) and returns, per layer, the path it runs:
 
     "int8-cpu" / "int8-gpu"  W(<=8)A(<=8) static or per-token acts: int8 x int8 -> int32 `torch._int_mm`,
                              zero-points handled exactly in integer arithmetic (bit-exact codes; the
-                             only difference from simulation is the final float rounding)
+                             only difference from simulation is the final float rounding); on the GPU,
+                             decode-sized calls run the fused Triton kernel `quantcore::a8_linear`
+                             (the same integer products, fp32-accumulated, in one launch)
     "fp8-gpu"                W8A8 through e4m3 `torch._scaled_mm` with row-wise scales derived from the
                              calibrated ranges (a different 8-bit grid: close to, not equal to, int8)
     "w8-gpu" / "w4-gpu"      weight-only: int8 / packed int4 codes, fused dequantize-GEMM (Triton)
@@ -33,8 +35,10 @@ from quantcore.quant.quantizer import UniformQuantizer
 PATHS = ("int8-cpu", "int8-gpu", "fp8-gpu", "w8-gpu", "w4-gpu", "simulated")
 W8A8_CHOICES = ("auto", "int8", "fp8")
 E4M3_MAX = 448.0
-# cuBLASLt's int8 GEMM wants more than 16 rows; smaller calls are padded to this many rows.
-CUDA_INT_MM_MIN_ROWS = 32
+# Up to this many rows a GPU int8 layer runs the fused Triton kernel (quantize + GEMM + epilogue in one
+# launch, bf16 tensor cores on exact integer operands): decode steps are bound by weight bytes and
+# launches, not MACs. More rows go to the int8 tensor cores through torch._int_mm.
+FUSED_DECODE_ROWS = 64
 STATIC_OR_TOKEN = ("tensor", "group", "dynamic_token")
 
 
@@ -170,35 +174,49 @@ class Int8Linear(RealQuantLinear):
         self.register_buffer("qweight", F.pad(b, (0, self.k_pad, 0, self.n_pad)).to(torch.int8))
         self.register_buffer("w_zp", w_zp)
         self.register_buffer("w_colterm", b.sum(1, dtype=torch.int32) - k * w_zp)
+        if path == "int8-gpu":  # the fused decode kernel reads the zero-points as float
+            import quantcore.kernels.wo_gemm  # noqa: F401  (registers quantcore::a8_linear)
+
+            self.register_buffer("w_zp_float", w_zp.float())
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
         xf = x.float()
         scale, zp = self._act_params(xf, pos)
         xf = xf.reshape(-1, self.in_features)
+        if self.path == "int8-gpu" and xf.shape[0] <= FUSED_DECODE_ROWS:
+            y = torch.ops.quantcore.a8_linear(
+                x.reshape(-1, self.in_features),
+                scale,
+                zp,
+                self.qweight,
+                self.w_zp_float,
+                self.w_scale,
+                self.bias,
+                self.out_features,
+                self.a_bits,
+            )
+            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         q = torch.clamp(torch.round(xf / scale[:, None]) + zp[:, None], 0, self.a_qmax) - self.a_offset
         a = q.to(torch.int8)
         m = a.shape[0]
-        acc = torch._int_mm(self._pad_rows(a), self.qweight.t())[:m, : self.out_features]
+        acc = torch._int_mm(self._pad_k(a), self.qweight.t())[:m, : self.out_features]
         rowsum = a.sum(1, dtype=torch.int32)
         z_x = (zp - self.a_offset).to(torch.int32)
         acc = acc - z_x[:, None] * self.w_colterm - rowsum[:, None] * self.w_zp
         y = acc.float() * (scale[:, None] * self.w_scale)
         return self._finish(y, x)
 
-    def _pad_rows(self, a: torch.Tensor) -> torch.Tensor:
-        if self.path != "int8-gpu":
-            return a
-        rows = max(0, CUDA_INT_MM_MIN_ROWS - a.shape[0]) if a.shape[0] <= 16 else 0
-        return F.pad(a, (0, self.k_pad, 0, rows)) if rows or self.k_pad else a
+    def _pad_k(self, a: torch.Tensor) -> torch.Tensor:
+        """K padded for cuBLASLt (GPU calls here have more rows than its minimum of 16)."""
+        return F.pad(a, (0, self.k_pad)) if self.k_pad else a
 
     def describe_execution(self) -> dict:
         out = super().describe_execution()
         out["a_bits"] = self.a_bits
         out["granularity"] = self.input_quantizer.granularity
         if self.path == "int8-gpu":
-            out["padding"] = (
-                f"calls with <= 16 rows padded to {CUDA_INT_MM_MIN_ROWS}; K+{self.k_pad}, N+{self.n_pad}"
-            )
+            out["padding"] = f"_int_mm calls: K+{self.k_pad}, N+{self.n_pad}"
+            out["kernels"] = f"<= {FUSED_DECODE_ROWS} rows: fused Triton a8_linear; more: torch._int_mm"
         if self.w_bits < 8:
             out["note"] = f"{self.w_bits}-bit codes resident as int8 for the 8-bit GEMM"
         return out
@@ -242,9 +260,11 @@ class Fp8Linear(RealQuantLinear):
 
 
 class WeightOnlyLinear(RealQuantLinear):
-    """Weight-only int8 or packed int4 codes with the fused dequantize-GEMM; y = s (x q^T - z sum x)."""
+    """Weight-only int8 or packed int4 codes through the fused dequantize-GEMM `quantcore::wo_linear`."""
 
     def __init__(self, ql: QuantLinear, path: str):
+        import quantcore.kernels.wo_gemm  # noqa: F401  (registers the op; needs Triton and CUDA)
+
         super().__init__(ql)
         self.path = path
         codes = weight_codes(ql)
@@ -256,17 +276,15 @@ class WeightOnlyLinear(RealQuantLinear):
             self.register_buffer("qweight", pack_codes(codes.to(torch.uint8), 4))
         else:
             self.kernel_bits = 8
-            codes, zp = codes - 128, zp - 128  # centred int8: small partial sums, exact in bf16
+            codes, zp = codes - 128, zp - 128  # centred into int8; q - z is unchanged
             self.register_buffer("qweight", codes.to(torch.int8))
         self.register_buffer("w_zp", zp.float())
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
-        from quantcore.kernels.wo_gemm import wo_gemm
-
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-        acc = wo_gemm(x2, self.qweight, self.kernel_bits)
-        y = (acc - x2.float().sum(1, keepdim=True) * self.w_zp) * self.w_scale
-        return self._finish(y, x)
+        y = torch.ops.quantcore.wo_linear(
+            x, self.qweight, self.w_zp, self.w_scale, self.bias, self.kernel_bits
+        )
+        return y.to(x.dtype)
 
     def describe_execution(self) -> dict:
         out = super().describe_execution()
