@@ -9,8 +9,9 @@ on a GPU the step can be captured once in a CUDA graph and replayed:
     VAR                one graph = the whole multi-scale generation (every scale has a fixed shape)
 
 With `compile=True` each transformer block goes through `torch.compile` (all blocks of a model share
-one compiled graph: same code, same shapes), and the head and the sampling too (LlamaGen, RAR), so
-norms, RoPE, the quantizers' rounding and the GEMM epilogues fuse into few kernels.
+one compiled graph: same code, same shapes), and so do the head, CFG and filtering (LlamaGen, RAR),
+so norms, RoPE, the quantizers' rounding and the GEMM epilogues fuse into few kernels. The final
+float64 inverse-CDF draw stays eager (Inductor cannot generate float64 scans).
 
 The sampling semantics are the library's (`<family>.generate_tokens`): the same CFG (LlamaGen's
 interval, RAR's cosine ramp, VAR's linear ramp), temperature, top-k/top-p, and the same per-image
@@ -109,15 +110,14 @@ class _LlamaGenPlan(_Plan):
             if self.cfg_interval >= 0:  # step index == pos in raster order
                 guided = torch.where(pos <= self.cfg_interval, guided, logits.chunk(2)[0])
             logits = guided
-        probs = filter_logits(logits / self.temperature, self.top_k, self.top_p).softmax(-1)
-        return draw_from(probs, self.u.index_select(1, pos))
+        return filter_logits(logits / self.temperature, self.top_k, self.top_p).softmax(-1)
 
     def step(self):
         m, pos = self.model, self.pos
         rope, mask, h = m.rope[pos], m.mask[pos], self.h
         for block in self.blocks:
             h = block(h, pos, rope, mask, True)
-        tok = self.head(h, pos)  # (B, 1)
+        tok = draw_from(self.head(h, pos), self.u.index_select(1, pos))  # (B, 1)
         self.tokens.index_copy_(1, pos, tok)
         self.h.copy_(m.tok_embeddings(torch.cat([tok, tok]) if self.guided else tok))
         pos.add_(1)
@@ -160,8 +160,7 @@ class _RARPlan(_Plan):
         step = pos - 1  # position p predicts token p - 1
         if self.guided:
             logits = _guide(logits, self.cfg_table[step][:, None])
-        probs = filter_logits(logits / self.temperature, self.top_k, self.top_p).softmax(-1)
-        return draw_from(probs, self.u.index_select(1, step))
+        return filter_logits(logits / self.temperature, self.top_k, self.top_p).softmax(-1)
 
     def _decode(self, blocks, pos):
         m = self.model
@@ -171,7 +170,7 @@ class _RARPlan(_Plan):
         for block in blocks:
             x = block(x, c, pos, mask, True)
         last = pos[-1:]
-        tok = self.head(x[:, -1:], c[:, -1:], last)
+        tok = draw_from(self.head(x[:, -1:], c[:, -1:], last), self.u.index_select(1, last - 1))
         self.tokens.index_copy_(1, last - 1, tok)
 
     def prologue(self):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import platform
 import re
@@ -184,7 +185,9 @@ def bench_end_to_end(models, variants, reps, log, deadline: float, save) -> list
                 sampler.close()
                 del sampler
                 torch.cuda.empty_cache()
-            del model
+            del model, report
+            torch._dynamo.reset()  # compiled code holds the model: free it before the next variant
+            gc.collect()
             torch.cuda.empty_cache()
     return rows
 

@@ -14,9 +14,10 @@ rounds (relative 6e-8), so a8_linear reproduces the int8 GEMM's result to fp32 a
 without a separate quantize kernel or an int32 epilogue. It is the decode-sized path (few rows: weight
 bytes, not MACs, set the time); larger M goes to the int8/fp8 tensor-core GEMMs (real.py decides).
 
-Every output tile is one program over the full K, with the epilogue (scales, bias, bf16 store) in the
-kernel: one launch per linear. Small M leaves few output tiles, so BLOCK_N shrinks (down to 16) until
-there are about as many programs as multiprocessors.
+Every output tile is one program over the full K, with the epilogue (scales, bias, store in x's dtype)
+in the kernel: one launch per linear. For few rows the tile shape is autotuned per (M, N, K) at the
+first call (outside any CUDA-graph capture): small BLOCK_N spreads the weight stream over the
+multiprocessors, deeper pipelines keep loads in flight.
 
 Storage: 8-bit codes as int8 (q - 128, z shifted the same way; Int8Linear's padded matrix is read in
 place through its row stride); 4-bit codes packed two per byte, byte j of a row holding k = j (low
@@ -25,18 +26,29 @@ nibble) and k = j + K/2 (high nibble). Importing this module imports Triton: onl
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-SKINNY_ROWS = 64  # up to this many rows: skinny tiles, BLOCK_N shrunk to spread the weight stream
+SKINNY_ROWS = 64  # up to this many rows: autotuned skinny tiles
+
+
+def _skinny_configs() -> list[triton.Config]:
+    """Tiles for few rows: the weight stream must be spread over enough programs and stages."""
+    shapes = (
+        (16, 512, 4, 3),
+        (32, 256, 4, 4),
+        (64, 256, 4, 3),
+        (64, 128, 4, 4),
+        (128, 128, 8, 4),
+        (128, 256, 8, 3),
+    )
+    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st) for n, k, w, st in shapes]
 
 
 @triton.jit
-def _lowbit_kernel(
+def _lowbit_body(
     x_ptr,
     w_ptr,
     wz_ptr,
@@ -98,29 +110,24 @@ def _lowbit_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out_mask = m_ok[:, None] & n_ok[None, :]
-    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(tl.bfloat16), mask=out_mask)
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float32 if x.dtype == torch.float32 else torch.bfloat16
+
+
+_skinny_kernel = triton.autotune(configs=_skinny_configs(), key=["M", "N", "K_ITER", "X_QMAX", "BITS"])(
+    _lowbit_body
+)
 
 
 def _launch(x2, qweight, n, k, w_zp, w_scale, x_scale, x_zp, bias, bits, x_qmax) -> torch.Tensor:
+    """One launch: autotuned skinny tiles (timed once per shape, at the first call) up to SKINNY_ROWS
+    rows, fixed 128 x 128 tiles above."""
     m = x2.shape[0]
-    k_iter = k if bits == 8 else k // 2
-    if m <= SKINNY_ROWS:
-        block_m, block_k, warps = max(16, triton.next_power_of_2(m)), (256 if bits == 8 else 128), 4
-        block_n = 64
-        while block_n > 16 and triton.cdiv(n, block_n) * triton.cdiv(m, block_m) < _sm_count(
-            x2.device.index or 0
-        ):
-            block_n //= 2
-    else:
-        block_m, block_n, block_k, warps = 128, 128, 64, 8
-    out = torch.empty(m, n, device=x2.device, dtype=torch.bfloat16)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
-    _lowbit_kernel[grid](
+    out = torch.empty(m, n, device=x2.device, dtype=_out_dtype(x2))
+    args = (
         x2,
         qweight,
         w_zp,
@@ -131,20 +138,20 @@ def _launch(x2, qweight, n, k, w_zp, w_scale, x_scale, x_zp, bias, bits, x_qmax)
         out,
         m,
         n,
-        k_iter,
+        k if bits == 8 else k // 2,
         k // 2,
         x2.stride(0),
         qweight.stride(0),
         out.stride(0),
-        X_QMAX=x_qmax,
-        BITS=bits,
-        HAS_BIAS=bias is not None,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        num_warps=warps,
-        num_stages=3,
     )
+    flags = dict(X_QMAX=x_qmax, BITS=bits, HAS_BIAS=bias is not None)
+    if m <= SKINNY_ROWS:
+        block_m = max(16, triton.next_power_of_2(m))
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, block_m))  # noqa: E731
+        _skinny_kernel[grid](*args, **flags, BLOCK_M=block_m)
+    else:
+        grid = (triton.cdiv(n, 128), triton.cdiv(m, 128))
+        _lowbit_body[grid](*args, **flags, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
     return out
 
 
@@ -157,7 +164,7 @@ def wo_linear(
     bias: torch.Tensor | None,
     bits: int,
 ) -> torch.Tensor:
-    """bf16 (..., N) = s * (x @ (q - z)^T) + bias for x (..., K); q int8 (N, K) or packed uint8 (N, K/2)."""
+    """(..., N) = s * (x @ (q - z)^T) + bias for x (..., K) bf16/fp32; q int8 (N, K) or packed uint8 (N, K/2)."""
     n, k = qweight.shape[0], x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()
     out = _launch(x2, qweight, n, k, zero_point, scale, None, None, bias, bits, 0)
@@ -166,7 +173,7 @@ def wo_linear(
 
 @wo_linear.register_fake
 def _(x, qweight, zero_point, scale, bias, bits):
-    return x.new_empty(*x.shape[:-1], qweight.shape[0], dtype=torch.bfloat16)
+    return x.new_empty(*x.shape[:-1], qweight.shape[0], dtype=_out_dtype(x))
 
 
 @torch.library.custom_op("quantcore::a8_linear", mutates_args=())
@@ -181,7 +188,7 @@ def a8_linear(
     out_features: int,
     a_bits: int,
 ) -> torch.Tensor:
-    """bf16 (M, N) for x (M, K) with per-row activation (scale, zero-point) (M,) float and int8 weight
+    """(M, N) in x's dtype for x (M, K) with per-row activation (scale, zero-point) (M,) float and int8 weight
     codes (N', K') (q_w - 128, possibly padded: only N x K is read)."""
     k = x.shape[-1]
     scale, zp = x_scale.contiguous(), x_zero_point.contiguous()  # per-tensor params arrive expanded
@@ -192,4 +199,4 @@ def a8_linear(
 
 @a8_linear.register_fake
 def _(x, x_scale, x_zero_point, qweight, w_zero_point, w_scale, bias, out_features, a_bits):
-    return x.new_empty(x.shape[0], out_features, dtype=torch.bfloat16)
+    return x.new_empty(x.shape[0], out_features, dtype=_out_dtype(x))
