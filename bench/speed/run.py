@@ -152,7 +152,8 @@ def bench_end_to_end(models, variants, reps, log, deadline: float, save) -> list
             built = time.perf_counter() - t0
             for batch in BATCHES[spec.family]:
                 torch.cuda.reset_peak_memory_stats()
-                resident = torch.cuda.memory_allocated()
+                weights = model_bytes(model)  # no KV caches yet
+                leftover = torch.cuda.memory_allocated() - weights
                 try:  # one failing configuration is recorded, the rest still run
                     t0 = time.perf_counter()
                     sampler = FastSampler(model, batch, sampling, compile=True)
@@ -172,9 +173,11 @@ def bench_end_to_end(models, variants, reps, log, deadline: float, save) -> list
                     "latency_s": round(latency, 4),
                     "images_per_s": round(batch / latency, 2),
                     "ms_per_token_step": round(1e3 * latency / sampler.plan.steps, 4),
-                    "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
-                    "model_gib": round(model_bytes(model) / 2**30, 3),
-                    "resident_before_gib": round(resident / 2**30, 3),
+                    # peak of this run: weights + KV caches + graph pool + workspaces, without what
+                    # earlier runs left allocated in this process
+                    "peak_mem_gib": round((torch.cuda.max_memory_allocated() - leftover) / 2**30, 3),
+                    "weights_gib": round(weights / 2**30, 3),
+                    "leftover_gib": round(leftover / 2**30, 3),
                     "paths": summarize(report) if report else {"bf16": "all"},
                     "build_s": round(built, 1),
                     "compile_capture_s": round(compiled, 1),
@@ -184,6 +187,7 @@ def bench_end_to_end(models, variants, reps, log, deadline: float, save) -> list
                 save(rows)
                 sampler.close()
                 del sampler
+                gc.collect()  # the plan's compiled bound methods form cycles: free its buffers now
                 torch.cuda.empty_cache()
             del model, report
             torch._dynamo.reset()  # compiled code holds the model: free it before the next variant
@@ -580,7 +584,7 @@ def gpu_markdown(result: dict) -> str:
         for model, batch in keys:
             by = _by_variant(e2e, model, batch)
             cells = [
-                f"{by[v]['images_per_s']:.1f}, {by[v]['peak_mem_gib']:.2f} ({by[v]['model_gib']:.2f})"
+                f"{by[v]['images_per_s']:.1f}, {by[v]['peak_mem_gib']:.2f} ({by[v]['weights_gib']:.2f})"
                 if v in by
                 else "-"
                 for v in GPU_VARIANTS

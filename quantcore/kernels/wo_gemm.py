@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-SKINNY_ROWS = 64  # up to this many rows: autotuned skinny tiles
+SKINNY_ROWS = 256  # up to this many rows: autotuned tiles of at most 64 rows (enough programs)
 
 
 def _skinny_configs() -> list[triton.Config]:
@@ -146,7 +146,7 @@ def _launch(x2, qweight, n, k, w_zp, w_scale, x_scale, x_zp, bias, bits, x_qmax)
     )
     flags = dict(X_QMAX=x_qmax, BITS=bits, HAS_BIAS=bias is not None)
     if m <= SKINNY_ROWS:
-        block_m = max(16, triton.next_power_of_2(m))
+        block_m = min(64, max(16, triton.next_power_of_2(m)))
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, block_m))  # noqa: E731
         _skinny_kernel[grid](*args, **flags, BLOCK_M=block_m)
     else:
