@@ -536,9 +536,11 @@ def gpu_markdown(result: dict) -> str:
     lines = ["# Real low-bit execution: GPU speed", ""]
     lines += [
         "Random weights; CFG on (2 x batch rows per step). Every variant, bf16 included, runs "
-        "`quantcore.fastgen.FastSampler(compile=True)`: torch.compile'd blocks, head and sampling, static KV "
-        "caches, decoding replayed from a CUDA graph. Attention and the KV cache are bf16 in every variant. "
-        "Ratios are within one part (one call, one card).",
+        "`quantcore.fastgen.FastSampler`: static KV caches, decoding replayed from a CUDA graph, and for "
+        "LlamaGen and RAR torch.compile'd blocks, head and sampling (VAR: eager kernels, see its part). "
+        "Attention and the KV cache are bf16 in every variant. Peak memory is this run's own (weights, KV "
+        "caches, graph pool, workspaces). Ratios are within one part (one call, one card). "
+        "Reading the numbers: bench/speed/README.md.",
         "",
         "## Targets",
         "",
@@ -558,6 +560,7 @@ def gpu_markdown(result: dict) -> str:
             f"{info['gpu']} ({info['sms']} SMs), torch {info['torch']}, CUDA {info['cuda']}, Triton {info['triton']}, "
             f"{info['date']}; measured copy bandwidth {part['bandwidth_TBps']:.2f} TB/s. "
             f"Path check (relative error vs simulation, LlamaGen-B layer 0): {part['path_check']}",
+            *(["", f"Note: {part['note']}"] if "note" in part else []),
             "",
             "Latency (s per batch) and speedup over compiled bf16:",
             "",
