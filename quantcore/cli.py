@@ -147,7 +147,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     from quantcore.compare import CompareSpec, plan_rows, run_compare
 
-    rows = plan_rows(_names(args.recipes), _names(args.bits), _names(args.selection))
+    rows = plan_rows(_names(args.recipes), _names(args.bits), _names(args.selection), _names(args.execution))
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -257,6 +257,11 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
         "--selection",
         default="dgc-official",
         help="calibration selections: dgc-official, dgc-mahalanobis, random, uniform",
+    )
+    p.add_argument(
+        "--execution",
+        default="simulated",
+        help="simulated and/or real (integer/fp8 kernels from the same parameters), comma-separated",
     )
     p.add_argument("--num-images", type=int, default=100, help="images per row (class-balanced)")
     p.add_argument("--calib-samples", type=int, default=32, help="images generated for the calibration pool")

@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ from quantcore.generation import ImageGenerator
 from quantcore.images import make_grid, save_png
 from quantcore.methods.selection import METHODS as SELECTIONS
 from quantcore.pipeline import quantize
+from quantcore.quant.real import summarize, to_real
 from quantcore.recipe import PRESETS, Recipe, parse_bits
 from quantcore.zoo.data import load_fashion_mnist, to_rgb32
 
@@ -52,6 +54,8 @@ class RowSpec(BaseModel):
     recipe: str
     bits: str | None = None
     selection: str | None = None
+    # "real": after calibration, quantcore.quant.real.to_real swaps in the integer/fp8 modules
+    execution: Literal["simulated", "real"] = "simulated"
 
     @model_validator(mode="after")
     def _check(self) -> RowSpec:
@@ -60,13 +64,16 @@ class RowSpec(BaseModel):
             Recipe.preset(self.recipe, *parse_bits(self.bits or ""))
             if self.selection not in SELECTIONS:
                 raise ValueError(f"selection {self.selection!r} is not one of {', '.join(SELECTIONS)}")
+        elif self.execution != "simulated":
+            raise ValueError("the fp row has no quantized execution; use execution 'simulated'")
         return self
 
     @property
     def label(self) -> str:
         if self.recipe == FP:
             return FP
-        return f"{self.recipe}-{self.bits}-{self.selection}"
+        suffix = "-real" if self.execution == "real" else ""
+        return f"{self.recipe}-{self.bits}-{self.selection}{suffix}"
 
 
 class CompareSpec(BaseModel):
@@ -95,9 +102,12 @@ class CompareSpec(BaseModel):
 
 
 def plan_rows(
-    recipes: list[str], bits: list[str], selections: list[str] = ("dgc-official",)
+    recipes: list[str],
+    bits: list[str],
+    selections: list[str] = ("dgc-official",),
+    executions: list[str] = ("simulated",),
 ) -> list[RowSpec]:
-    """The cross product recipes x bits x selections ('fp' once); errors name the CLI option."""
+    """The cross product recipes x bits x selections x executions ('fp' once); errors name the CLI option."""
     if not recipes:
         raise ConfigError("--recipes: give at least one recipe")
     unknown = [r for r in recipes if r != FP and r not in PRESETS]
@@ -108,6 +118,8 @@ def plan_rows(
         raise ConfigError(
             f"--selection: unknown selection {(bad or [''])[0]!r}; choose from {', '.join(SELECTIONS)}"
         )
+    if not executions or any(e not in ("simulated", "real") for e in executions):
+        raise ConfigError(f"--execution: {','.join(executions)!r}: choose from simulated, real")
     quantized = [r for r in recipes if r != FP]
     if quantized and not bits:
         raise ConfigError("--bits: give at least one bit-width, like w8a8")
@@ -120,7 +132,12 @@ def plan_rows(
         except RecipeError as exc:
             raise ConfigError(f"--bits: {label!r}: {exc}") from None
         canonical = f"w{w}" + (f"a{a}" if a is not None else "")
-        rows += [RowSpec(recipe=r, bits=canonical, selection=s) for r in quantized for s in selections]
+        rows += [
+            RowSpec(recipe=r, bits=canonical, selection=s, execution=e)
+            for r in quantized
+            for s in selections
+            for e in executions
+        ]
     return rows
 
 
@@ -310,6 +327,7 @@ def run_compare(spec: CompareSpec, out_dir: str | Path, progress: Progress | Non
 def _measure_row(row: RowSpec, fp, ref, spec, calibrations, out_dir, stage, progress) -> tuple[dict, dict]:
     timing: dict = {}
     result: dict = {"label": row.label, "recipe": row.recipe, "bits": row.bits, "selection": None}
+    result["execution"] = row.execution
     if row.recipe == FP:
         generator, tokens, images = fp, ref.tokens, ref.images
     else:
@@ -328,6 +346,8 @@ def _measure_row(row: RowSpec, fp, ref, spec, calibrations, out_dir, stage, prog
         timing["calibration_seconds"] = round(time.perf_counter() - start, 3)
         timing["peak_rss_delta_mib"] = round(memory.peak_mib, 1)
         result["selection"] = _selection_info(calibration)
+        if row.execution == "real":
+            result["execution_paths"] = summarize(to_real(model))  # layers per path
         generator = _generator(model, fp, row.label, spec.batch_size)
         start = time.perf_counter()
         tokens, images = _sample(generator, ref.labels, ref.seeds, lambda f: progress(f"{stage} sample", f))

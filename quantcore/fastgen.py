@@ -57,6 +57,18 @@ class _Plan(ABC):
 
     steps: int
     tokens: torch.Tensor
+    model: nn.Module
+
+    def own_caches(self) -> None:
+        """Keep the KV caches `setup_caches` just made: a captured graph writes to their addresses, and
+        other code (the library sampler) may set up or clear the model's caches in between."""
+        self.caches = [
+            (m, m.k_cache, m.v_cache) for m in self.model.modules() if getattr(m, "k_cache", None) is not None
+        ]
+
+    def install_caches(self) -> None:
+        for module, k, v in self.caches:
+            module.k_cache, module.v_cache = k, v
 
     @abstractmethod
     def reset(self, classes: torch.Tensor, seeds: list[int]) -> None: ...
@@ -87,6 +99,7 @@ class _LlamaGenPlan(_Plan):
         self.rows = 2 * batch if self.guided else batch
         dev, dtype = model.rope.device, model.tok_embeddings.weight.dtype
         model.setup_caches(self.rows, dtype)
+        self.own_caches()
         self.steps = cfg.num_tokens
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.h = torch.zeros(self.rows, 1, cfg.dim, dtype=dtype, device=dev)
@@ -134,6 +147,7 @@ class _RARPlan(_Plan):
         self.rows = 2 * batch if self.guided else batch
         dev = model.embeddings.weight.device
         model.setup_caches(self.rows, model.embeddings.weight.dtype)
+        self.own_caches()
         n = cfg.num_tokens
         self.steps = n - 1
         self.cfg_table = torch.tensor(
@@ -195,6 +209,7 @@ class _VARPlan(_Plan):
         self.rows = 2 * batch if self.guided else batch
         dev = model.pos_1LC.device
         model.setup_caches(self.rows, model.pos_1LC.dtype)
+        self.own_caches()
         self.steps = 1
         table = model.attn_bias_for_masking[0, 0]
         self.scales = [
@@ -293,21 +308,29 @@ class FastSampler:
             self.plan.step()
 
     @torch.no_grad()
-    def generate(self, classes: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-        """Tokens (batch, num_tokens) in the family's generation order, as `generate_tokens` returns them."""
+    def generate(self, classes: torch.Tensor, seeds: list[int], progress=None) -> torch.Tensor:
+        """Tokens (batch, num_tokens) in the family's generation order, as `generate_tokens` returns them.
+
+        `progress`, if given, is called with the number of tokens produced so far (per step; VAR's one
+        captured step reports once, at the end)."""
         if classes.shape != (self.batch,) or len(seeds) != self.batch:
             raise ConfigError(
                 f"this sampler was built for batch {self.batch}: got {tuple(classes.shape)} classes and "
                 f"{len(seeds)} seeds"
             )
         plan = self.plan
+        plan.install_caches()
         plan.reset(classes.to(plan.tokens.device), seeds)
         plan.prologue()
-        for _ in range(plan.steps):
+        total = plan.tokens.shape[1]
+        for i in range(plan.steps):
             self.graph.replay() if self.graph is not None else plan.step()
+            if progress is not None:  # each step yields one token, the last (VAR: only) one the rest
+                progress(total - (plan.steps - 1 - i))
         return plan.tokens.clone()
 
     def close(self) -> None:
-        """Drop the KV caches and the graph."""
+        """Drop the graph and this sampler's KV caches."""
         self.graph = None
+        self.plan.caches = []
         self.model.clear_caches()

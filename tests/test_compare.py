@@ -129,3 +129,34 @@ def test_plan_rows_crosses_recipes_bits_and_selections():
     ]
     with pytest.raises(ConfigError, match="^--selection: unknown selection 'dgc'"):
         plan_rows(["rtn"], ["w8a8"], ["dgc"])
+
+
+def test_plan_rows_crosses_executions_and_refuses_unknown_ones():
+    rows = plan_rows(["fp", "ptq4arvg"], ["w8a8"], ["random"], ["simulated", "real"])
+    assert [r.label for r in rows] == ["fp", "ptq4arvg-w8a8-random", "ptq4arvg-w8a8-random-real"]
+    with pytest.raises(ConfigError, match="^--execution: 'fake': choose from simulated, real"):
+        plan_rows(["rtn"], ["w8a8"], ["random"], ["fake"])
+
+
+@have_data
+def test_real_rows_run_the_integer_kernels_and_match_the_simulated_row(tmp_path):
+    from quantcore.compare import CompareSpec, run_compare
+
+    rows = plan_rows(["ptq4arvg"], ["w8a8"], ["random"], ["simulated", "real"])
+    spec = CompareSpec(
+        model="tiny-llamagen",
+        rows=rows,
+        num_images=10,
+        calib_samples=4,
+        heldout=8,
+        reference_images=100,
+        batch_size=10,
+        grid_images=4,
+    )
+    simulated, real = run_compare(spec, tmp_path)["rows"]
+    assert simulated["execution"] == "simulated" and "execution_paths" not in simulated
+    assert real["execution"] == "real" and real["execution_paths"]["int8-cpu"] > 0
+    # the same parameters through int8 GEMMs: the teacher-forced metrics agree closely
+    kl_sim, kl_real = simulated["metrics"]["logit_kl"], real["metrics"]["logit_kl"]
+    assert abs(kl_real - kl_sim) <= 0.2 * kl_sim
+    assert abs(real["metrics"]["top1_agreement"] - simulated["metrics"]["top1_agreement"]) <= 0.05

@@ -78,3 +78,16 @@ def test_graphed_and_compiled_sampling_on_gpu_agrees_with_the_library(name, comp
     assert (got[:, 0] == expected[:, 0]).float().mean() >= 0.75
     assert (got == expected).float().mean() >= 0.5
     sampler.close()
+
+
+def test_a_sampler_keeps_its_caches_when_the_library_sampler_runs_in_between():
+    model, spec = _model("tiny-llamagen")
+    sampling = spec.entry.sampling.to_dict()
+    sampler = FastSampler(model, 2, sampling)
+    first = sampler.generate(torch.tensor([1, 2]), [3, 4])
+    # the library sampler sets up and clears the model's caches
+    family_module("llamagen").generate_tokens(model, torch.tensor([5]), [6], **sampling)
+    counts = []
+    again = sampler.generate(torch.tensor([1, 2]), [3, 4], progress=counts.append)
+    assert torch.equal(first, again)
+    assert counts == list(range(1, model.config.num_tokens + 1))
