@@ -19,6 +19,8 @@ _EXPORTS = {
     "quantize_job": "quantcore.api",
     "load_generator": "quantcore.api",
     "load_artifact": "quantcore.artifact",
+    "to_real": "quantcore.quant.real",
+    "FastSampler": "quantcore.fastgen",
 }
 
 

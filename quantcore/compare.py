@@ -412,6 +412,14 @@ def _cell(row: dict, fp: dict | None, rtn: dict | None, key: str, decimals: int)
     return text
 
 
+def _method_cell(row: dict) -> str:
+    """The recipe; real-execution rows say which kernels ran."""
+    if row.get("execution") != "real":
+        return row["recipe"]
+    paths = ", ".join(f"{n} {p}" for p, n in sorted(row.get("execution_paths", {}).items()))
+    return f"{row['recipe']}, real ({paths})"
+
+
 def _selection_cell(row: dict) -> str:
     sel = row["selection"]
     if sel is None:
@@ -456,7 +464,7 @@ def render_markdown(report: dict, timings: dict, findings: str | None = None) ->
         t = timings["rows"].get(row["label"], {})
         cells = [_cell(row, fp, rtn, key, decimals) for _, key, decimals in columns]
         lines.append(
-            f"| {row['bits'] or 'FP'} | {row['recipe']} | {_selection_cell(row)} | "
+            f"| {row['bits'] or 'FP'} | {_method_cell(row)} | {_selection_cell(row)} | "
             + " | ".join(cells)
             + f" | {t.get('calibration_seconds', '–')} | {t.get('peak_rss_delta_mib', '–')} |"
         )
