@@ -1,12 +1,18 @@
 """Quantized-model artifacts: a folder of safetensors files and a manifest that pins them.
 
-    model.safetensors       the quantized model's state (folded weights, biases, quantizer tables)
+    model.safetensors       the quantized model's state: quantized linears keep their integer weight
+                            codes (4- and 6-bit packed, else one byte each) beside their per-row
+                            scale and zero-point; everything else (biases, norms, embeddings,
+                            quantizer tables) as is
     tokenizer.safetensors   the tokenizer's weights, so the artifact generates images on its own
     manifest.json           model id + checkpoint hash, recipe, per-layer quantization, calibration
                             selection, metrics, library versions, and sha256 + size of every file
 
 Writes are atomic (a temporary sibling folder renamed into place); loading verifies every hash
-before a byte is deserialised, and nothing is unpickled.
+before a byte is deserialised, and nothing is unpickled. Loading turns the codes back into the weight
+(q - z) * s in its recorded dtype, which re-quantizes to the same codes (|q - z| <= 255 and bf16's
+relative rounding 2^-9 keep it within half a step), so a loaded model computes what the saved one did.
+Format 1 artifacts (float weights) still load.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from quantcore import __version__
 from quantcore.checkpoint import file_sha256
 from quantcore.errors import ArtifactError
 
-FORMAT = "ptq4arvg-artifact/1"
+FORMAT = "ptq4arvg-artifact/2"
+READABLE_FORMATS = ("ptq4arvg-artifact/1", FORMAT)
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.safetensors"
@@ -34,6 +41,46 @@ TOKENIZER_FILE = "tokenizer.safetensors"
 
 def _tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+
+
+def _packed_model_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """The model's tensors with every quantized linear weight replaced by its integer codes, and the
+    manifest entry that says how each was stored."""
+    from quantcore.quant.modules import QuantLinear, iter_quant_modules
+    from quantcore.quant.quantizer import UniformQuantizer
+    from quantcore.quant.real import pack_codes, weight_codes
+
+    state = _tensors(model)
+    storage: dict[str, dict] = {}
+    for name, module in iter_quant_modules(model):
+        wq = getattr(module, "weight_quantizer", None)
+        if not isinstance(module, QuantLinear) or not isinstance(wq, UniformQuantizer):
+            continue
+        if wq.mode != "on" or not bool(wq.initialized) or wq.n_bits > 8:
+            continue
+        codes = weight_codes(module).to(torch.uint8).cpu()
+        n, k = codes.shape
+        packing = wq.n_bits if (wq.n_bits == 4 and k % 2 == 0) or (wq.n_bits == 6 and k % 4 == 0) else 8
+        weight = state.pop(f"{name}.weight")
+        state[f"{name}.weight_codes"] = pack_codes(codes, packing) if packing < 8 else codes
+        storage[name] = {"bits": wq.n_bits, "packing": packing, "shape": [n, k], "dtype": str(weight.dtype)}
+    return state, storage
+
+
+def _unpack_weights(state: dict[str, torch.Tensor], storage: dict[str, dict]) -> None:
+    """In place: `<layer>.weight_codes` -> `<layer>.weight` = (q - z) * s in the recorded dtype."""
+    from quantcore.quant.real import unpack_codes
+
+    for name, meta in storage.items():
+        packed = state.pop(f"{name}.weight_codes")
+        n, k = meta["shape"]
+        codes = packed if meta["packing"] == 8 else unpack_codes(packed, meta["packing"], k)
+        scale = state[f"{name}.weight_quantizer.scale"].float()
+        zero = state[f"{name}.weight_quantizer.zero_point"].float()
+        weight = (codes.float() - zero[:, None]) * scale[:, None]
+        state[f"{name}.weight"] = weight.to(getattr(torch, meta["dtype"].removeprefix("torch."))).reshape(
+            n, k
+        )
 
 
 def versions() -> dict:
@@ -50,7 +97,8 @@ def save_artifact(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        save_file(_tensors(model), str(tmp / MODEL_FILE))
+        state, storage = _packed_model_state(model)
+        save_file(state, str(tmp / MODEL_FILE))
         save_file(_tensors(tokenizer), str(tmp / TOKENIZER_FILE))
         files = {
             name: {"sha256": file_sha256(tmp / name), "size": (tmp / name).stat().st_size}
@@ -59,6 +107,7 @@ def save_artifact(
         full = {
             "format": FORMAT,
             **manifest,
+            "weight_storage": storage,
             "versions": versions(),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "files": files,
@@ -84,9 +133,10 @@ def read_manifest(artifact_dir: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{path} is not valid JSON: {exc}") from None
-    if manifest.get("format") != FORMAT:
+    if manifest.get("format") not in READABLE_FORMATS:
         raise ArtifactError(
-            f"{path}: unsupported artifact format {manifest.get('format')!r}, expected {FORMAT}"
+            f"{path}: unsupported artifact format {manifest.get('format')!r}; this version reads "
+            f"{', '.join(READABLE_FORMATS)}"
         )
     return manifest
 
@@ -129,6 +179,10 @@ def load_artifact(artifact_dir: str | Path, device: str | torch.device = "cpu"):
     manifest = verify_artifact(artifact_dir)
     spec = get_spec(manifest["model"]["name"])
     state = load_file(str(artifact_dir / MODEL_FILE))
+    try:
+        _unpack_weights(state, manifest.get("weight_storage", {}))
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise ArtifactError(f"{artifact_dir}: packed weights do not match the manifest: {exc}") from None
     model = rebuild_structure(spec.build("cpu"), manifest["layers"], state)
     try:
         model.load_state_dict(state, strict=True)

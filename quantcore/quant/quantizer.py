@@ -37,6 +37,14 @@ def check_bits(n_bits: int) -> int:
     return n_bits
 
 
+def _tracing_or_capturing() -> bool:
+    """Inside torch.compile tracing or a CUDA-graph capture, where reading a tensor flag on the host
+    would break the graph (checked once outside, on the warm-up call)."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, n_bits: int) -> torch.Tensor:
     """Asymmetric uniform quantize-dequantize; `scale` and `zero_point` broadcast against `x`."""
     q = torch.clamp(torch.round(x / scale) + zero_point, 0, 2**n_bits - 1)
@@ -235,7 +243,7 @@ class _ObservingQuantizer(nn.Module, ABC):
         if self.mode == "calibrate":
             self.observe(x, pos)
             return x
-        if not bool(self.initialized):
+        if not _tracing_or_capturing() and not bool(self.initialized):
             raise QuantcoreError(f"{self.kind} quantizer is on but not calibrated; call finalize() first")
         kept = self._kept_tokens(x, pos)
         xq = self.quantize(x, pos).to(x.dtype)
