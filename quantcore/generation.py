@@ -8,6 +8,7 @@ from dataclasses import fields
 import torch
 
 from quantcore.errors import ConfigError
+from quantcore.fastgen import PLANS, FastSampler
 from quantcore.models import family_module
 
 
@@ -38,16 +39,31 @@ class ImageGenerator:
     whatever the request size: an image's bytes then depend on its class and seed only, not on the
     other images it was generated with (GEMM blocking, and so rounding, can change with the batch).
     The service relies on this when it batches concurrent requests.
+
+    `fast` decodes each chunk with `quantcore.fastgen.FastSampler` (static KV caches, one CUDA graph per
+    step): the same tokens per seed as the family's sampler, without a host sync per token. None (the
+    default) uses it on CUDA for the families it supports (LlamaGen raster, RAR, VAR).
     """
 
     def __init__(
-        self, model: torch.nn.Module, tokenizer: torch.nn.Module, defaults, source: str, chunk_size: int = 8
+        self,
+        model: torch.nn.Module,
+        tokenizer: torch.nn.Module,
+        defaults,
+        source: str,
+        chunk_size: int = 8,
+        fast: bool | None = None,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer.eval()
         self.defaults = defaults
         self.source = source
         self.chunk_size = chunk_size
+        if fast is None:
+            on_cuda = next(model.parameters()).device.type == "cuda"
+            fast = on_cuda and model.family in PLANS and not getattr(model.config, "par_regions", 0)
+        self.fast = fast
+        self._sampler: tuple[tuple, FastSampler] | None = None  # the last settings' sampler
         # per quantized layer, the execution path it runs (filled by load_generator for artifacts)
         self.execution: dict[str, dict] = {}
 
@@ -82,11 +98,25 @@ class ImageGenerator:
             labels, chunk_seeds = self._padded(classes, start), self._padded(seeds, start)
             done = start // self.chunk_size * self.model.config.num_tokens
             report = None if progress is None else (lambda n, done=done: progress(done + n))
-            tokens = generate(
-                self.model, torch.tensor(labels, device=device), chunk_seeds, progress=report, **settings
-            )
+            if self.fast:
+                sampler = self._fast_sampler(settings)
+                tokens = sampler.generate(torch.tensor(labels, device=device), chunk_seeds, progress=report)
+            else:
+                tokens = generate(
+                    self.model, torch.tensor(labels, device=device), chunk_seeds, progress=report, **settings
+                )
             out.append(tokens[: min(self.chunk_size, len(classes) - start)])
         return torch.cat(out)
+
+    def _fast_sampler(self, settings: dict) -> FastSampler:
+        """One sampler (KV caches, graph) at a time: rebuilt when the sampling settings change."""
+        key = tuple(sorted(settings.items()))
+        if self._sampler is None or self._sampler[0] != key:
+            if self._sampler is not None:
+                self._sampler[1].close()
+                self._sampler = None
+            self._sampler = (key, FastSampler(self.model, self.chunk_size, settings))
+        return self._sampler[1]
 
     def _padded(self, values: Sequence[int], start: int) -> list[int]:
         chunk = [int(v) for v in values[start : start + self.chunk_size]]

@@ -91,3 +91,17 @@ def test_a_sampler_keeps_its_caches_when_the_library_sampler_runs_in_between():
     again = sampler.generate(torch.tensor([1, 2]), [3, 4], progress=counts.append)
     assert torch.equal(first, again)
     assert counts == list(range(1, model.config.num_tokens + 1))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_generators_on_cuda_use_the_graphed_sampler():
+    from quantcore.api import load_generator
+    from quantcore.generation import ImageGenerator
+
+    fast = load_generator("tiny-llamagen", device="cuda")
+    assert fast.fast
+    slow = ImageGenerator(fast.model, fast.tokenizer, fast.defaults, "tiny-llamagen", fast=False)
+    tokens = fast.generate_tokens([1, 2, 3], [4, 5, 6])
+    assert fast._sampler[1].graph is not None
+    assert (tokens[:, 0] == slow.generate_tokens([1, 2, 3], [4, 5, 6])[:, 0]).all()
