@@ -221,8 +221,9 @@ class _VARPlan(_Plan):
         self.u = torch.zeros(batch, cfg.num_tokens, dtype=torch.float64, device=dev)
         vq = model.quantizer
         self.f_hat = vq.embedding.weight.new_zeros(batch, cfg.cvae, cfg.grid_size, cfg.grid_size)
-        # ten scales of different lengths: the blocks compile once static, then once with dynamic
-        # shapes for every later scale and batch; the head (ten calls per image) stays eager
+        # ten scales of different lengths: per batch size the blocks compile three times (the 1-token
+        # first scale, the middle scales with a dynamic length, the last scale whose full-width cache
+        # slice changes the matmul's layout guard); the head (ten calls per image) stays eager
         self.blocks = [_compiled(block, compile, dynamic=None) for block in model.blocks]
         self.head = self._head
 
