@@ -34,11 +34,20 @@ class CalibrationSpec(_Strict):
         description="How calibration samples are chosen: distribution-guided (DGC), random or uniform.",
     )
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of calibration generation and selection.")
+    batch_size: int = Field(
+        16,
+        ge=1,
+        le=4096,
+        description="Images per generation batch and rows per calibration pass (GPU memory vs speed).",
+    )
 
 
 class EvaluationSpec(_Strict):
     num_images: int = Field(
         64, ge=0, le=50_000, description="Images generated to measure quality (0 = no evaluation)."
+    )
+    seed: int = Field(
+        10_000, ge=0, le=2**32 - 1, description="Seed of the first evaluation image; image i uses seed + i."
     )
 
 
@@ -48,8 +57,8 @@ JOB_SPEC_EXAMPLE = {
     "recipe": "ptq4arvg",
     "w_bits": 8,
     "a_bits": 8,
-    "calibration": {"num_samples": 256, "selection": "dgc-official", "seed": 0},
-    "evaluation": {"num_images": 64},
+    "calibration": {"num_samples": 256, "selection": "dgc-official", "seed": 0, "batch_size": 16},
+    "evaluation": {"num_images": 64, "seed": 10_000},
 }
 
 

@@ -33,8 +33,8 @@ from .helpers import (
 
 # Sizes of the e2e jobs: small enough for 2 CPU cores, big enough to be interrupted mid-way.
 QUICK = {
-    "calibration": {"num_samples": 32, "selection": "dgc-official", "seed": 0},
-    "evaluation": {"num_images": 16},
+    "calibration": {"num_samples": 32, "selection": "dgc-official", "seed": 0, "batch_size": 32},
+    "evaluation": {"num_images": 16, "seed": 5},
 }
 LONG = {
     "calibration": {"num_samples": 256, "selection": "dgc-official", "seed": 1},

@@ -29,8 +29,8 @@ def test_create_job_returns_202_with_location_and_the_job(service, keys):
         "recipe": "ptq4arvg",
         "w_bits": 6,
         "a_bits": None,
-        "calibration": {"num_samples": 8, "selection": "dgc-official", "seed": 3},
-        "evaluation": {"num_images": 64},
+        "calibration": {"num_samples": 8, "selection": "dgc-official", "seed": 3, "batch_size": 16},
+        "evaluation": {"num_images": 64, "seed": 10_000},
     }
     got = service.client.get(r.headers["location"], headers=service.auth(keys["alice"])).json()
     assert got["id"] == job["id"]
@@ -47,6 +47,8 @@ def test_create_job_returns_202_with_location_and_the_job(service, keys):
         ({"calibration": {"selection": "best"}}, ["body", "calibration", "selection"]),
         ({"calibration": {"num_samples": 1}}, ["body", "calibration", "num_samples"]),
         ({"evaluation": {"num_images": -1}}, ["body", "evaluation", "num_images"]),
+        ({"evaluation": {"seed": -1}}, ["body", "evaluation", "seed"]),
+        ({"calibration": {"batch_size": 0}}, ["body", "calibration", "batch_size"]),
         ({"surprise": 1}, ["body", "surprise"]),
         ({"model": "no-such-model"}, ["body", "model"]),
         ({"checkpoint": "no-such-checkpoint"}, ["body", "checkpoint"]),
