@@ -201,3 +201,34 @@ def test_compiled_sampling_of_a_quantized_real_model_matches_eager(calibrated):
     eager = FastSampler(model, 2, sampling).generate(classes, seeds)
     compiled = FastSampler(model, 2, sampling, compile=True).generate(classes, seeds)
     assert (eager == compiled).float().mean() >= 0.9  # fused kernels round differently: rare flips
+
+
+@pytest.mark.parametrize("name", ["tiny-llamagen", "tiny-rar", "tiny-var"])
+def test_an_8bit_kv_cache_samples_exactly_what_the_simulated_cache_did(name):
+    from quantcore.fastgen import FastSampler
+    from quantcore.models import family_module
+    from quantcore.quant.real import kv_codec_for
+    from quantcore.registry import get_spec, load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(name)
+    spec = get_spec(name)
+    sampling = spec.entry.sampling.to_dict()
+    calib = build_calibration_set(model, CalibrationSpec(num_samples=4, batch_size=4), sampling)
+    quantize(model, Recipe.preset("ptq4arvg", 8, 8), calib)
+    classes, seeds = torch.tensor([1, 2]), [5, 6]
+    generate = family_module(spec.family).generate_tokens
+    plain = generate(model, classes, seeds, **sampling)
+    # the same simulated model with only the cache storage changed: identical samples
+    coded = copy.deepcopy(model)
+    attentions = [m for m in coded.modules() if hasattr(m, "kv_codec")]
+    for attention in attentions:
+        attention.kv_codec, reason = kv_codec_for(attention)
+        assert attention.kv_codec is not None, reason
+    assert torch.equal(generate(coded, classes, seeds, **sampling), plain)
+    # to_real attaches it too, and the caches then hold uint8 codes (a quarter of the fp32 bytes)
+    report = to_real(model)
+    assert next(e for n, e in report.items() if n.endswith("matmul_qk"))["kv_cache"] == "8-bit codes"
+    sampler = FastSampler(model, 2, sampling)
+    caches = [t for _, k, v in sampler.plan.caches for t in (k, v)]
+    assert len(caches) == 2 * len(attentions) and all(t.dtype == torch.uint8 for t in caches)
+    assert sampler.generate(classes, seeds).shape == plain.shape

@@ -42,7 +42,7 @@ from torch.nn import functional as F
 
 from quantcore.fastgen import FastSampler
 from quantcore.models import bind_tokenizer, family_module
-from quantcore.quant.modules import QuantLinear, make_act_quantizer, swap_module
+from quantcore.quant.modules import QuantLinear, QuantMatMul, make_act_quantizer, swap_module
 from quantcore.quant.quantizer import params_from_range
 from quantcore.quant.real import pack_codes, summarize, to_real
 from quantcore.registry import get_spec
@@ -103,6 +103,19 @@ def synthetic_quantize(model, w_bits: int, a_bits: int | None) -> None:
             ql.input_quantizer = aq
         ql.to(w.device)
         swap_module(model, name, ql)
+    if (
+        a_bits is not None
+    ):  # attention operands too, as the recipes quantize them: K and V get cached as codes
+        for name in layout.matmuls:
+            qm = QuantMatMul.from_bits(a_bits, a_bits)
+            a_range = (0.0, 1.0) if name in layout.prob_matmuls else (-4.0, 4.0)  # softmax output or q
+            for q, (lo, hi) in ((qm.a_quantizer, a_range), (qm.b_quantizer, (-4.0, 4.0))):
+                s, z = params_from_range(torch.full_like(q.scale, lo), torch.full_like(q.scale, hi), a_bits)
+                q.scale.copy_(s)
+                q.zero_point.copy_(z.to(torch.int32))
+                q.initialized.fill_(True)
+                q.set_mode("on")
+            swap_module(model, name, qm.to(next(model.parameters()).device))
 
 
 def build_variant(name: str, variant: str, device: str):

@@ -37,7 +37,7 @@ from torch.nn import functional as F
 
 from quantcore.errors import ConfigError
 from quantcore.models.common import ModelEntry, draw, filter_logits
-from quantcore.nn import Linear, MatMul
+from quantcore.nn import Linear, MatMul, cache_dtype, read_kv, write_kv
 from quantcore.quant.layout import FoldSite, QuantLayout
 
 
@@ -269,6 +269,7 @@ class Attention(nn.Module):
         self.matmul_pv = MatMul()
         self.register_buffer("k_cache", None, persistent=False)
         self.register_buffer("v_cache", None, persistent=False)
+        self.kv_codec = None  # 8-bit cache storage (quantcore.nn.KVCodec), set by to_real
 
     def forward(
         self, x: torch.Tensor, pos: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor, use_cache: bool
@@ -280,10 +281,8 @@ class Attention(nn.Module):
         k = apply_rope(k.view(b, t, self.n_kv_head, self.head_dim), rope).transpose(1, 2)
         v = v.view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
         if use_cache:
-            self.k_cache[:b, :, pos] = k
-            self.v_cache[:b, :, pos] = v
-            kv_len = mask.shape[-1]
-            k, v = self.k_cache[:b, :, :kv_len], self.v_cache[:b, :, :kv_len]
+            write_kv(self, b, pos, k, v)
+            k, v = read_kv(self, b, mask.shape[-1], q.dtype)
         if self.n_kv_head != self.n_head:
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
@@ -370,8 +369,9 @@ class LlamaGen(nn.Module):
         dtype = dtype or self.tok_embeddings.weight.dtype
         shape = (batch_size, cfg.kv_heads, cfg.seq_len, cfg.head_dim)
         for layer in self.layers:
-            layer.attention.k_cache = torch.zeros(shape, dtype=dtype, device=self.rope.device)
-            layer.attention.v_cache = torch.zeros(shape, dtype=dtype, device=self.rope.device)
+            attn = layer.attention
+            attn.k_cache = torch.zeros(shape, dtype=cache_dtype(attn, dtype), device=self.rope.device)
+            attn.v_cache = torch.zeros(shape, dtype=cache_dtype(attn, dtype), device=self.rope.device)
 
     def clear_caches(self) -> None:
         for layer in self.layers:

@@ -45,7 +45,7 @@ from torch.nn import functional as F
 
 from quantcore.errors import ConfigError
 from quantcore.models.common import ModelEntry, draw, filter_logits, modulate
-from quantcore.nn import Linear, MatMul
+from quantcore.nn import Linear, MatMul, cache_dtype, read_kv, write_kv
 from quantcore.quant.layout import AdaLNRows, FoldSite, QuantLayout
 
 PREFIX = 2  # cls token and class token in front of the image tokens
@@ -173,6 +173,7 @@ class Attention(nn.Module):
         self.matmul_pv = MatMul()
         self.register_buffer("k_cache", None, persistent=False)
         self.register_buffer("v_cache", None, persistent=False)
+        self.kv_codec = None  # 8-bit cache storage (quantcore.nn.KVCodec), set by to_real
 
     def forward(
         self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, use_cache: bool
@@ -181,9 +182,8 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x, pos).view(b, t, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
         if use_cache:
-            self.k_cache[:b, :, pos] = k
-            self.v_cache[:b, :, pos] = v
-            k, v = self.k_cache[:b, :, : mask.shape[-1]], self.v_cache[:b, :, : mask.shape[-1]]
+            write_kv(self, b, pos, k, v)
+            k, v = read_kv(self, b, mask.shape[-1], q.dtype)
         scores = self.matmul_qk(q, k.transpose(-2, -1)) / math.sqrt(self.head_dim)
         probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
         out = self.matmul_pv(probs, v).transpose(1, 2).reshape(b, t, d)
@@ -280,9 +280,11 @@ class RAR(nn.Module):
         cfg = self.config
         dtype = dtype or self.embeddings.weight.dtype
         shape = (batch_size, cfg.n_head, cfg.seq_len, cfg.head_dim)
+        device = self.embeddings.weight.device
         for block in self.blocks:
-            block.attn.k_cache = torch.zeros(shape, dtype=dtype, device=self.embeddings.weight.device)
-            block.attn.v_cache = torch.zeros(shape, dtype=dtype, device=self.embeddings.weight.device)
+            attn = block.attn
+            attn.k_cache = torch.zeros(shape, dtype=cache_dtype(attn, dtype), device=device)
+            attn.v_cache = torch.zeros(shape, dtype=cache_dtype(attn, dtype), device=device)
 
     def clear_caches(self) -> None:
         for block in self.blocks:

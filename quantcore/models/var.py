@@ -58,7 +58,7 @@ from torch.nn import functional as F
 
 from quantcore.errors import ConfigError
 from quantcore.models.common import ModelEntry, draw, modulate
-from quantcore.nn import Linear, MatMul
+from quantcore.nn import Linear, MatMul, cache_dtype, read_kv, write_kv
 from quantcore.quant.layout import AdaLNRows, FoldSite, QuantLayout
 from quantcore.tokenizers.var_vqvae import OFFICIAL_PATCH_NUMS
 
@@ -227,6 +227,7 @@ class SelfAttention(nn.Module):
         self.matmul_pv = MatMul()
         self.register_buffer("k_cache", None, persistent=False)
         self.register_buffer("v_cache", None, persistent=False)
+        self.kv_codec = None  # 8-bit cache storage (quantcore.nn.KVCodec), set by to_real
 
     def qkv_bias(self) -> torch.Tensor:
         """The checkpoint's qkv bias, added after mat_qkv (which holds only folded-in bias)."""
@@ -241,11 +242,10 @@ class SelfAttention(nn.Module):
         q = F.normalize(q, dim=-1).mul(self.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp())
         k = F.normalize(k, dim=-1)
         if use_cache:
-            self.k_cache[:b, :, pos] = k
-            self.v_cache[:b, :, pos] = v
+            write_kv(self, b, pos, k, v)
             # the bias spans every cached key; without one, up to the last position
             kv_len = attn_bias.shape[-1] if attn_bias is not None else int(pos.max()) + 1
-            k, v = self.k_cache[:b, :, :kv_len], self.v_cache[:b, :, :kv_len]
+            k, v = read_kv(self, b, kv_len, q.dtype)
         scores = self.matmul_qk(q, k.transpose(-2, -1))  # attn_l2_norm: scale 1
         if attn_bias is not None:
             scores = scores + attn_bias.to(scores.dtype)
@@ -382,8 +382,9 @@ class VAR(nn.Module):
         dtype = dtype or self.pos_1LC.dtype
         shape = (batch_size, cfg.num_heads, cfg.seq_len, cfg.head_dim)
         for block in self.blocks:
-            block.attn.k_cache = torch.zeros(shape, dtype=dtype, device=self.pos_1LC.device)
-            block.attn.v_cache = torch.zeros(shape, dtype=dtype, device=self.pos_1LC.device)
+            attn = block.attn
+            attn.k_cache = torch.zeros(shape, dtype=cache_dtype(attn, dtype), device=self.pos_1LC.device)
+            attn.v_cache = torch.zeros(shape, dtype=cache_dtype(attn, dtype), device=self.pos_1LC.device)
 
     def clear_caches(self) -> None:
         for block in self.blocks:

@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from quantcore.errors import ConfigError
+from quantcore.nn import KVCodec
 from quantcore.quant.modules import QuantLinear, QuantMatMul, iter_quant_modules, swap_module
 from quantcore.quant.quantizer import UniformQuantizer
 
@@ -386,7 +387,9 @@ def to_real(
 
     `w8a8` picks the GPU W8A8 path: "int8" (exact codes), "fp8", or "auto" (per (K, N) shape, the
     faster at `tune_rows` input rows, timed once here so that the choice is fixed and recorded).
-    Layers that stay simulated are listed with the reason; attention matmuls always stay simulated.
+    Layers that stay simulated are listed with the reason; attention matmuls always stay simulated,
+    and where their K and V quantizers are static per-tensor the KV cache stores their 8-bit codes
+    (`kv_cache` in the matmuls' entries; quantcore.nn.KVCodec).
     """
     if w8a8 not in W8A8_CHOICES:
         raise ConfigError(f"w8a8 must be one of {W8A8_CHOICES}, got {w8a8!r}")
@@ -409,7 +412,29 @@ def to_real(
         real = RealQuantLinear.from_quant_linear(module, path)
         swap_module(model, name, real)
         report[name] = real.describe_execution() | ({"reason": reason} if reason else {})
+    for name, module in model.named_modules():
+        if hasattr(module, "kv_codec"):
+            module.kv_codec, reason = kv_codec_for(module)
+            for matmul in ("matmul_qk", "matmul_pv"):
+                if f"{name}.{matmul}" in report:
+                    cache = "8-bit codes" if module.kv_codec is not None else f"model dtype ({reason})"
+                    report[f"{name}.{matmul}"]["kv_cache"] = cache
     return report
+
+
+def kv_codec_for(attention: nn.Module) -> tuple[KVCodec | None, str]:
+    """An 8-bit K/V cache codec when both cached operands meet static per-tensor <= 8-bit quantizers."""
+    matmuls = (getattr(attention, "matmul_qk", None), getattr(attention, "matmul_pv", None))
+    if not all(isinstance(m, QuantMatMul) for m in matmuls):
+        return None, "the attention matmuls are not quantized"
+    quantizers = tuple(m.b_quantizer for m in matmuls)
+    for q in quantizers:
+        static = isinstance(q, UniformQuantizer) and q.mode == "on" and q.granularity == "tensor"
+        if not static or q.n_bits > 8 or not bool(q.initialized):
+            return None, "K or V is not quantized static per-tensor at <= 8 bits"
+        if q.passthrough is not None and q.passthrough.numel():
+            return None, "sink positions of K or V stay in FP"
+    return KVCodec(*quantizers), ""
 
 
 def plan_execution(model: nn.Module, device: str | torch.device = "cpu") -> dict[str, dict]:
