@@ -699,7 +699,9 @@ def cpu_markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("target", choices=("gpu", "cpu", "report"))
-    parser.add_argument("parts", nargs="*", type=Path, help="report: the gpu part files to merge")
+    parser.add_argument(
+        "parts", nargs="*", type=Path, help="report: gpu part files or merged reports to merge"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent)
     parser.add_argument("--machine", default=None, help="name in the result files (default: the card / cpu)")
     parser.add_argument("--models", default=",".join(GPU_MODELS))
@@ -734,7 +736,10 @@ def main(argv: list[str] | None = None) -> int:
         print(gpu_markdown({"parts": [part], "targets": targets([part])}))
         return 0
     if args.target == "report":
-        parts = [json.loads(p.read_text()) for p in args.parts]
+        parts = []
+        for path in args.parts:  # a part file, or an earlier merged report (its parts are kept)
+            data = json.loads(path.read_text())
+            parts += data["parts"] if "parts" in data else [data]
         result = {"parts": parts, "targets": targets(parts)}
         machine = args.machine or parts[0]["machine"]["gpu"].replace(" ", "-").lower()
         markdown = gpu_markdown(result)
