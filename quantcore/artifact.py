@@ -69,6 +69,7 @@ def _packed_model_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor]
 
 def _unpack_weights(state: dict[str, torch.Tensor], storage: dict[str, dict]) -> None:
     """In place: `<layer>.weight_codes` -> `<layer>.weight` = (q - z) * s in the recorded dtype."""
+    from quantcore.quant.quantizer import dequantize_codes
     from quantcore.quant.real import unpack_codes
 
     for name, meta in storage.items():
@@ -77,7 +78,7 @@ def _unpack_weights(state: dict[str, torch.Tensor], storage: dict[str, dict]) ->
         codes = packed if meta["packing"] == 8 else unpack_codes(packed, meta["packing"], k)
         scale = state[f"{name}.weight_quantizer.scale"].float()
         zero = state[f"{name}.weight_quantizer.zero_point"].float()
-        weight = (codes.float() - zero[:, None]) * scale[:, None]
+        weight = dequantize_codes(codes, scale[:, None], zero[:, None])
         state[f"{name}.weight"] = weight.to(getattr(torch, meta["dtype"].removeprefix("torch."))).reshape(
             n, k
         )

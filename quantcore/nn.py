@@ -27,31 +27,20 @@ class MatMul(nn.Module):
         return a @ b
 
 
-class KVCodec:
-    """8-bit storage for a layer's K/V cache, from the attention matmuls' own per-tensor quantizers.
-
-    The cache then holds the codes q = clamp(round(x / s) + z, 0, 2^b - 1) (uint8) instead of x, and reads
-    back (q - z) s: exactly what the matmul's quantizer makes of x anyway (it re-quantizes that to the
-    same codes), at a half (bf16) or a quarter (fp32) of the bytes. Attached by
-    `quantcore.quant.real.to_real`; a plain object, so the quantizers stay owned by their matmuls.
-    """
-
-    def __init__(self, k_quantizer: nn.Module, v_quantizer: nn.Module):
-        self.quantizers = (k_quantizer, v_quantizer)
-
-    def encode(self, x: torch.Tensor, which: int) -> torch.Tensor:
-        q = self.quantizers[which]
-        codes = torch.round(x.float() / q.scale) + q.zero_point.float()
-        return torch.clamp(codes, 0, 2**q.n_bits - 1).to(torch.uint8)
-
-    def decode(self, codes: torch.Tensor, which: int, dtype: torch.dtype) -> torch.Tensor:
-        q = self.quantizers[which]
-        return ((codes.float() - q.zero_point.float()) * q.scale).to(dtype)
+# The K/V cache of an attention layer lives in its `k_cache` / `v_cache` (B, H, L, D); with a
+# `kv_codec` (quantcore.quant.real.KVCodec) they hold 8-bit codes instead of the model dtype.
 
 
-def cache_dtype(attention: nn.Module, dtype: torch.dtype) -> torch.dtype:
-    """What `setup_caches` allocates for this attention layer: its codes' uint8, or the model dtype."""
-    return torch.uint8 if getattr(attention, "kv_codec", None) is not None else dtype
+def allocate_kv_caches(attentions, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
+    for attention in attentions:
+        stored = torch.uint8 if attention.kv_codec is not None else dtype
+        attention.k_cache = torch.zeros(shape, dtype=stored, device=device)
+        attention.v_cache = torch.zeros(shape, dtype=stored, device=device)
+
+
+def free_kv_caches(attentions) -> None:
+    for attention in attentions:
+        attention.k_cache = attention.v_cache = None
 
 
 def write_kv(attention: nn.Module, b: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -37,7 +37,7 @@ from torch.nn import functional as F
 
 from quantcore.errors import ConfigError
 from quantcore.models.common import ModelEntry, draw, filter_logits
-from quantcore.nn import Linear, MatMul, cache_dtype, read_kv, write_kv
+from quantcore.nn import Linear, MatMul, allocate_kv_caches, free_kv_caches, read_kv, write_kv
 from quantcore.quant.layout import FoldSite, QuantLayout
 
 
@@ -269,7 +269,7 @@ class Attention(nn.Module):
         self.matmul_pv = MatMul()
         self.register_buffer("k_cache", None, persistent=False)
         self.register_buffer("v_cache", None, persistent=False)
-        self.kv_codec = None  # 8-bit cache storage (quantcore.nn.KVCodec), set by to_real
+        self.kv_codec = None  # 8-bit cache storage (quantcore.quant.real.KVCodec), set by to_real
 
     def forward(
         self, x: torch.Tensor, pos: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor, use_cache: bool
@@ -368,14 +368,10 @@ class LlamaGen(nn.Module):
         cfg = self.config
         dtype = dtype or self.tok_embeddings.weight.dtype
         shape = (batch_size, cfg.kv_heads, cfg.seq_len, cfg.head_dim)
-        for layer in self.layers:
-            attn = layer.attention
-            attn.k_cache = torch.zeros(shape, dtype=cache_dtype(attn, dtype), device=self.rope.device)
-            attn.v_cache = torch.zeros(shape, dtype=cache_dtype(attn, dtype), device=self.rope.device)
+        allocate_kv_caches([layer.attention for layer in self.layers], shape, dtype, self.rope.device)
 
     def clear_caches(self) -> None:
-        for layer in self.layers:
-            layer.attention.k_cache = layer.attention.v_cache = None
+        free_kv_caches([layer.attention for layer in self.layers])
 
     # -- the transformer -------------------------------------------------------------------------------
 

@@ -45,7 +45,7 @@ from torch.nn import functional as F
 
 from quantcore.errors import ConfigError
 from quantcore.models.common import ModelEntry, draw, filter_logits, modulate
-from quantcore.nn import Linear, MatMul, cache_dtype, read_kv, write_kv
+from quantcore.nn import Linear, MatMul, allocate_kv_caches, free_kv_caches, read_kv, write_kv
 from quantcore.quant.layout import AdaLNRows, FoldSite, QuantLayout
 
 PREFIX = 2  # cls token and class token in front of the image tokens
@@ -173,7 +173,7 @@ class Attention(nn.Module):
         self.matmul_pv = MatMul()
         self.register_buffer("k_cache", None, persistent=False)
         self.register_buffer("v_cache", None, persistent=False)
-        self.kv_codec = None  # 8-bit cache storage (quantcore.nn.KVCodec), set by to_real
+        self.kv_codec = None  # 8-bit cache storage (quantcore.quant.real.KVCodec), set by to_real
 
     def forward(
         self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, use_cache: bool
@@ -280,15 +280,10 @@ class RAR(nn.Module):
         cfg = self.config
         dtype = dtype or self.embeddings.weight.dtype
         shape = (batch_size, cfg.n_head, cfg.seq_len, cfg.head_dim)
-        device = self.embeddings.weight.device
-        for block in self.blocks:
-            attn = block.attn
-            attn.k_cache = torch.zeros(shape, dtype=cache_dtype(attn, dtype), device=device)
-            attn.v_cache = torch.zeros(shape, dtype=cache_dtype(attn, dtype), device=device)
+        allocate_kv_caches([block.attn for block in self.blocks], shape, dtype, self.embeddings.weight.device)
 
     def clear_caches(self) -> None:
-        for block in self.blocks:
-            block.attn.k_cache = block.attn.v_cache = None
+        free_kv_caches([block.attn for block in self.blocks])
 
     # -- the transformer -----------------------------------------------------------------------------
 

@@ -58,7 +58,7 @@ from torch.nn import functional as F
 
 from quantcore.errors import ConfigError
 from quantcore.models.common import ModelEntry, draw, modulate
-from quantcore.nn import Linear, MatMul, cache_dtype, read_kv, write_kv
+from quantcore.nn import Linear, MatMul, allocate_kv_caches, free_kv_caches, read_kv, write_kv
 from quantcore.quant.layout import AdaLNRows, FoldSite, QuantLayout
 from quantcore.tokenizers.var_vqvae import OFFICIAL_PATCH_NUMS
 
@@ -227,7 +227,7 @@ class SelfAttention(nn.Module):
         self.matmul_pv = MatMul()
         self.register_buffer("k_cache", None, persistent=False)
         self.register_buffer("v_cache", None, persistent=False)
-        self.kv_codec = None  # 8-bit cache storage (quantcore.nn.KVCodec), set by to_real
+        self.kv_codec = None  # 8-bit cache storage (quantcore.quant.real.KVCodec), set by to_real
 
     def qkv_bias(self) -> torch.Tensor:
         """The checkpoint's qkv bias, added after mat_qkv (which holds only folded-in bias)."""
@@ -381,14 +381,10 @@ class VAR(nn.Module):
         cfg = self.config
         dtype = dtype or self.pos_1LC.dtype
         shape = (batch_size, cfg.num_heads, cfg.seq_len, cfg.head_dim)
-        for block in self.blocks:
-            attn = block.attn
-            attn.k_cache = torch.zeros(shape, dtype=cache_dtype(attn, dtype), device=self.pos_1LC.device)
-            attn.v_cache = torch.zeros(shape, dtype=cache_dtype(attn, dtype), device=self.pos_1LC.device)
+        allocate_kv_caches([block.attn for block in self.blocks], shape, dtype, self.pos_1LC.device)
 
     def clear_caches(self) -> None:
-        for block in self.blocks:
-            block.attn.k_cache = block.attn.v_cache = None
+        free_kv_caches([block.attn for block in self.blocks])
 
     # -- the transformer -----------------------------------------------------------------------------
 

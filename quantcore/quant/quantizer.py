@@ -45,10 +45,22 @@ def _tracing_or_capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+def quantize_codes(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, n_bits: int
+) -> torch.Tensor:
+    """The integer codes clamp(round(x / s) + z, 0, 2^b - 1), as float; s and z broadcast against x.
+    The one rounding every path shares: simulation, the integer kernels, stored weights, the KV cache."""
+    return torch.clamp(torch.round(x / scale) + zero_point, 0, 2**n_bits - 1)
+
+
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """(q - z) * s, as float."""
+    return (codes.float() - zero_point) * scale
+
+
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, n_bits: int) -> torch.Tensor:
     """Asymmetric uniform quantize-dequantize; `scale` and `zero_point` broadcast against `x`."""
-    q = torch.clamp(torch.round(x / scale) + zero_point, 0, 2**n_bits - 1)
-    return (q - zero_point) * scale
+    return dequantize_codes(quantize_codes(x, scale, zero_point, n_bits), scale, zero_point)
 
 
 def params_from_range(

@@ -29,9 +29,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from quantcore.errors import ConfigError
-from quantcore.nn import KVCodec
 from quantcore.quant.modules import QuantLinear, QuantMatMul, iter_quant_modules, swap_module
-from quantcore.quant.quantizer import UniformQuantizer
+from quantcore.quant.quantizer import UniformQuantizer, dequantize_codes, quantize_codes
 
 PATHS = ("int8-cpu", "int8-gpu", "fp8-gpu", "w8-gpu", "w4-gpu", "simulated")
 W8A8_CHOICES = ("auto", "int8", "fp8")
@@ -89,8 +88,7 @@ def weight_codes(ql: QuantLinear) -> torch.Tensor:
     """The integer weight codes q_w in 0..2^b-1 exactly as the simulated path rounds them (int32)."""
     wq = ql.weight_quantizer
     w = ql.weight.detach().float()
-    q = torch.round(w / wq.scale[:, None]) + wq.zero_point.float()[:, None]
-    return torch.clamp(q, 0, 2**wq.n_bits - 1).to(torch.int32)
+    return quantize_codes(w, wq.scale[:, None], wq.zero_point.float()[:, None], wq.n_bits).to(torch.int32)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -128,10 +126,11 @@ class RealQuantLinear(nn.Module):
         module = kinds[path](ql, path)
         return module.to(ql.weight.device)
 
-    def _act_params(self, xf: torch.Tensor, pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row (scale, zero-point) of the flattened (M, K) input, as float (M,) tensors."""
-        scale, zp = self.input_quantizer.params_for(xf, pos)
-        rows = xf.shape[:-1] + (1,)
+    def _act_params(self, x: torch.Tensor, pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row (scale, zero-point) of the flattened (M, K) input, as float (M,) tensors (dynamic
+        per-token ranges read x's min/max, which any float dtype holds exactly)."""
+        scale, zp = self.input_quantizer.params_for(x, pos)
+        rows = x.shape[:-1] + (1,)
         return scale.expand(rows).reshape(-1), zp.expand(rows).reshape(-1)
 
     def _finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -162,7 +161,6 @@ class Int8Linear(RealQuantLinear):
         self.path = path
         aq = ql.input_quantizer
         self.a_bits = aq.n_bits
-        self.a_qmax = 2**aq.n_bits - 1
         # Centre unsigned codes on zero so they fit int8 (any offset works; it cancels exactly).
         self.a_offset = 2 ** (aq.n_bits - 1)
         w_offset = 2 ** (self.w_bits - 1)
@@ -181,12 +179,11 @@ class Int8Linear(RealQuantLinear):
             self.register_buffer("w_zp_float", w_zp.float())
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
-        xf = x.float()
-        scale, zp = self._act_params(xf, pos)
-        xf = xf.reshape(-1, self.in_features)
-        if self.path == "int8-gpu" and xf.shape[0] <= FUSED_DECODE_ROWS:
+        scale, zp = self._act_params(x, pos)
+        x2 = x.reshape(-1, self.in_features)
+        if self.path == "int8-gpu" and x2.shape[0] <= FUSED_DECODE_ROWS:  # quantizes x in the kernel
             y = torch.ops.quantcore.a8_linear(
-                x.reshape(-1, self.in_features),
+                x2,
                 scale,
                 zp,
                 self.qweight,
@@ -197,8 +194,9 @@ class Int8Linear(RealQuantLinear):
                 self.a_bits,
             )
             return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        q = torch.clamp(torch.round(xf / scale[:, None]) + zp[:, None], 0, self.a_qmax) - self.a_offset
-        a = q.to(torch.int8)
+        a = (quantize_codes(x2.float(), scale[:, None], zp[:, None], self.a_bits) - self.a_offset).to(
+            torch.int8
+        )
         m = a.shape[0]
         acc = torch._int_mm(self._pad_k(a), self.qweight.t())[:m, : self.out_features]
         rowsum = a.sum(1, dtype=torch.int32)
@@ -237,7 +235,7 @@ class Fp8Linear(RealQuantLinear):
         aq = ql.input_quantizer
         self.a_bits, self.a_qmax = aq.n_bits, 2**aq.n_bits - 1
         wq = ql.weight_quantizer
-        w_hat = (weight_codes(ql) - wq.zero_point.to(torch.int32)[:, None]).float() * wq.scale[:, None]
+        w_hat = dequantize_codes(weight_codes(ql), wq.scale[:, None], wq.zero_point.float()[:, None])
         row_scale = (w_hat.abs().amax(1) / E4M3_MAX).clamp(min=1e-12)
         self.register_buffer("qweight", (w_hat / row_scale[:, None]).to(torch.float8_e4m3fn))
         self.register_buffer("w8_scale", row_scale[None, :].contiguous())
@@ -292,6 +290,27 @@ class WeightOnlyLinear(RealQuantLinear):
         if self.w_bits == 6:
             out["note"] = "6-bit codes resident as int8 (the 8-bit kernel); packed_bytes is the stored size"
         return out
+
+
+class KVCodec:
+    """8-bit storage for a layer's K/V cache, from the attention matmuls' own per-tensor quantizers.
+
+    The cache then holds the codes q = clamp(round(x / s) + z, 0, 2^b - 1) (uint8) instead of x, and reads
+    back (q - z) s: exactly what the matmul's quantizer makes of x anyway (it re-quantizes that to the
+    same codes), at a half (bf16) or a quarter (fp32) of the bytes. Attached by `to_real`; a plain
+    object, so the quantizers stay owned by their matmuls.
+    """
+
+    def __init__(self, k_quantizer: nn.Module, v_quantizer: nn.Module):
+        self.quantizers = (k_quantizer, v_quantizer)
+
+    def encode(self, x: torch.Tensor, which: int) -> torch.Tensor:
+        q = self.quantizers[which]
+        return quantize_codes(x.float(), q.scale, q.zero_point.float(), q.n_bits).to(torch.uint8)
+
+    def decode(self, codes: torch.Tensor, which: int, dtype: torch.dtype) -> torch.Tensor:
+        q = self.quantizers[which]
+        return dequantize_codes(codes, q.scale, q.zero_point.float()).to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -389,7 +408,7 @@ def to_real(
     faster at `tune_rows` input rows, timed once here so that the choice is fixed and recorded).
     Layers that stay simulated are listed with the reason; attention matmuls always stay simulated,
     and where their K and V quantizers are static per-tensor the KV cache stores their 8-bit codes
-    (`kv_cache` in the matmuls' entries; quantcore.nn.KVCodec).
+    (`kv_cache` in the matmuls' entries; KVCodec).
     """
     if w8a8 not in W8A8_CHOICES:
         raise ConfigError(f"w8a8 must be one of {W8A8_CHOICES}, got {w8a8!r}")
