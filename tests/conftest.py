@@ -1,3 +1,4 @@
+import copy
 import warnings
 
 import pytest
@@ -22,3 +23,26 @@ def random_llamagen(name: str, seed: int = 0, dtype=torch.float32, std: float = 
         for p in model.parameters():
             p.normal_(0.0, std)
     return model
+
+
+def layer_errors(sim, real, report, calib, ref_dtype=torch.float64) -> dict[str, float]:
+    """Per layer `report` converted: max |real - sim| / max |sim| on the inputs a teacher-forced pass of
+    the simulated model gives it, the simulation run in `ref_dtype`."""
+    inputs = {}
+    hooks = [
+        sim.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: inputs.__setitem__(n, a))
+        for n, e in report.items()
+        if e["path"] != "simulated"
+    ]
+    device = next(sim.parameters()).device
+    with torch.no_grad():
+        sim.sequence_logits(calib.classes[:4].to(device), calib.tokens[:4].to(device))
+        for h in hooks:
+            h.remove()
+        ref_model = copy.deepcopy(sim).to(ref_dtype)
+        errors = {}
+        for name, (x, pos) in inputs.items():
+            ref = ref_model.get_submodule(name)(x.to(ref_dtype), pos).double()
+            got = real.get_submodule(name)(x, pos).double()
+            errors[name] = float((got - ref).abs().max() / ref.abs().max())
+    return errors

@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import random_llamagen
+from conftest import layer_errors, random_llamagen
 from quantcore.api import load_generator, quantize_job
 from quantcore.calib import CalibrationSpec, build_calibration_set
 from quantcore.cli import main as cli_main
@@ -45,30 +45,6 @@ def _quantized(calibrated, name, preset="ptq4arvg", bits=(8, 8)):
     return model, calib
 
 
-def _layer_errors(sim, real, report, calib):
-    """Per converted layer: max |real - sim64| / max |sim64| on its teacher-forced inputs."""
-    inputs = {}
-    hooks = [
-        sim.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: inputs.__setitem__(n, a))
-        for n, e in report.items()
-        if e["path"] != "simulated"
-    ]
-    with torch.no_grad():
-        sim.sequence_logits(calib.classes[:4], calib.tokens[:4])
-        for h in hooks:
-            h.remove()
-        sim64 = copy.deepcopy(sim).double()
-        return {
-            n: float(
-                (real.get_submodule(n)(x, pos).double() - (ref := sim64.get_submodule(n)(x.double(), pos)))
-                .abs()
-                .max()
-                / ref.abs().max()
-            )
-            for n, (x, pos) in inputs.items()
-        }
-
-
 @pytest.mark.parametrize("name", ["llamagen-tiny", "par-tiny"])
 @pytest.mark.parametrize("bits", [(8, 8), (6, 6)])
 def test_int8_layers_equal_simulation_and_tokens_agree(calibrated, name, bits):
@@ -78,7 +54,7 @@ def test_int8_layers_equal_simulation_and_tokens_agree(calibrated, name, bits):
     linears = {n for n, m in iter_quant_modules(sim) if not isinstance(m, QuantMatMul)}
     assert {n for n, e in report.items() if e["path"] == "int8-cpu"} == linears
     assert all(isinstance(real.get_submodule(n), Int8Linear) for n in linears)
-    errors = _layer_errors(sim, real, report, calib)
+    errors = layer_errors(sim, real, report, calib)
     assert len(errors) == len(linears) and max(errors.values()) <= EXACT, errors
     classes, seeds = torch.arange(8) % 10, list(range(8))
     ref = generate_tokens(sim, classes, seeds, cfg_scale=2.0)
@@ -117,7 +93,7 @@ def test_dynamic_token_acts_run_exactly(calibrated):
     real = copy.deepcopy(sim)
     report = to_real(real)
     assert "int8-cpu" in {e["path"] for e in report.values()}
-    assert max(_layer_errors(sim, real, report, calib).values()) <= EXACT
+    assert max(layer_errors(sim, real, report, calib).values()) <= EXACT
 
 
 @pytest.mark.parametrize("bits", [4, 6])

@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 
-from conftest import random_llamagen
+from conftest import layer_errors, random_llamagen
 from quantcore.calib import CalibrationSpec, build_calibration_set
 from quantcore.models.llamagen import generate_tokens
 from quantcore.pipeline import quantize
@@ -31,27 +31,6 @@ def _quantized(w_bits, a_bits, dtype=torch.float32):
     return model.to("cuda", dtype), calib
 
 
-def _layer_errors(sim, real, report, calib, ref_dtype):
-    """Per real layer: max |real - sim| / max |sim| on the inputs a teacher-forced pass gives it."""
-    inputs = {}
-    hooks = [
-        sim.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: inputs.__setitem__(n, a))
-        for n, e in report.items()
-        if e["path"] != "simulated"
-    ]
-    with torch.no_grad():
-        sim.sequence_logits(calib.classes[:4].cuda(), calib.tokens[:4].cuda())
-        for h in hooks:
-            h.remove()
-        ref_model = copy.deepcopy(sim).to(ref_dtype)
-        errors = {}
-        for name, (x, pos) in inputs.items():
-            ref = ref_model.get_submodule(name)(x.to(ref_dtype), pos).double()
-            got = real.get_submodule(name)(x, pos).double()
-            errors[name] = float((got - ref).abs().max() / ref.abs().max())
-    return errors
-
-
 @pytest.mark.parametrize("w8a8", ["int8", "fp8"])
 def test_w8a8_layers_agree_with_simulation(w8a8):
     sim, calib = _quantized(8, 8)
@@ -61,7 +40,7 @@ def test_w8a8_layers_agree_with_simulation(w8a8):
     report = to_real(real, w8a8=w8a8)
     paths = {e["path"] for e in report.values()}
     assert f"{w8a8}-gpu" in paths
-    errors = _layer_errors(sim, real, report, calib, torch.float64)
+    errors = layer_errors(sim, real, report, calib)
     limit = 1e-5 if w8a8 == "int8" else 8e-2
     assert max(errors.values()) < limit, errors
     classes, seeds = torch.arange(8, device="cuda") % 10, list(range(8))
@@ -80,7 +59,7 @@ def test_weight_only_kernels_agree_with_simulation(bits):
     real = copy.deepcopy(sim)
     report = to_real(real)
     assert {e["path"] for e in report.values()} == {f"w{bits}-gpu"}
-    errors = _layer_errors(sim, real, report, calib, torch.float64)
+    errors = layer_errors(sim, real, report, calib)
     assert max(errors.values()) < 2e-2, errors
 
 
