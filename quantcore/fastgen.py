@@ -23,11 +23,13 @@ equal the library sampler's up to float rounding (tested in float64 on CPU).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import MISSING, fields
 
 import torch
 from torch import nn
 
 from quantcore.errors import ConfigError
+from quantcore.models import family_module
 from quantcore.models.common import draw_from, filter_logits
 from quantcore.models.rar import PREFIX, cfg_schedule
 from quantcore.models.var import filter_logits as var_filter_logits  # VAR's official top-k/top-p
@@ -58,6 +60,12 @@ class _Plan(ABC):
     steps: int
     tokens: torch.Tensor
     model: nn.Module
+
+    def set_sampling(self, sampling: dict, guided: bool) -> None:
+        """Temperature and filtering, and the rows per step (cond + uncond halves when guided)."""
+        self.temperature = float(sampling["temperature"])
+        self.top_k, self.top_p = int(sampling["top_k"]), float(sampling["top_p"])
+        self.guided, self.rows = guided, 2 * self.batch if guided else self.batch
 
     def own_caches(self) -> None:
         """Keep the KV caches `setup_caches` just made: a captured graph writes to their addresses, and
@@ -92,11 +100,8 @@ class _LlamaGenPlan(_Plan):
             raise ConfigError("the fast sampler decodes raster LlamaGen only; PAR steps change width")
         self.model, self.batch = model, batch
         self.cfg_scale = float(sampling["cfg_scale"])
-        self.temperature = float(sampling.get("temperature", 1.0))
-        self.top_k, self.top_p = int(sampling.get("top_k", 0)), float(sampling.get("top_p", 1.0))
-        self.cfg_interval = int(sampling.get("cfg_interval", -1))
-        self.guided = self.cfg_scale > 1.0
-        self.rows = 2 * batch if self.guided else batch
+        self.cfg_interval = int(sampling["cfg_interval"])
+        self.set_sampling(sampling, guided=self.cfg_scale > 1.0)
         dev, dtype = model.rope.device, model.tok_embeddings.weight.dtype
         model.setup_caches(self.rows, dtype)
         self.own_caches()
@@ -141,10 +146,7 @@ class _RARPlan(_Plan):
         cfg = model.config
         self.model, self.batch = model, batch
         cfg_scale = float(sampling["cfg_scale"])
-        self.temperature = float(sampling.get("temperature", 1.0))
-        self.top_k, self.top_p = int(sampling.get("top_k", 0)), float(sampling.get("top_p", 1.0))
-        self.guided = cfg_scale != 0
-        self.rows = 2 * batch if self.guided else batch
+        self.set_sampling(sampling, guided=cfg_scale != 0)
         dev = model.embeddings.weight.device
         model.setup_caches(self.rows, model.embeddings.weight.dtype)
         self.own_caches()
@@ -201,12 +203,9 @@ class _VARPlan(_Plan):
         cfg = model.config
         self.model, self.batch = model, batch
         self.cfg_scale = float(sampling["cfg_scale"])
-        self.temperature = float(sampling.get("temperature", 1.0))
-        self.top_k, self.top_p = int(sampling.get("top_k", 900)), float(sampling.get("top_p", 0.96))
-        if sampling.get("more_smooth"):
+        if sampling["more_smooth"]:
             raise ConfigError("more_smooth=True has no token form; use more_smooth=False")
-        self.guided = self.cfg_scale != 0
-        self.rows = 2 * batch if self.guided else batch
+        self.set_sampling(sampling, guided=self.cfg_scale != 0)
         dev = model.pos_1LC.device
         model.setup_caches(self.rows, model.pos_1LC.dtype)
         self.own_caches()
@@ -283,6 +282,14 @@ class FastSampler:
         if batch < 1:
             raise ConfigError(f"batch must be >= 1, got {batch}")
         self.model, self.batch = model, batch
+        # the family's own defaults under the caller's keywords (as its generate_tokens takes them)
+        known = fields(family_module(family).SamplingDefaults)
+        unknown = sorted(set(sampling) - {f.name for f in known})
+        if unknown:
+            raise ConfigError(
+                f"unknown sampling parameter(s) {unknown} for {family}; known: {[f.name for f in known]}"
+            )
+        sampling = {f.name: f.default for f in known if f.default is not MISSING} | dict(sampling)
         self.plan = PLANS[family](model, batch, sampling, compile)
         device = self.plan.tokens.device
         self.graph = None

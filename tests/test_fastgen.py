@@ -54,6 +54,8 @@ def test_fast_sampler_refuses_what_it_cannot_do():
         FastSampler(model, 2, sampling, graph=True)
     with pytest.raises(ConfigError, match="batch must be >= 1"):
         FastSampler(model, 0, sampling)
+    with pytest.raises(ConfigError, match=r"unknown sampling parameter\(s\) \['top_q'\]"):
+        FastSampler(model, 2, {"cfg_scale": 2.0, "top_q": 0.9})
     par, par_spec = _model("tiny-par")
     with pytest.raises(ConfigError, match="raster LlamaGen only"):
         FastSampler(par, 1, par_spec.entry.sampling.to_dict())
