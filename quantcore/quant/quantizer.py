@@ -9,6 +9,7 @@ Parameters are plain buffers, so a state_dict of a quantizer loads into a fresh 
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -42,7 +43,12 @@ def _tracing_or_capturing() -> bool:
     would break the graph (checked once outside, on the warm-up call)."""
     if torch.compiler.is_compiling():
         return True
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return _cuda_available() and torch.cuda.is_current_stream_capturing()
+
+
+@functools.cache
+def _cuda_available() -> bool:  # asked on every quantizer forward: ask the driver once
+    return torch.cuda.is_available()
 
 
 def quantize_codes(
