@@ -213,3 +213,54 @@ def test_an_8bit_kv_cache_samples_exactly_what_the_simulated_cache_did(name):
     caches = [t for _, k, v in sampler.plan.caches for t in (k, v)]
     assert len(caches) == 2 * len(attentions) and all(t.dtype == torch.uint8 for t in caches)
     assert sampler.generate(classes, seeds).shape == plain.shape
+
+
+@pytest.mark.skipif(not shutil.which("g++"), reason="torch.compile on the CPU needs a C++ compiler")
+def test_fused_prologue_and_epilogue_equal_their_eager_form_at_every_row_count():
+    """The GPU runs the torch.compile twins of the elementwise passes (dynamic rows, one compile); run
+    here on the CPU, they must give the eager codes and outputs for any number of rows."""
+    from quantcore.quant.quantizer import fake_quant_input
+    from quantcore.quant.real import fp8_codes, int8_codes, int8_epilogue, kv_decode, kv_encode
+
+    g = torch.Generator().manual_seed(0)
+    k, n = 48, 40
+    w_colterm = torch.randint(-500, 500, (n,), generator=g, dtype=torch.int32)
+    w_zp = torch.randint(-3, 3, (n,), generator=g, dtype=torch.int32)
+    w_scale, bias = torch.rand(n, generator=g) * 0.01, torch.randn(n, generator=g)
+    for rows in (2, 7, 33, 130):
+        x = torch.randn(rows, k, generator=g).to(torch.bfloat16) * 3
+        scale, zp = (
+            torch.rand(rows, generator=g) * 0.05 + 0.01,
+            torch.randint(60, 200, (rows,), generator=g).float(),
+        )
+        a, rowsum = int8_codes.compiled(x, scale, zp, 8, 128)
+        a_ref, rowsum_ref = int8_codes.eager(x, scale, zp, 8, 128)
+        assert torch.equal(a, a_ref) and torch.equal(rowsum, rowsum_ref)
+        acc = torch.randint(-20000, 20000, (rows, n), generator=g, dtype=torch.int32)
+        args = (
+            acc,
+            (zp - 128).to(torch.int32),
+            rowsum,
+            w_colterm,
+            w_zp,
+            scale,
+            w_scale,
+            bias,
+            torch.bfloat16,
+        )
+        assert torch.equal(int8_epilogue.compiled(*args), int8_epilogue.eager(*args))
+        q, s8 = fp8_codes.compiled(x, scale, zp, 255)
+        q_ref, s8_ref = fp8_codes.eager(x, scale, zp, 255)
+        assert (
+            q.dtype == torch.float8_e4m3fn
+            and torch.equal(q.float(), q_ref.float())
+            and torch.equal(s8, s8_ref)
+        )
+        for s, z in ((scale[:, None], zp[:, None]), (scale[0], zp[0])):  # per token, per tensor
+            simulated = fake_quant_input.compiled(x, s, z, 8)
+            assert simulated.dtype == x.dtype and torch.equal(simulated, fake_quant_input.eager(x, s, z, 8))
+            codes = kv_encode.compiled(x, s, z, 8)
+            assert torch.equal(codes, kv_encode.eager(x, s, z, 8))
+            assert torch.equal(
+                kv_decode.compiled(codes, s, z, x.dtype), kv_decode.eager(codes, s, z, x.dtype)
+            )

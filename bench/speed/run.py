@@ -153,7 +153,7 @@ def time_generation(sampler: FastSampler, reps: int) -> float:
     return statistics.median(times)
 
 
-def bench_end_to_end(models, variants, reps, log, deadline: float, save) -> list[dict]:
+def bench_end_to_end(models, variants, reps, log, deadline: float, save, batches=None) -> list[dict]:
     rows = []
     for name in models:
         spec = get_spec(name)
@@ -166,7 +166,7 @@ def bench_end_to_end(models, variants, reps, log, deadline: float, save) -> list
             t0 = time.perf_counter()
             model, report = build_variant(name, variant, "cuda")
             built = time.perf_counter() - t0
-            for batch in BATCHES[spec.family]:
+            for batch in batches or BATCHES[spec.family]:
                 torch.cuda.reset_peak_memory_stats()
                 weights = model_bytes(model)  # no KV caches yet
                 leftover = torch.cuda.memory_allocated() - weights
@@ -195,6 +195,9 @@ def bench_end_to_end(models, variants, reps, log, deadline: float, save) -> list
                     "weights_gib": round(weights / 2**30, 3),
                     "leftover_gib": round(leftover / 2**30, 3),
                     "paths": summarize(report) if report else {"bf16": "all"},
+                    "kv_cache": "8-bit codes"
+                    if any(e.get("kv_cache") == "8-bit codes" for e in report.values())
+                    else "model dtype",
                     "build_s": round(built, 1),
                     "compile_capture_s": round(compiled, 1),
                     "compiled": spec.family not in EAGER_FAMILIES,
@@ -559,8 +562,10 @@ def gpu_markdown(result: dict) -> str:
         "Random weights; CFG on (2 x batch rows per step). Every variant, bf16 included, runs "
         "`quantcore.fastgen.FastSampler`: static KV caches, decoding replayed from a CUDA graph, and for "
         "LlamaGen and RAR torch.compile'd blocks, head and sampling (VAR: eager kernels, see its part). "
-        "Attention and the KV cache are bf16 in every variant. Peak memory is this run's own (weights, KV "
-        "caches, graph pool, workspaces). Ratios are within one part (one call, one card). "
+        "Weight-only variants keep attention and the KV cache in bf16; W8A8 variants quantize the attention "
+        "operands as the recipes do and cache K/V as 8-bit codes where a part says so (`kv_cache`). Peak "
+        "memory is this run's own (weights, KV caches, graph pool, workspaces). Ratios are within one part "
+        "(one call, one card). "
         "Reading the numbers: bench/speed/README.md.",
         "",
         "## Targets",
@@ -707,6 +712,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=",".join(GPU_MODELS))
     parser.add_argument("--variants", default=",".join(GPU_VARIANTS))
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--batches", default=None, help="comma-separated batch sizes (default: the family's)")
     parser.add_argument("--skip-gemms", action="store_true")
     parser.add_argument("--budget-s", type=float, default=480, help="start no new GPU variant after this")
     args = parser.parse_args(argv)
@@ -729,7 +735,13 @@ def main(argv: list[str] | None = None) -> int:
             path.write_text(json.dumps({**part, "end_to_end": rows}, indent=1))
 
         part["end_to_end"] = bench_end_to_end(
-            models, args.variants.split(","), args.reps, log, started + args.budget_s, save
+            models,
+            args.variants.split(","),
+            args.reps,
+            log,
+            started + args.budget_s,
+            save,
+            [int(b) for b in args.batches.split(",")] if args.batches else None,
         )
         part["seconds"] = round(time.perf_counter() - started, 1)
         path.write_text(json.dumps(part, indent=1))

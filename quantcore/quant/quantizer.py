@@ -69,6 +69,49 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, n
     return dequantize_codes(quantize_codes(x, scale, zero_point, n_bits), scale, zero_point)
 
 
+class FusedOnGPU:
+    """`fn` as written on the CPU; on CUDA tensors its `torch.compile` twin, which Inductor fuses into one
+    kernel per reduction. Run eagerly, a quantize step is ~6 passes over the activation (cast, divide,
+    round, shift, clamp, cast back) and on the GPU costs more than an 8-bit GEMM saves.
+
+    Rows are dynamic, so one compile serves every batch size and VAR scale; each other signature (rank,
+    dtype, bits) is one more graph, hence a recompile limit of our own rather than Dynamo's 8 per
+    function. Inside an outer compiled region `fn` is traced as it is, and fused there. Division is
+    IEEE-rounded as in eager (Triton's `/` is not): codes at a rounding midpoint must not move.
+    """
+
+    RECOMPILE_LIMIT = 64
+
+    def __init__(self, fn):
+        self.eager = fn
+        # A torch whose Inductor cannot round division as eager does keeps the eager passes.
+        exact = _inductor_rounds_division()
+        options = {"eager_numerics.division_rounding": True}
+        self.compiled = torch.compile(fn, dynamic=True, options=options) if exact else fn
+
+    def __call__(self, x: torch.Tensor, *args):
+        if not x.is_cuda or torch.compiler.is_compiling():
+            return self.eager(x, *args)
+        with torch._dynamo.config.patch(recompile_limit=self.RECOMPILE_LIMIT):
+            return self.compiled(x, *args)
+
+
+def _inductor_rounds_division() -> bool:
+    """Whether this torch's Inductor can emit IEEE division (`eager_numerics.division_rounding`)."""
+    from torch._inductor import config
+
+    return hasattr(getattr(config, "eager_numerics", None), "division_rounding")
+
+
+def _fake_quant_input(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, n_bits: int
+) -> torch.Tensor:
+    return fake_quant(x.float(), scale, zero_point, n_bits).to(x.dtype)
+
+
+fake_quant_input = FusedOnGPU(_fake_quant_input)
+
+
 def params_from_range(
     lo: torch.Tensor, hi: torch.Tensor, n_bits: int, include_zero: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -430,9 +473,8 @@ class UniformQuantizer(_ObservingQuantizer):
         return params_from_range(lo, hi, self.n_bits, self.include_zero)
 
     def quantize(self, x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
-        xf = x.float()
-        scale, zp = self.params_for(xf, pos)
-        return fake_quant(xf, scale, zp, self.n_bits)
+        scale, zp = self.params_for(x, pos)  # a dynamic range reads x's min/max: exact in any float dtype
+        return fake_quant_input(x, scale, zp, self.n_bits)
 
 
 def _num_params(

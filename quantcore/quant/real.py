@@ -30,7 +30,7 @@ from torch.nn import functional as F
 
 from quantcore.errors import ConfigError
 from quantcore.quant.modules import QuantLinear, QuantMatMul, iter_quant_modules, swap_module
-from quantcore.quant.quantizer import UniformQuantizer, dequantize_codes, quantize_codes
+from quantcore.quant.quantizer import FusedOnGPU, UniformQuantizer, dequantize_codes, quantize_codes
 
 PATHS = ("int8-cpu", "int8-gpu", "fp8-gpu", "w8-gpu", "w4-gpu", "simulated")
 W8A8_CHOICES = ("auto", "int8", "fp8")
@@ -92,6 +92,53 @@ def weight_codes(ql: QuantLinear) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------
+# The elementwise work around the GEMMs, fused on the GPU
+# ---------------------------------------------------------------------------------------------------
+
+
+def _int8_codes(x2: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int, offset: int):
+    """Activation codes centred into int8 and their row sums (the zero-point correction needs them)."""
+    a = (quantize_codes(x2.float(), scale[:, None], zp[:, None], bits) - offset).to(torch.int8)
+    return a, a.sum(1, dtype=torch.int32)
+
+
+def _int8_epilogue(acc, x_zp, rowsum, w_colterm, w_zp, scale, w_scale, bias, dtype: torch.dtype):
+    """int32 sums -> (q_x - z_x)(q_w - z_w) summed, times both scales, plus bias, in the output dtype."""
+    acc = acc - x_zp[:, None] * w_colterm - rowsum[:, None] * w_zp
+    y = acc.float() * (scale[:, None] * w_scale)
+    return (y if bias is None else y + bias).to(dtype)
+
+
+def _fp8_codes(x2: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmax: int):
+    """Each row clipped to its calibrated range, scaled so the range's larger end is e4m3's 448."""
+    lo, hi = (-zp * scale)[:, None], ((qmax - zp) * scale)[:, None]
+    s8 = (torch.maximum(lo.abs(), hi.abs()) / E4M3_MAX).clamp(min=1e-12)
+    return (torch.clamp(x2.float(), lo, hi) / s8).to(torch.float8_e4m3fn), s8
+
+
+def _add_bias(y: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    return (y if bias is None else y + bias).to(dtype)
+
+
+def _kv_encode(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int) -> torch.Tensor:
+    return quantize_codes(x.float(), scale, zp, bits).to(torch.uint8)
+
+
+def _kv_decode(
+    codes: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    return dequantize_codes(codes, scale, zp).to(dtype)
+
+
+int8_codes = FusedOnGPU(_int8_codes)
+int8_epilogue = FusedOnGPU(_int8_epilogue)
+fp8_codes = FusedOnGPU(_fp8_codes)
+add_bias = FusedOnGPU(_add_bias)
+kv_encode = FusedOnGPU(_kv_encode)
+kv_decode = FusedOnGPU(_kv_decode)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Modules
 # ---------------------------------------------------------------------------------------------------
 
@@ -132,11 +179,6 @@ class RealQuantLinear(nn.Module):
         scale, zp = self.input_quantizer.params_for(x, pos)
         rows = x.shape[:-1] + (1,)
         return scale.expand(rows).reshape(-1), zp.expand(rows).reshape(-1)
-
-    def _finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def resident_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers()) + sum(
@@ -194,16 +236,14 @@ class Int8Linear(RealQuantLinear):
                 self.a_bits,
             )
             return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        a = (quantize_codes(x2.float(), scale[:, None], zp[:, None], self.a_bits) - self.a_offset).to(
-            torch.int8
-        )
+        a, rowsum = int8_codes(x2, scale, zp, self.a_bits, self.a_offset)
         m = a.shape[0]
         acc = torch._int_mm(self._pad_k(a), self.qweight.t())[:m, : self.out_features]
-        rowsum = a.sum(1, dtype=torch.int32)
-        z_x = (zp - self.a_offset).to(torch.int32)
-        acc = acc - z_x[:, None] * self.w_colterm - rowsum[:, None] * self.w_zp
-        y = acc.float() * (scale[:, None] * self.w_scale)
-        return self._finish(y, x)
+        x_zp = (zp - self.a_offset).to(torch.int32)
+        y = int8_epilogue(
+            acc, x_zp, rowsum, self.w_colterm, self.w_zp, scale, self.w_scale, self.bias, x.dtype
+        )
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def _pad_k(self, a: torch.Tensor) -> torch.Tensor:
         """K padded for cuBLASLt (GPU calls here have more rows than its minimum of 16)."""
@@ -241,14 +281,10 @@ class Fp8Linear(RealQuantLinear):
         self.register_buffer("w8_scale", row_scale[None, :].contiguous())
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
-        xf = x.float()
-        scale, zp = self._act_params(xf, pos)
-        xf = xf.reshape(-1, self.in_features)
-        lo, hi = (-zp * scale)[:, None], ((self.a_qmax - zp) * scale)[:, None]
-        s8 = (torch.maximum(lo.abs(), hi.abs()) / E4M3_MAX).clamp(min=1e-12)
-        a = (torch.clamp(xf, lo, hi) / s8).to(torch.float8_e4m3fn)
+        scale, zp = self._act_params(x, pos)
+        a, s8 = fp8_codes(x.reshape(-1, self.in_features), scale, zp, self.a_qmax)
         y = torch._scaled_mm(a, self.qweight.t(), s8, self.w8_scale, out_dtype=torch.bfloat16)
-        return self._finish(y, x)
+        return add_bias(y, self.bias, x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def describe_execution(self) -> dict:
         out = super().describe_execution()
@@ -306,11 +342,11 @@ class KVCodec:
 
     def encode(self, x: torch.Tensor, which: int) -> torch.Tensor:
         q = self.quantizers[which]
-        return quantize_codes(x.float(), q.scale, q.zero_point.float(), q.n_bits).to(torch.uint8)
+        return kv_encode(x, q.scale, q.zero_point.float(), q.n_bits)
 
     def decode(self, codes: torch.Tensor, which: int, dtype: torch.dtype) -> torch.Tensor:
         q = self.quantizers[which]
-        return dequantize_codes(codes, q.scale, q.zero_point.float()).to(dtype)
+        return kv_decode(codes, q.scale, q.zero_point.float(), dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
