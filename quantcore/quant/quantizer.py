@@ -84,10 +84,13 @@ class FusedOnGPU:
 
     def __init__(self, fn):
         self.eager = fn
-        # A torch whose Inductor cannot round division as eager does keeps the eager passes.
-        exact = _inductor_rounds_division()
-        options = {"eager_numerics.division_rounding": True}
-        self.compiled = torch.compile(fn, dynamic=True, options=options) if exact else fn
+
+    @functools.cached_property
+    def compiled(self):
+        """Made on first use: torch.compile imports Dynamo, which the CPU-only CLI should not pay for."""
+        if not _inductor_rounds_division():  # this torch cannot round division as eager does: stay eager
+            return self.eager
+        return torch.compile(self.eager, dynamic=True, options={"eager_numerics.division_rounding": True})
 
     def __call__(self, x: torch.Tensor, *args):
         if not x.is_cuda or torch.compiler.is_compiling():
