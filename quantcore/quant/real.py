@@ -96,6 +96,10 @@ def weight_codes(ql: QuantLinear) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 
 
+def _add_bias(y: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    return (y if bias is None else y + bias).to(dtype)
+
+
 def _int8_codes(x2: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int, offset: int):
     """Activation codes centred into int8 and their row sums (the zero-point correction needs them)."""
     a = (quantize_codes(x2.float(), scale[:, None], zp[:, None], bits) - offset).to(torch.int8)
@@ -105,8 +109,7 @@ def _int8_codes(x2: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: i
 def _int8_epilogue(acc, x_zp, rowsum, w_colterm, w_zp, scale, w_scale, bias, dtype: torch.dtype):
     """int32 sums -> (q_x - z_x)(q_w - z_w) summed, times both scales, plus bias, in the output dtype."""
     acc = acc - x_zp[:, None] * w_colterm - rowsum[:, None] * w_zp
-    y = acc.float() * (scale[:, None] * w_scale)
-    return (y if bias is None else y + bias).to(dtype)
+    return _add_bias(acc.float() * (scale[:, None] * w_scale), bias, dtype)
 
 
 def _fp8_codes(x2: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmax: int):
@@ -114,10 +117,6 @@ def _fp8_codes(x2: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmax: in
     lo, hi = (-zp * scale)[:, None], ((qmax - zp) * scale)[:, None]
     s8 = (torch.maximum(lo.abs(), hi.abs()) / E4M3_MAX).clamp(min=1e-12)
     return (torch.clamp(x2.float(), lo, hi) / s8).to(torch.float8_e4m3fn), s8
-
-
-def _add_bias(y: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    return (y if bias is None else y + bias).to(dtype)
 
 
 def _kv_encode(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int) -> torch.Tensor:
