@@ -1,4 +1,6 @@
 import copy
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -46,3 +48,13 @@ def layer_errors(sim, real, report, calib, ref_dtype=torch.float64) -> dict[str,
             got = real.get_submodule(name)(x, pos).double()
             errors[name] = float((got - ref).abs().max() / ref.abs().max())
     return errors
+
+
+def run_cli(*args, check=True) -> subprocess.CompletedProcess:
+    """`python -m quantcore ARGS` in a subprocess; asserts success unless check=False."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "quantcore", *args], capture_output=True, text=True, timeout=120
+    )
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc

@@ -1,22 +1,11 @@
 import json
-import subprocess
-import sys
 
 import numpy as np
 import torch
 from PIL import Image
 
-from conftest import random_llamagen
+from conftest import random_llamagen, run_cli
 from quantcore.tokenizers import VQ_CONFIGS, VQModel
-
-
-def run_cli(*args, check=True):
-    proc = subprocess.run(
-        [sys.executable, "-m", "quantcore", *args], capture_output=True, text=True, timeout=120
-    )
-    if check:
-        assert proc.returncode == 0, proc.stderr
-    return proc
 
 
 def test_models_json_lists_registry():

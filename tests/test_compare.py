@@ -4,6 +4,7 @@ import sys
 
 import pytest
 
+from conftest import run_cli
 from quantcore.compare import plan_rows
 from quantcore.errors import ConfigError
 from quantcore.zoo.data import DEFAULT_DIR
@@ -34,15 +35,6 @@ TINY = [
     "1",
 ]
 ROW_KEYS = {"token_agreement", "logit_kl", "top1_agreement", "proxy_fid_test", "proxy_is"}
-
-
-def run_cli(*args, check=True):
-    proc = subprocess.run(
-        [sys.executable, "-m", "quantcore", *args], capture_output=True, text=True, timeout=120
-    )
-    if check:
-        assert proc.returncode == 0, proc.stderr
-    return proc
 
 
 @pytest.fixture(scope="module")
