@@ -9,9 +9,8 @@ import json
 from pathlib import Path
 
 import torch
+from probe import heldout
 
-from quantcore import zoo
-from quantcore.api import load_generator
 from quantcore.pipeline import layout_of
 
 
@@ -35,11 +34,8 @@ def main() -> None:
     parser.add_argument("--heldout", type=int, default=256)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    torch.set_grad_enabled(False)
-    fp = load_generator("tiny-llamagen", real=False)
+    fp, classes, tokens = heldout(args.heldout)
     model = fp.model
-    classes, tokens = zoo.heldout_sequences(model, fp.tokenizer, args.heldout)
     result = {}
     names = layout_of(model).all_linears
     hooks = [

@@ -13,11 +13,8 @@ import copy
 import json
 from pathlib import Path
 
-import torch
+from probe import calibration, heldout
 
-from quantcore import zoo
-from quantcore.api import load_generator
-from quantcore.calib import CalibrationSpec, build_calibration_set
 from quantcore.eval.fidelity import teacher_forced_fidelity
 from quantcore.pipeline import quantize
 from quantcore.quant.modules import QuantLinear, iter_quant_modules, set_quant_mode
@@ -64,13 +61,8 @@ def main() -> None:
     parser.add_argument("--heldout", type=int, default=256)
     parser.add_argument("--out", type=Path, help="JSON file for {probe: {recipe: KL}}")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    torch.set_grad_enabled(False)
-    fp = load_generator("tiny-llamagen", real=False)
-    classes, tokens = zoo.heldout_sequences(fp.model, fp.tokenizer, args.heldout)
-    calib = build_calibration_set(
-        fp.model, CalibrationSpec(num_samples=args.calib_samples, batch_size=64), fp.default_sampling
-    )
+    fp, classes, tokens = heldout(args.heldout)
+    calib = calibration(fp, args.calib_samples)
     w, a = parse_bits(args.bits)
     result = {}
     for recipe in args.recipes.split(","):
