@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from app import crud, schemas
 from app.config import Settings
+from app.db import jobs
 from app.db.models import Job, Model
 from app.security import Principal
 from app.storage import sha256_file
@@ -126,7 +127,7 @@ def submit_job(
     db: Session, celery: Celery, settings: Settings, spec: schemas.JobSpec, principal: Principal
 ) -> Job:
     engine_spec, sha = build_engine_spec(db, spec)
-    job = crud.create_job(
+    job = jobs.create_job(
         db, owner=principal.owner, spec=spec.model_dump(), engine_spec=engine_spec, checkpoint_sha256=sha
     )
     task_id = str(uuid.uuid4())
@@ -141,7 +142,7 @@ def submit_job(
         )
     except Exception as e:
         message = f"the job queue is unavailable ({type(e).__name__}: {e}); submit the job again later"
-        crud.transition(
+        jobs.transition(
             db,
             job.id,
             ("queued",),
@@ -151,8 +152,8 @@ def submit_job(
             message=message,
         )
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=message) from e
-    crud.set_task_id(db, job.id, task_id)
-    return crud.get_job(db, job.id)
+    jobs.set_task_id(db, job.id, task_id)
+    return jobs.get_job(db, job.id)
 
 
 def job_out(job: Job, *, events: list | None = None) -> schemas.JobOut:

@@ -25,8 +25,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from app import crud
 from app.config import Settings
+from app.db import jobs
 from app.db.models import TERMINAL_STATES, utcnow
 from app.db.session import session_scope
 from app.storage import sha256_file
@@ -55,7 +55,7 @@ class _JobFailed(Exception):
 def run_job(job_id: str, *, settings: Settings, worker_name: str) -> str | Busy:
     url = settings.database_url
     with session_scope(url) as session:
-        job = crud.get_job(session, job_id)
+        job = jobs.get_job(session, job_id)
         if job is None:
             log.error("job %s does not exist; dropping the task", job_id)
             return "missing"
@@ -64,9 +64,9 @@ def run_job(job_id: str, *, settings: Settings, worker_name: str) -> str | Busy:
             return f"noop:{job.state}"
         if job.state == "queued":
             if job.cancel_requested:
-                crud.transition(session, job_id, ("queued",), "canceled", message="canceled before start")
+                jobs.transition(session, job_id, ("queued",), "canceled", message="canceled before start")
                 return "canceled"
-            attempt = crud.claim_job(
+            attempt = jobs.claim_job(
                 session,
                 job_id,
                 expected_state="queued",
@@ -78,7 +78,7 @@ def run_job(job_id: str, *, settings: Settings, worker_name: str) -> str | Busy:
             age = (utcnow() - (job.heartbeat_at or job.updated_at)).total_seconds()
             if age < settings.job_lease_seconds:
                 return Busy(retry_in=max(1.0, settings.job_lease_seconds - age + 1.0))
-            attempt = crud.claim_job(
+            attempt = jobs.claim_job(
                 session,
                 job_id,
                 expected_state="running",
@@ -105,7 +105,7 @@ def fail_unclaimed(settings: Settings, job_id: str, error: Exception) -> None:
     )
     try:
         with session_scope(settings.database_url) as session:
-            crud.transition(
+            jobs.transition(
                 session,
                 job_id,
                 ("queued",),
@@ -122,7 +122,7 @@ def jobs_to_recover(settings: Settings) -> list[tuple[str, float]]:
     """Running jobs and when to look at them: at once if their heartbeat is stale, else when it would be."""
     out = []
     with session_scope(settings.database_url) as session:
-        for job in crud.stale_running_jobs(session, lease_seconds=0):
+        for job in jobs.stale_running_jobs(session, lease_seconds=0):
             age = (utcnow() - (job.heartbeat_at or job.updated_at)).total_seconds()
             out.append((job.id, max(0.0, settings.job_lease_seconds - age + 1.0)))
     return out
@@ -161,7 +161,7 @@ class _Execution:
             elapsed = (utcnow() - self.stage_started).total_seconds()
             eta = elapsed * (1.0 - fraction) / fraction if fraction > 0 else None
             with session_scope(self.url) as session:
-                owned = crud.update_progress(
+                owned = jobs.update_progress(
                     session,
                     self.job_id,
                     self.attempt,
@@ -181,7 +181,7 @@ class _Execution:
             return False
         self._last_cancel_check = now
         with session_scope(self.url) as session:
-            self._cancel_seen = crud.should_stop(session, self.job_id, self.attempt)
+            self._cancel_seen = jobs.should_stop(session, self.job_id, self.attempt)
         return self._cancel_seen
 
     def _heartbeat_loop(self, stop: threading.Event) -> None:
@@ -189,7 +189,7 @@ class _Execution:
         while not stop.wait(interval):
             try:
                 with session_scope(self.url) as session:
-                    if not crud.heartbeat(session, self.job_id, self.attempt):
+                    if not jobs.heartbeat(session, self.job_id, self.attempt):
                         self.lost.set()
                         return
             except Exception:
@@ -269,7 +269,7 @@ class _Execution:
         os.replace(staging, final)  # atomic: the artifact appears complete or not at all
         _fsync_dir(root)
         with session_scope(self.url) as session:
-            ok = crud.finish_succeeded(
+            ok = jobs.finish_succeeded(
                 session,
                 self.job_id,
                 self.attempt,
@@ -290,7 +290,7 @@ class _Execution:
         if self.lost.is_set():
             return "lost"
         with session_scope(self.url) as session:
-            ok = crud.transition(
+            ok = jobs.transition(
                 session,
                 self.job_id,
                 ("running",),
@@ -303,7 +303,7 @@ class _Execution:
 
     def _end_failed(self, kind: str, message: str) -> str:
         with session_scope(self.url) as session:
-            ok = crud.transition(
+            ok = jobs.transition(
                 session,
                 self.job_id,
                 ("running",),

@@ -1,1 +1,1 @@
-"""HTTP routers: thin; they validate, authorize and call app.crud / app.services."""
+"""HTTP routers: thin; they validate, authorize and call app.crud, app.db.jobs and app.services."""

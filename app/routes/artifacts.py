@@ -4,7 +4,8 @@ from fastapi import APIRouter, HTTPException, status
 from fastapi.responses import FileResponse
 from sqlalchemy.orm import Session
 
-from app import crud, schemas
+from app import schemas
+from app.db import jobs
 from app.deps import SessionDep, SettingsDep
 from app.security import JobsPrincipal, Principal
 from app.storage import UnsafeName, artifact_file, check_file_name
@@ -13,7 +14,7 @@ router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
 
 
 def _get_visible_artifact(db: Session, artifact_id: str, principal: Principal):
-    artifact = crud.get_artifact(db, artifact_id, owner=principal.owner_filter)
+    artifact = jobs.get_artifact(db, artifact_id, owner=principal.owner_filter)
     if artifact is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"artifact {artifact_id} not found")
     return artifact

@@ -7,6 +7,7 @@ from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.responses import Response
 
 from app import crud, schemas
+from app.db import jobs
 from app.deps import SessionDep, SettingsDep
 from app.security import GeneratePrincipal
 from app.services import field_error
@@ -39,7 +40,7 @@ def generate(
     if len(body.classes) > settings.max_generate_images:
         raise field_error(("body", "classes"), f"at most {settings.max_generate_images} images per call")
     if body.artifact_id is not None:
-        artifact = crud.get_artifact(db, body.artifact_id, owner=principal.owner_filter)
+        artifact = jobs.get_artifact(db, body.artifact_id, owner=principal.owner_filter)
         if artifact is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"artifact {body.artifact_id} not found")
         source, checkpoint, label = str((settings.artifact_dir / artifact.path).resolve()), None, artifact.id

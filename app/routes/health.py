@@ -3,7 +3,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from app import crud, schemas, services
+from app import schemas, services
+from app.db import jobs
 from app.db.models import JOB_STATES
 from app.deps import SessionDep, SettingsDep
 from app.metrics import render_generation, render_jobs
@@ -39,6 +40,6 @@ def metrics(
 ) -> PlainTextResponse:
     """Prometheus metrics (needs an admin key: configure the scraper's bearer token)."""
     lines = request.app.state.metrics.render()
-    lines += render_jobs(crud.job_counts_by_state(db), JOB_STATES)
+    lines += render_jobs(jobs.job_counts_by_state(db), JOB_STATES)
     lines += render_generation(request.app.state.generators)
     return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4; charset=utf-8")

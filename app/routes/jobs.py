@@ -5,7 +5,8 @@ from typing import Annotated
 from fastapi import APIRouter, Body, HTTPException, Query, Response, status
 from sqlalchemy.orm import Session
 
-from app import crud, schemas, services
+from app import schemas, services
+from app.db import jobs
 from app.deps import CeleryDep, SessionDep, SettingsDep
 from app.security import JobsPrincipal, Principal
 
@@ -15,7 +16,7 @@ NOT_FOUND = {404: {"description": "No such job (or not yours)."}}
 
 
 def _get_visible_job(db: Session, job_id: str, principal: Principal):
-    job = crud.get_job(db, job_id, owner=principal.owner_filter)
+    job = jobs.get_job(db, job_id, owner=principal.owner_filter)
     if job is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} not found")
     return job
@@ -51,10 +52,10 @@ def list_jobs(
     offset: Annotated[int, Query(ge=0, description="Jobs to skip.")] = 0,
 ) -> schemas.JobList:
     """Your jobs (all jobs for admins), newest first."""
-    jobs, total = crud.list_jobs(
+    page, total = jobs.list_jobs(
         db, owner=principal.owner_filter, state=state, model=model, limit=limit, offset=offset
     )
-    return schemas.JobList(items=[services.job_out(j) for j in jobs], total=total, limit=limit, offset=offset)
+    return schemas.JobList(items=[services.job_out(j) for j in page], total=total, limit=limit, offset=offset)
 
 
 @router.get("/{job_id}", response_model=schemas.JobOut, responses=NOT_FOUND)
@@ -64,7 +65,7 @@ def get_job(
     principal: JobsPrincipal,
 ) -> schemas.JobOut:
     job = _get_visible_job(db, job_id, principal)
-    return services.job_out(job, events=crud.list_events(db, job.id))
+    return services.job_out(job, events=jobs.list_events(db, job.id))
 
 
 @router.post(
@@ -82,5 +83,5 @@ def cancel_job(
     job = _get_visible_job(db, job_id, principal)
     if job.state in ("succeeded", "failed", "canceled"):
         raise HTTPException(status.HTTP_409_CONFLICT, detail=f"job {job_id} already ended ({job.state})")
-    job = crud.request_cancel(db, job)
+    job = jobs.request_cancel(db, job)
     return services.job_out(job)

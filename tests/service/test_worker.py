@@ -10,7 +10,7 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, func, select
 
-from app import crud
+from app.db import jobs
 from app.db.models import Artifact, Job, JobEvent
 from app.db.session import session_scope
 from worker import runner
@@ -186,32 +186,32 @@ def test_claims_are_compare_and_set(service_env, keys):
     """In-process, against PostgreSQL: of two claims of one queued job, exactly one wins."""
     settings = service_settings(service_env)
     with session_scope(settings.database_url) as db:
-        job = crud.create_job(
+        job = jobs.create_job(
             db,
             owner="alice",
             spec={"model": "scripted-fast", "recipe": "rtn", "w_bits": 8},
             engine_spec={"model": "scripted-fast"},
         )
-        first = crud.claim_job(db, job.id, expected_state="queued", expected_attempt=0, worker="a")
-        second = crud.claim_job(db, job.id, expected_state="queued", expected_attempt=0, worker="b")
+        first = jobs.claim_job(db, job.id, expected_state="queued", expected_attempt=0, worker="a")
+        second = jobs.claim_job(db, job.id, expected_state="queued", expected_attempt=0, worker="b")
         assert (first, second) == (1, None)
-        assert not crud.transition(db, job.id, ("running",), "succeeded", expected_attempt=0)
-        assert crud.transition(db, job.id, ("running",), "failed", expected_attempt=1, error_message="x")
-        assert not crud.transition(db, job.id, ("running",), "canceled", expected_attempt=1)
-        events = [(e.from_state, e.to_state) for e in crud.list_events(db, job.id)]
+        assert not jobs.transition(db, job.id, ("running",), "succeeded", expected_attempt=0)
+        assert jobs.transition(db, job.id, ("running",), "failed", expected_attempt=1, error_message="x")
+        assert not jobs.transition(db, job.id, ("running",), "canceled", expected_attempt=1)
+        events = [(e.from_state, e.to_state) for e in jobs.list_events(db, job.id)]
         assert events == [(None, "queued"), ("queued", "running"), ("running", "failed")]
 
 
 def test_cancel_of_a_queued_job_wins_over_a_later_delivery(service_env):
     settings = service_settings(service_env)
     with session_scope(settings.database_url) as db:
-        job = crud.create_job(
+        job = jobs.create_job(
             db,
             owner="alice",
             spec={"model": "scripted-fast", "recipe": "rtn", "w_bits": 8},
             engine_spec={"model": "scripted-fast"},
         )
-        assert crud.request_cancel(db, job).state == "canceled"
+        assert jobs.request_cancel(db, job).state == "canceled"
     assert runner.run_job(job.id, settings=settings, worker_name="inproc") == "noop:canceled"
     with session_scope(settings.database_url) as db:
         stored = db.scalar(select(Job).where(Job.id == job.id))
