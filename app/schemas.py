@@ -5,17 +5,12 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from quantcore.recipe import PRESETS  # pydantic and yaml only: importing it keeps torch out of the API
+from quantcore import spec as engine  # pydantic and yaml only: importing it keeps torch out of the API
 
-RECIPES = tuple(PRESETS)
-SELECTIONS = ("dgc-official", "dgc-mahalanobis", "random", "uniform")
 SCOPES = ("jobs", "generate", "admin")
 
-Recipe = Literal[RECIPES]
-# Kept equal to quantcore.methods.selection.METHODS (a test checks it); that module imports torch.
-Selection = Literal["dgc-official", "dgc-mahalanobis", "random", "uniform"]
 JobState = Literal["queued", "running", "succeeded", "failed", "canceled"]
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$"
 
@@ -27,72 +22,48 @@ class _Strict(BaseModel):
 # -------------------------------------------------------------------------------------------- jobs
 
 
-class CalibrationSpec(_Strict):
-    num_samples: int = Field(256, ge=2, le=100_000, description="Size of the calibration set.")
-    selection: Selection = Field(
-        "dgc-official",
-        description="How calibration samples are chosen: distribution-guided (DGC), random or uniform.",
-    )
-    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of calibration generation and selection.")
-    batch_size: int = Field(
-        16,
-        ge=1,
-        le=4096,
-        description="Images per generation batch and rows per calibration pass (GPU memory vs speed).",
-    )
-
-
-class EvaluationSpec(_Strict):
-    num_images: int = Field(
-        64, ge=0, le=50_000, description="Images generated to measure quality (0 = no evaluation)."
-    )
-    seed: int = Field(
-        10_000, ge=0, le=2**32 - 1, description="Seed of the first evaluation image; image i uses seed + i."
-    )
-
-
 JOB_SPEC_EXAMPLE = {
-    "model": "llamagen-fmnist-tiny",
+    "model": "tiny-llamagen",
     "checkpoint": None,
     "recipe": "ptq4arvg",
     "w_bits": 8,
     "a_bits": 8,
-    "calibration": {"num_samples": 256, "selection": "dgc-official", "seed": 0, "batch_size": 16},
-    "evaluation": {"num_images": 64, "seed": 10_000},
+    "calibration": {"num_samples": 64, "selection": "dgc-official", "seed": 0, "batch_size": 16},
+    "evaluation": {"num_images": 16, "seed": 10_000},
+}
+JOB_SPEC_EXAMPLES = {
+    "w8a8": {"summary": "PTQ4ARVG at W8A8 on a bundled model", "value": JOB_SPEC_EXAMPLE},
+    "weight-only": {
+        "summary": "RTN weight-only W4 on a bundled VAR",
+        "value": {"model": "tiny-var", "recipe": "rtn", "w_bits": 4, "a_bits": None},
+    },
+    "custom-recipe": {
+        "summary": "A full recipe (the schema of --recipe-file)",
+        "value": {
+            "model": "tiny-rar",
+            "recipe": {
+                "name": "sq-stwq-w6a6",
+                "w_bits": 6,
+                "a_bits": 6,
+                "passes": [{"kind": "smoothquant", "alpha": 0.5}, {"kind": "stwq"}],
+            },
+        },
+    },
 }
 
 
-class JobSpec(_Strict):
-    """What to quantize and how."""
+class JobSpec(engine.JobSpec):
+    """What to quantize and how: the engine's job spec (quantcore.spec), as the REST API takes it."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                JOB_SPEC_EXAMPLE,
-                {"model": "var-fmnist-tiny", "recipe": "rtn", "w_bits": 4, "a_bits": None},
-            ]
-        },
-    )
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [JOB_SPEC_EXAMPLE]})
 
-    model: str = Field(
-        ...,
-        min_length=1,
-        max_length=128,
-        description="A model name from GET /v1/models.",
-        examples=["llamagen-fmnist-tiny"],
-    )
-    checkpoint: str | None = Field(
-        None,
-        max_length=128,
-        description="A registered checkpoint (its model name or sha256) of the same base model; "
-        "omit to use the model's own weights.",
-    )
-    recipe: Recipe = Field("ptq4arvg", description="Quantization recipe preset.")
-    w_bits: int = Field(8, ge=2, le=8, description="Weight bit-width.")
-    a_bits: int | None = Field(8, ge=2, le=8, description="Activation bit-width; null = weight-only.")
-    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
-    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    @field_validator("tokenizer_checkpoint")
+    @classmethod
+    def _no_server_paths(cls, value: str | None) -> None:
+        # a client naming files on the server could read any of them: checkpoints are registered first
+        if value is not None:
+            raise ValueError("not accepted over REST; the registered model brings its tokenizer")
+        return value
 
 
 class JobProgress(BaseModel):

@@ -111,15 +111,7 @@ def build_engine_spec(db: Session, spec: schemas.JobSpec) -> tuple[dict[str, Any
                 f"checkpoint '{ckpt.name}' is for model '{ckpt.base_model}', not '{base_name}'",
             )
         checkpoint, sha = ckpt.checkpoint_path, ckpt.checkpoint_sha256
-    engine_spec = {
-        "model": base_name,
-        "checkpoint": checkpoint,
-        "recipe": spec.recipe,
-        "w_bits": spec.w_bits,
-        "a_bits": spec.a_bits,
-        "calibration": spec.calibration.model_dump(),
-        "evaluation": spec.evaluation.model_dump(),
-    }
+    engine_spec = {**spec.model_dump(mode="json"), "model": base_name, "checkpoint": checkpoint}
     return engine_spec, sha
 
 
@@ -128,7 +120,12 @@ def submit_job(
 ) -> Job:
     engine_spec, sha = build_engine_spec(db, spec)
     job = jobs.create_job(
-        db, owner=principal.owner, spec=spec.model_dump(), engine_spec=engine_spec, checkpoint_sha256=sha
+        db,
+        owner=principal.owner,
+        spec=spec.model_dump(mode="json"),
+        recipe=spec.recipe_name,
+        engine_spec=engine_spec,
+        checkpoint_sha256=sha,
     )
     task_id = str(uuid.uuid4())
     try:

@@ -12,59 +12,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from quantcore.artifact import load_artifact, save_artifact
-from quantcore.calib import CalibrationSpec, build_calibration_set
+from quantcore.calib import build_calibration_set
 from quantcore.calib.pool import check_cancel
 from quantcore.checkpoint import file_sha256
-from quantcore.errors import ArtifactError, ConfigError
+from quantcore.errors import ArtifactError
 from quantcore.eval.fidelity import teacher_forced_fidelity, token_agreement
+from quantcore.fastgen import TokenSampler
 from quantcore.generation import ImageGenerator
-from quantcore.models import family_module
 from quantcore.pipeline import quantize
 from quantcore.quant.modules import iter_quant_modules
 from quantcore.quant.real import plan_execution, to_real
-from quantcore.recipe import Recipe
 from quantcore.registry import get_spec, load_model_and_tokenizer
-
-
-class EvaluationSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    num_images: int = Field(
-        8, ge=0, le=50_000, description="images sampled by FP and quantized models, same seeds"
-    )
-    seed: int = Field(10_000, ge=0)
-
-
-class JobSpec(BaseModel):
-    """What a quantization job asks for; the REST API and the CLI both validate into this."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str
-    checkpoint: str | None = None
-    tokenizer_checkpoint: str | None = None
-    recipe: str | Recipe = "ptq4arvg"
-    w_bits: int = Field(8, ge=2, le=8)
-    a_bits: int | None = Field(8, ge=2, le=8)
-    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
-    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
-
-    @classmethod
-    def parse(cls, data: dict) -> JobSpec:
-        """Validate a job spec; the first error becomes a ConfigError naming its field."""
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            raise ConfigError(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
-
-    def resolved_recipe(self) -> Recipe:
-        if isinstance(self.recipe, Recipe):
-            return self.recipe
-        return Recipe.preset(self.recipe, self.w_bits, self.a_bits)
+from quantcore.spec import EvaluationSpec, JobSpec
 
 
 def load_generator(
@@ -97,7 +58,15 @@ def load_generator(
 
 
 @torch.no_grad()
-def fidelity_metrics(fp, quantized, evaluation: EvaluationSpec, sampling: dict, should_cancel=None) -> dict:
+def fidelity_metrics(
+    fp,
+    quantized,
+    evaluation: EvaluationSpec,
+    sampling: dict,
+    batch_size: int,
+    progress=None,
+    should_cancel=None,
+) -> dict:
     """Agreement of the quantized model with its FP model on the same classes and seeds.
 
     token_agreement: share of sampled tokens equal under the same seeds (CFG on);
@@ -106,13 +75,24 @@ def fidelity_metrics(fp, quantized, evaluation: EvaluationSpec, sampling: dict, 
     n = evaluation.num_images
     if n == 0:
         return {}
-    generate_tokens = family_module(fp.family).generate_tokens
-    device = next(fp.parameters()).device
-    classes = torch.arange(n, device=device) % fp.config.num_classes
+    classes = [i % fp.config.num_classes for i in range(n)]
     seeds = [evaluation.seed + i for i in range(n)]
-    step_check = lambda n: check_cancel(should_cancel, "evaluation")  # noqa: E731
-    fp_tokens = generate_tokens(fp, classes, seeds, progress=step_check, **sampling)
-    q_tokens = generate_tokens(quantized, classes, seeds, progress=step_check, **sampling)
+    tokens = {}
+    for index, (name, model) in enumerate((("fp", fp), ("quantized", quantized))):
+        sampler = TokenSampler(model, min(batch_size, n))
+        total = 2 * sampler.progress_total(n)
+
+        def step(produced: int, done=index * total // 2, total=total) -> None:
+            check_cancel(should_cancel, "evaluation")
+            if progress:
+                progress("evaluate", (done + produced) / total)
+
+        try:
+            tokens[name] = sampler.generate_tokens(classes, seeds, step, **sampling)
+        finally:
+            sampler.close()
+    fp_tokens, q_tokens = tokens["fp"], tokens["quantized"]
+    classes = torch.tensor(classes, device=fp_tokens.device)
     return {
         "token_agreement": token_agreement(fp_tokens, q_tokens),
         **teacher_forced_fidelity(fp, quantized, classes, fp_tokens),
@@ -151,7 +131,9 @@ def quantize_job(
     calibration_seconds = time.perf_counter() - t0
     check_cancel(should_cancel, "evaluation")
     report_progress("evaluate", 0.0)
-    metrics = fidelity_metrics(fp, quantized, job.evaluation, sampling, should_cancel)
+    metrics = fidelity_metrics(
+        fp, quantized, job.evaluation, sampling, job.calibration.batch_size, report_progress, should_cancel
+    )
     metrics["calibration_seconds"] = round(calibration_seconds, 3)
     metrics["total_seconds"] = round(time.perf_counter() - started, 3)
     check_cancel(should_cancel, "artifact write")

@@ -36,10 +36,10 @@ from quantcore.eval.fidelity import teacher_forced_fidelity, token_agreement
 from quantcore.eval.proxy import proxy_features, proxy_metrics
 from quantcore.generation import ImageGenerator
 from quantcore.images import make_grid, save_png
-from quantcore.methods.selection import METHODS as SELECTIONS
 from quantcore.pipeline import quantize
 from quantcore.quant.real import summarize, to_real
 from quantcore.recipe import PRESETS, Recipe, parse_bits
+from quantcore.spec import SELECTIONS
 from quantcore.zoo.data import load_fashion_mnist, to_rgb32
 
 FP = "fp"

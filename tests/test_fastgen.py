@@ -1,15 +1,16 @@
-"""The fast sampler: same tokens as each family's library sampler; CUDA graphs and compile on a GPU."""
+"""The one sampler: the reference samplers' tokens per seed; CUDA graphs and compile on a GPU."""
 
 import pytest
 import torch
+from reference_sampling import reference_tokens
 
 from quantcore.errors import ConfigError
-from quantcore.fastgen import FastSampler, seed_uniforms
-from quantcore.models import family_module
-from quantcore.models.common import draw
+from quantcore.fastgen import FastSampler, generate_tokens
+from quantcore.models.common import draw, seed_uniforms
 from quantcore.registry import get_spec, load_model_and_tokenizer
 
-BUNDLED = ("tiny-llamagen", "tiny-rar", "tiny-var")
+BUNDLED = ("tiny-llamagen", "tiny-rar", "tiny-var")  # graph-capturable
+EVERY = (*BUNDLED, "tiny-par")
 
 
 def _model(name, dtype=torch.float64, device="cpu"):
@@ -25,12 +26,12 @@ def test_seed_uniforms_are_the_stream_draw_consumes():
     assert torch.equal(first, torch.floor(u * 5).long())
 
 
-@pytest.mark.parametrize("name", BUNDLED)
-def test_fast_sampler_gives_the_library_tokens(name):
+@pytest.mark.parametrize("name", EVERY)
+def test_the_sampler_gives_the_reference_tokens(name):
     model, spec = _model(name)
     sampling = spec.entry.sampling.to_dict()
     classes, seeds = torch.tensor([0, 3, 7]), [11, 12, 13]
-    expected = family_module(spec.family).generate_tokens(model, classes, seeds, **sampling)
+    expected = reference_tokens(model, classes, seeds, **sampling)
     sampler = FastSampler(model, 3, sampling)
     assert sampler.graph is None  # CPU: step by step
     got = sampler.generate(classes, seeds)
@@ -39,7 +40,7 @@ def test_fast_sampler_gives_the_library_tokens(name):
     again = sampler.generate(torch.tensor([1, 1, 2]), [5, 6, 7])
     assert torch.equal(
         again,
-        family_module(spec.family).generate_tokens(model, torch.tensor([1, 1, 2]), [5, 6, 7], **sampling),
+        reference_tokens(model, torch.tensor([1, 1, 2]), [5, 6, 7], **sampling),
     )
     sampler.close()
 
@@ -56,22 +57,21 @@ def test_fast_sampler_refuses_what_it_cannot_do():
         FastSampler(model, 0, sampling)
     with pytest.raises(ConfigError, match=r"unknown sampling parameter\(s\) \['top_q'\]"):
         FastSampler(model, 2, {"cfg_scale": 2.0, "top_q": 0.9})
-    par, par_spec = _model("tiny-par")
-    with pytest.raises(ConfigError, match="raster LlamaGen only"):
-        FastSampler(par, 1, par_spec.entry.sampling.to_dict())
+    with pytest.raises(ConfigError, match="temperature must be > 0"):
+        FastSampler(model, 2, {**sampling, "temperature": 0.0})
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", BUNDLED)
 @pytest.mark.parametrize("compile", [False, True])
-def test_graphed_and_compiled_sampling_on_gpu_agrees_with_the_library(name, compile):
+def test_graphed_and_compiled_sampling_on_gpu_agrees_with_eager(name, compile):
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     model, spec = _model(name, torch.float32, "cuda")
     sampling = spec.entry.sampling.to_dict()
     classes, seeds = torch.arange(4, device="cuda"), [1, 2, 3, 4]
-    expected = family_module(spec.family).generate_tokens(model, classes, seeds, **sampling)
+    expected = generate_tokens(model, classes, seeds, **sampling)  # step by step, eager
     sampler = FastSampler(model, 4, sampling, compile=compile)
     assert sampler.graph is not None
     got = sampler.generate(classes, seeds)
@@ -82,13 +82,13 @@ def test_graphed_and_compiled_sampling_on_gpu_agrees_with_the_library(name, comp
     sampler.close()
 
 
-def test_a_sampler_keeps_its_caches_when_the_library_sampler_runs_in_between():
+def test_a_sampler_keeps_its_caches_when_another_sampler_runs_in_between():
     model, spec = _model("tiny-llamagen")
     sampling = spec.entry.sampling.to_dict()
     sampler = FastSampler(model, 2, sampling)
     first = sampler.generate(torch.tensor([1, 2]), [3, 4])
-    # the library sampler sets up and clears the model's caches
-    family_module("llamagen").generate_tokens(model, torch.tensor([5]), [6], **sampling)
+    # another sampler of the same model sets up and clears the model's caches
+    generate_tokens(model, torch.tensor([5]), [6], **sampling)
     counts = []
     again = sampler.generate(torch.tensor([1, 2]), [3, 4], progress=counts.append)
     assert torch.equal(first, again)
@@ -99,11 +99,11 @@ def test_a_sampler_keeps_its_caches_when_the_library_sampler_runs_in_between():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_generators_on_cuda_use_the_graphed_sampler():
     from quantcore.api import load_generator
-    from quantcore.generation import ImageGenerator
 
-    fast = load_generator("tiny-llamagen", device="cuda")
-    assert fast.fast
-    slow = ImageGenerator(fast.model, fast.tokenizer, fast.defaults, "tiny-llamagen", fast=False)
-    tokens = fast.generate_tokens([1, 2, 3], [4, 5, 6])
-    assert fast._sampler[1].graph is not None
-    assert (tokens[:, 0] == slow.generate_tokens([1, 2, 3], [4, 5, 6])[:, 0]).all()
+    generator = load_generator("tiny-llamagen", device="cuda")
+    tokens = generator.generate_tokens([1, 2, 3], [4, 5, 6])
+    assert generator.sampler._sampler[1].graph is not None
+    eager = generate_tokens(
+        generator.model, torch.tensor([1, 2, 3], device="cuda"), [4, 5, 6], **generator.default_sampling
+    )
+    assert (tokens[:, 0] == eager[:, 0]).all()

@@ -1,8 +1,8 @@
 import pytest
 import torch
+from reference_sampling import reference_tokens
 
 from quantcore.api import load_generator
-from quantcore.generation import ImageGenerator
 
 
 def test_image_bytes_do_not_depend_on_the_other_images_of_the_batch():
@@ -14,22 +14,21 @@ def test_image_bytes_do_not_depend_on_the_other_images_of_the_batch():
     assert batch.shape == (10, 32, 32, 3) and batch.dtype == torch.uint8
 
 
-@pytest.mark.parametrize("name", ["tiny-llamagen", "tiny-rar", "tiny-var"])
-def test_the_fast_sampler_path_generates_the_same_images(name):
-    slow = load_generator(name)
-    assert not slow.fast  # on the CPU the family sampler is the default
-    fast = ImageGenerator(
-        slow.model, slow.tokenizer, slow.defaults, name, chunk_size=slow.chunk_size, fast=True
-    )
+@pytest.mark.parametrize("name", ["tiny-llamagen", "tiny-par", "tiny-rar", "tiny-var"])
+def test_generators_sample_the_reference_tokens_and_reuse_their_sampler(name):
+    generator = load_generator(name)
     classes, seeds = [0, 5, 9], [3, 4, 5]  # one padded chunk
     seen = []
-    tokens = fast.generate_tokens(classes, seeds, progress=seen.append)
-    assert torch.equal(tokens, slow.generate_tokens(classes, seeds))
-    assert seen[-1] == fast.progress_total(len(classes))
-    # new settings rebuild the sampler; the same settings reuse it
-    first = fast._fast_sampler(fast.default_sampling | {"temperature": 0.9})
-    assert fast._fast_sampler(fast.default_sampling | {"temperature": 0.9}) is first
-    assert torch.equal(
-        fast.generate_tokens(classes, seeds, temperature=0.9),
-        slow.generate_tokens(classes, seeds, temperature=0.9),
+    tokens = generator.generate_tokens(classes, seeds, progress=seen.append)
+    pad = generator.chunk_size - len(classes)
+    expected = reference_tokens(
+        generator.model, torch.tensor(classes + [9] * pad), seeds + [5] * pad, **generator.default_sampling
     )
+    assert torch.equal(tokens, expected[:3])
+    assert seen[-1] == generator.progress_total(len(classes))
+    # the same settings reuse the sampler (its caches and graph); new settings rebuild it
+    first = generator.sampler._sampler[1]
+    generator.generate_tokens(classes, seeds)
+    assert generator.sampler._sampler[1] is first
+    generator.generate_tokens(classes, seeds, temperature=0.9)
+    assert generator.sampler._sampler[1] is not first

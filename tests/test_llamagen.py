@@ -1,14 +1,15 @@
 import pytest
 import torch
+from reference_sampling import reference_tokens
 
 from conftest import random_llamagen
 from quantcore.errors import ConfigError
+from quantcore.fastgen import generate_tokens
 from quantcore.models.llamagen import (
     MODELS,
     LlamaGen,
     LlamaGenConfig,
     attention_mask,
-    generate_tokens,
     generation_order,
     rope_table,
     to_raster,
@@ -94,9 +95,14 @@ def test_bad_config_is_refused():
 def test_kv_cache_sampling_matches_full_recomputation(name):
     model = random_llamagen(name, dtype=torch.float64)
     classes = torch.tensor([1, 5, 9])
-    for kwargs in ({"cfg_scale": 2.0}, {"cfg_scale": 1.0, "top_k": 8, "top_p": 0.9, "temperature": 0.7}):
-        cached = generate_tokens(model, classes, [3, 4, 5], use_cache=True, **kwargs)
-        full = generate_tokens(model, classes, [3, 4, 5], use_cache=False, **kwargs)
+    settings = (
+        {"cfg_scale": 2.0},
+        {"cfg_scale": 2.0, "cfg_interval": 3},
+        {"cfg_scale": 1.0, "top_k": 8, "top_p": 0.9, "temperature": 0.7},
+    )
+    for kwargs in settings:
+        cached = generate_tokens(model, classes, [3, 4, 5], **kwargs)
+        full = reference_tokens(model, classes, [3, 4, 5], **kwargs)
         assert torch.equal(cached, full)
         assert len(set(cached.flatten().tolist())) > 4  # not a degenerate constant sequence
 
@@ -108,14 +114,15 @@ def test_cached_logits_equal_teacher_forced_logits(name):
     tokens = generate_tokens(model, classes, [0, 1], cfg_scale=1.0)
     teacher = model.sequence_logits(classes, tokens)
     # re-run the cached decoder, collecting the logits of each step
-    from quantcore.models.llamagen import _embed_positions, _next_inputs
+    from quantcore.models.llamagen import _next_inputs
+
+    inputs = model.embed_sequence(classes, tokens)  # the cached steps feed these slots
 
     model.setup_caches(2)
     collected, produced = [], 0
     while produced < model.config.num_tokens:
         pos = _next_inputs(model.config, model.token_slots, produced)
-        h = _embed_positions(model, classes, tokens, produced, pos, guided=False)
-        collected.append(model(h, pos, use_cache=True))
+        collected.append(model(inputs[:, pos], pos, use_cache=True))
         produced += pos.numel()
     model.clear_caches()
     # RoPE and the logits run in fp32 as in the official code, so agreement is to fp32 precision

@@ -8,12 +8,14 @@ import math
 
 import pytest
 import torch
+from reference_sampling import reference_tokens
 
 from quantcore.api import load_generator, quantize_job
 from quantcore.artifact import load_artifact
 from quantcore.calib import CalibrationSpec, build_calibration_set
 from quantcore.errors import CheckpointError, ConfigError
-from quantcore.models.rar import MODELS, RAR, cfg_schedule, generate_tokens, quant_layout
+from quantcore.fastgen import generate_tokens
+from quantcore.models.rar import MODELS, RAR, cfg_schedule, quant_layout
 from quantcore.pipeline import quantize
 from quantcore.quant.modules import QuantLinear, set_quant_mode
 from quantcore.recipe import PRESETS, Recipe
@@ -280,8 +282,8 @@ def test_cfg_schedule_is_the_official_cosine_ramp():
 def test_kv_cache_sampling_matches_full_recomputation(kwargs):
     model = random_rar(dtype=torch.float64)
     classes = torch.tensor([1, 5, 9])
-    cached = generate_tokens(model, classes, [3, 4, 5], use_cache=True, **kwargs)
-    full = generate_tokens(model, classes, [3, 4, 5], use_cache=False, **kwargs)
+    cached = generate_tokens(model, classes, [3, 4, 5], **kwargs)
+    full = reference_tokens(model, classes, [3, 4, 5], **kwargs)
     assert torch.equal(cached, full)
     assert len(set(cached.flatten().tolist())) > 4  # not a degenerate constant sequence
 
@@ -379,13 +381,13 @@ def test_stwq_tables_are_indexed_by_absolute_position_during_kv_decoding(calibra
             return original(x, pos)
 
         q.params_for = spy
-    cached = generate_tokens(model, torch.tensor([1, 2]), [0, 1], use_cache=True, **SAMPLING)
+    cached = generate_tokens(model, torch.tensor([1, 2]), [0, 1], **SAMPLING)
     del final.input_quantizer.params_for, block.input_quantizer.params_for  # the methods again
     final_pos = torch.cat([p for p, _ in seen["final"]])
     assert final_pos.tolist() == list(range(1, 17))  # the prefill runs the head on the class token only
     assert torch.equal(torch.cat([g for _, g in seen["final"]]), final_pos - 1)
     assert torch.equal(torch.cat([g for _, g in seen["block"]]), torch.arange(17))
-    full = generate_tokens(model, torch.tensor([1, 2]), [0, 1], use_cache=False, **SAMPLING)
+    full = reference_tokens(model, torch.tensor([1, 2]), [0, 1], **SAMPLING)
     assert torch.equal(cached, full)
 
 

@@ -17,7 +17,7 @@ from quantcore.api import load_generator, quantize_job
 from quantcore.calib import CalibrationSpec, build_calibration_set
 from quantcore.cli import main as cli_main
 from quantcore.errors import ConfigError
-from quantcore.models.llamagen import generate_tokens
+from quantcore.fastgen import generate_tokens
 from quantcore.pipeline import quantize
 from quantcore.quant.modules import QuantMatMul, iter_quant_modules
 from quantcore.quant.real import Int8Linear, RealQuantLinear, pack_codes, to_real, unpack_codes
@@ -187,7 +187,6 @@ def test_compiled_sampling_of_a_quantized_real_model_matches_eager(calibrated):
 @pytest.mark.parametrize("name", ["tiny-llamagen", "tiny-rar", "tiny-var"])
 def test_an_8bit_kv_cache_samples_exactly_what_the_simulated_cache_did(name):
     from quantcore.fastgen import FastSampler
-    from quantcore.models import family_module
     from quantcore.quant.real import kv_codec_for
     from quantcore.registry import get_spec, load_model_and_tokenizer
 
@@ -197,7 +196,7 @@ def test_an_8bit_kv_cache_samples_exactly_what_the_simulated_cache_did(name):
     calib = build_calibration_set(model, CalibrationSpec(num_samples=4, batch_size=4), sampling)
     quantize(model, Recipe.preset("ptq4arvg", 8, 8), calib)
     classes, seeds = torch.tensor([1, 2]), [5, 6]
-    generate = family_module(spec.family).generate_tokens
+    generate = generate_tokens
     plain = generate(model, classes, seeds, **sampling)
     # the same simulated model with only the cache storage changed: identical samples
     coded = copy.deepcopy(model)

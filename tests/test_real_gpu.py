@@ -12,7 +12,7 @@ import torch
 
 from conftest import layer_errors, random_llamagen
 from quantcore.calib import CalibrationSpec, build_calibration_set
-from quantcore.models.llamagen import generate_tokens
+from quantcore.fastgen import generate_tokens
 from quantcore.pipeline import quantize
 from quantcore.quant.real import to_real
 from quantcore.recipe import Recipe

@@ -46,6 +46,7 @@ def create_job(
     *,
     owner: str,
     spec: dict[str, Any],
+    recipe: str,
     engine_spec: dict[str, Any],
     checkpoint_sha256: str | None = None,
 ) -> Job:
@@ -53,7 +54,7 @@ def create_job(
         checkpoint_sha256=checkpoint_sha256,
         owner=owner,
         model=spec["model"],
-        recipe=spec["recipe"],
+        recipe=recipe[:32],
         w_bits=spec["w_bits"],
         a_bits=spec.get("a_bits"),
         spec=spec,

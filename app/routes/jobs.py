@@ -30,7 +30,7 @@ def _get_visible_job(db: Session, job_id: str, principal: Principal):
 )
 def create_job(
     response: Response,
-    spec: Annotated[schemas.JobSpec, Body(openapi_examples={"w8a8": {"value": schemas.JOB_SPEC_EXAMPLE}})],
+    spec: Annotated[schemas.JobSpec, Body(openapi_examples=schemas.JOB_SPEC_EXAMPLES)],
     db: SessionDep,
     celery: CeleryDep,
     settings: SettingsDep,

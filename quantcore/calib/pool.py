@@ -9,29 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from quantcore.errors import Canceled
+from quantcore.fastgen import TokenSampler
 from quantcore.methods.selection import select_calibration
+from quantcore.spec import CalibrationSpec
 
 Progress = Callable[[str, float], None]
 CancelCheck = Callable[[], bool]
-
-
-class CalibrationSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    num_samples: int = Field(
-        32, ge=2, le=100_000, description="images generated; the pool holds 2x (cond+uncond)"
-    )
-    selection: Literal["dgc-official", "dgc-mahalanobis", "random", "uniform"] = "dgc-official"
-    seed: int = Field(0, ge=0)
-    batch_size: int = Field(
-        16, ge=1, le=4096, description="images per generation batch and rows per calibration pass"
-    )
 
 
 @dataclass
@@ -83,28 +70,25 @@ def build_calibration_set(
     should_cancel: CancelCheck | None = None,
 ) -> CalibrationSet:
     """Generate spec.num_samples images with the FP model (CFG on), pool both halves, select."""
-    from quantcore.models import family_module
 
-    generate_tokens = family_module(model.family).generate_tokens
     cfg = model.config
     device = next(model.parameters()).device
     labels = torch.randint(
         0, cfg.num_classes, (spec.num_samples,), generator=torch.Generator().manual_seed(spec.seed)
     )
     seeds = [spec.seed * 1_000_003 + i for i in range(spec.num_samples)]
-    chunks = []
-    # cancel checks at every decoding step too: one batch of a large model takes a while
-    step_check = lambda n: check_cancel(should_cancel, "calibration sampling")  # noqa: E731
-    for start in range(0, spec.num_samples, spec.batch_size):
+    sampler = TokenSampler(model, min(spec.batch_size, spec.num_samples))
+    total = sampler.progress_total(spec.num_samples)
+
+    def step(produced: int) -> None:  # every decoding step: one batch of a large model takes a while
         check_cancel(should_cancel, "calibration sampling")
-        stop = min(start + spec.batch_size, spec.num_samples)
-        batch = generate_tokens(
-            model, labels[start:stop].to(device), seeds[start:stop], progress=step_check, **sampling
-        )
-        chunks.append(batch.cpu())
         if progress:
-            progress("calibration-pool", stop / spec.num_samples)
-    tokens = torch.cat(chunks)
+            progress("calibration-pool", produced / total)
+
+    try:
+        tokens = sampler.generate_tokens(labels.tolist(), seeds, step, **sampling).cpu()
+    finally:
+        sampler.close()
     pool_classes = torch.cat([labels, torch.full_like(labels, model.null_class)])
     pool_tokens = torch.cat([tokens, tokens])
     features = None

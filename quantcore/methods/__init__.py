@@ -1,7 +1,6 @@
 """Model-independent math of the passes: smoothing scales and calibration-set selection."""
 
 from quantcore.methods.selection import (
-    METHODS,
     cond_mask,
     dgc_mahalanobis,
     dgc_official,
@@ -15,7 +14,6 @@ from quantcore.methods.selection import (
 from quantcore.methods.smoothing import GPSStats, gps_scales, smoothquant_scales, symmetric_shift
 
 __all__ = [
-    "METHODS",
     "GPSStats",
     "cond_mask",
     "dgc_mahalanobis",

@@ -13,8 +13,8 @@ import math
 import torch
 
 from quantcore.errors import ConfigError
+from quantcore.spec import SELECTIONS
 
-METHODS = ("dgc-official", "dgc-mahalanobis", "random", "uniform")
 # The official code treats the two groups as equally informative when their distances match this well.
 OFFICIAL_ATOL = 1e-3
 
@@ -175,8 +175,8 @@ def select_calibration(
     max_dim: int = 32,
 ) -> tuple[torch.Tensor, dict]:
     """Dispatch by name. DGC methods need `features` (2N, D); random/uniform need only the pool size."""
-    if method not in METHODS:
-        raise ConfigError(f"unknown calibration selection {method!r}; expected one of {METHODS}")
+    if method not in SELECTIONS:
+        raise ConfigError(f"unknown calibration selection {method!r}; expected one of {SELECTIONS}")
     if method.startswith("dgc"):
         if features is None:
             raise ConfigError(f"{method} needs the pool's feature vectors")

@@ -8,8 +8,10 @@ A family module exposes:
   and to_dict(); `sampling` is a frozen dataclass of the official sampling settings with to_dict().
 - build(config) -> model. The model has `family`, `config`, `null_class` (the class id of the
   unconditional CFG half) and sequence_logits(classes (B,), tokens (B, L)) -> logits (B, L, V).
-- generate_tokens(model, classes, seeds, *, use_cache=True, progress=None, **sampling): the official
-  sampler; one torch.Generator per image (common.draw), CFG rows = cond then uncond.
+- DecodePlan(model, batch, sampling, compile): the official sampler as static buffers and a step
+  (common.DecodePlan), run by quantcore.fastgen (the one sampler: step by step, or replayed from a
+  CUDA graph); one seeded uniform stream per image, CFG rows = cond then uncond. `SamplingDefaults`
+  is the dataclass of its keywords.
 - decode_images(model, tokenizer, tokens) -> uint8 (B, H, W, 3).
 - quant_layout(model) -> quantcore.quant.layout.QuantLayout.
 - bind_tokenizer(model, tokenizer), only where the model needs its tokenizer at run time (VAR builds

@@ -1,10 +1,12 @@
-"""What every model family shares: the registry entry and the sampling primitives."""
+"""What every model family shares: the registry entry, the sampling primitives and the decoding plan."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -56,3 +58,68 @@ def modulate(
     """AdaLN's x * (1 + scale) + shift, where `one` (None = the constant 1) becomes the vector 1/s once
     a smoothing scale is folded into the AdaLN rows (quantcore.quant.layout.AdaLNRows)."""
     return x * ((1.0 if one is None else one) + scale) + shift
+
+
+def seed_uniforms(seeds: list[int], count: int, device: torch.device) -> torch.Tensor:
+    """(B, count) float64: the uniforms `draw` would consume, image by image, over a generation."""
+    streams = [
+        torch.rand(count, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64) for s in seeds
+    ]
+    return torch.stack(streams).to(device)
+
+
+def guide(logits: torch.Tensor, scale) -> torch.Tensor:
+    """CFG on rows [cond; uncond]: uncond + (cond - uncond) * scale."""
+    cond, uncond = logits.chunk(2)
+    return uncond + (cond - uncond) * scale
+
+
+def compiled(fn, enabled: bool, dynamic: bool | None = False):
+    """torch.compile'd fn; static shapes (one compile per batch size) unless `dynamic` is None."""
+    return torch.compile(fn, fullgraph=True, dynamic=dynamic) if enabled else fn
+
+
+class DecodePlan(ABC):
+    """A family's decoding on static buffers (each family module defines its `DecodePlan`).
+
+    reset() loads a request into the buffers, prologue() runs what precedes the repeated part, step()
+    is the repeated part, run `steps` times; `tokens` holds the result. A plan whose step reads and
+    writes only its buffers (no host sync, same shapes every step) is `capturable`: quantcore.fastgen
+    captures one step in a CUDA graph and replays it.
+    """
+
+    steps: int
+    tokens: torch.Tensor
+    model: nn.Module
+    capturable = True
+    prologue_tokens = 0  # tokens the prologue draws (RAR's prefix step draws the first)
+
+    def set_sampling(self, sampling: dict, guided: bool) -> None:
+        """Temperature and filtering, and the rows per step (cond + uncond halves when guided)."""
+        self.temperature = float(sampling["temperature"])
+        self.top_k, self.top_p = int(sampling["top_k"]), float(sampling["top_p"])
+        self.guided, self.rows = guided, 2 * self.batch if guided else self.batch
+
+    def own_caches(self) -> None:
+        """Keep the KV caches `setup_caches` just made: a captured graph writes to their addresses, and
+        another plan of the same model may set up or clear the model's caches in between."""
+        self.caches = [
+            (m, m.k_cache, m.v_cache) for m in self.model.modules() if getattr(m, "k_cache", None) is not None
+        ]
+
+    def install_caches(self) -> None:
+        for module, k, v in self.caches:
+            module.k_cache, module.v_cache = k, v
+
+    def tokens_after(self, step: int) -> int:
+        """Tokens produced once step `step` (0-based) has run; the last step completes the image."""
+        return self.tokens.shape[1] - (self.steps - 1 - step)
+
+    @abstractmethod
+    def reset(self, classes: torch.Tensor, seeds: list[int]) -> None: ...
+
+    def prologue(self) -> None:  # noqa: B027  (optional hook: most plans need none)
+        """Work before the first step, outside the captured graph."""
+
+    @abstractmethod
+    def step(self) -> None: ...

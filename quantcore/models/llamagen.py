@@ -36,7 +36,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from quantcore.errors import ConfigError
-from quantcore.models.common import ModelEntry, draw, filter_logits
+from quantcore.models import common
+from quantcore.models.common import ModelEntry
 from quantcore.nn import Linear, MatMul, allocate_kv_caches, free_kv_caches, read_kv, write_kv
 from quantcore.quant.layout import FoldSite, QuantLayout
 
@@ -443,64 +444,105 @@ def quant_layout(model: LlamaGen) -> QuantLayout:
 # ---------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def generate_tokens(
-    model: LlamaGen,
-    classes: torch.Tensor,
-    seeds: list[int],
-    cfg_scale: float,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    cfg_interval: int = -1,
-    use_cache: bool = True,
-    progress=None,
-) -> torch.Tensor:
-    """Sample tokens (B, L) in generation order. With cfg_scale > 1 the batch runs cond and uncond halves.
+class DecodePlan(common.DecodePlan):
+    """LlamaGen's sampler on static buffers: the official CFG (and its interval), temperature, top-k/p.
 
-    use_cache=False recomputes the whole prefix at every step (slow; it exists to check the cache).
-    `progress`, if given, is called with the number of tokens produced so far after every step.
+    Raster: every step feeds one input slot and draws one token with the same shapes (the class token
+    first), so one CUDA graph is replayed num_tokens times. PAR: the first r steps feed one slot each,
+    then r slots per step (t_{r-1} with the r-1 special tokens once); the width changes, so PAR runs
+    step by step (`capturable = False`).
     """
-    cfg = model.config
-    b, device = classes.shape[0], classes.device
-    if len(seeds) != b:
-        raise ConfigError(f"got {len(seeds)} seeds for {b} classes; give one seed per image")
-    if not 0 < temperature:
-        raise ConfigError(f"temperature must be > 0, got {temperature}")
-    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    guided = cfg_scale > 1.0
-    cond = torch.cat([classes, torch.full_like(classes, model.null_class)]) if guided else classes
-    rows = cond.shape[0]
-    tokens = torch.zeros(b, cfg.num_tokens, dtype=torch.long, device=device)
-    slots = model.token_slots
-    if use_cache:
-        model.setup_caches(rows)
-    try:
-        step, produced = 0, 0
-        while produced < cfg.num_tokens:
-            pos = _next_inputs(cfg, slots, produced).to(device)
-            n_new = pos.numel()  # every input slot of a step predicts one new token
-            if use_cache:
-                h = _embed_positions(model, cond, tokens, produced, pos, guided)
-                logits = model(h, pos, use_cache=True)
-            else:
-                full = model.embed_sequence(cond, torch.cat([tokens, tokens]) if guided else tokens)
-                upto = int(pos.max()) + 1
-                logits = model(full[:, :upto], torch.arange(upto, device=device))[:, pos]
-            logits = logits[:, -n_new:]
-            if guided:
-                c, u = logits.chunk(2)
-                logits = u + (c - u) * cfg_scale if (cfg_interval < 0 or step <= cfg_interval) else c
-            probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-            tokens[:, produced : produced + n_new] = draw(probs, generators).to(device)
-            produced += n_new
-            step += 1
-            if progress is not None:
-                progress(produced)
-    finally:
-        if use_cache:
-            model.clear_caches()
-    return tokens
+
+    def __init__(self, model: LlamaGen, batch: int, sampling: dict, compile: bool):
+        cfg = model.config
+        self.model, self.batch = model, batch
+        self.cfg_scale = float(sampling["cfg_scale"])
+        self.cfg_interval = int(sampling["cfg_interval"])
+        self.set_sampling(sampling, guided=self.cfg_scale > 1.0)
+        dev, dtype = model.rope.device, model.tok_embeddings.weight.dtype
+        model.setup_caches(self.rows, dtype)
+        self.own_caches()
+        self.tokens = torch.zeros(batch, cfg.num_tokens, dtype=torch.long, device=dev)
+        self.u = torch.zeros(batch, cfg.num_tokens, dtype=torch.float64, device=dev)
+        self.blocks = [common.compiled(layer, compile) for layer in model.layers]
+        self.head = common.compiled(self._head, compile)
+        self.cond = torch.zeros(self.rows, dtype=torch.long, device=dev)
+        self.capturable = not cfg.par_regions
+        if self.capturable:
+            self.steps = cfg.num_tokens
+            self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+            self.h = torch.zeros(self.rows, 1, cfg.dim, dtype=dtype, device=dev)
+        else:
+            self.schedule, produced = [], 0  # (tokens produced before the step, its input slots)
+            while produced < cfg.num_tokens:
+                pos = _next_inputs(cfg, model.token_slots, produced).to(dev)
+                self.schedule.append((produced, pos))
+                produced += pos.numel()
+            self.steps = len(self.schedule)
+
+    def reset(self, classes, seeds):
+        m = self.model
+        cond = torch.cat([classes, torch.full_like(classes, m.null_class)]) if self.guided else classes
+        self.cond.copy_(cond)
+        self.u.copy_(common.seed_uniforms(seeds, self.tokens.shape[1], self.u.device))
+        self.tokens.zero_()
+        self.index = 0
+        if self.capturable:
+            self.h.copy_(m.cls_embedding.embedding_table(self.cond)[:, None])
+            self.pos.zero_()
+
+    def _head(self, h, pos, guidance_on):
+        m = self.model
+        logits = m.output(m.norm(h), pos).float()
+        if self.guided:
+            guided = common.guide(logits, self.cfg_scale)
+            if self.cfg_interval >= 0:
+                guided = torch.where(guidance_on, guided, logits.chunk(2)[0])
+            logits = guided
+        return common.filter_logits(logits / self.temperature, self.top_k, self.top_p).softmax(-1)
+
+    def _blocks(self, h, pos):
+        rope, mask = self.model.rope[pos], self.model.mask[pos]
+        for block in self.blocks:
+            h = block(h, pos, rope, mask, True)
+        return h
+
+    def step(self):
+        if not self.capturable:
+            return self._par_step()
+        m, pos = self.model, self.pos
+        # the official sampler keeps CFG through decode step k counted after the prefill: token k + 1
+        tok = common.draw_from(
+            self.head(self._blocks(self.h, pos), pos, pos <= self.cfg_interval + 1),
+            self.u.index_select(1, pos),
+        )
+        self.tokens.index_copy_(1, pos, tok)
+        self.h.copy_(m.tok_embeddings(torch.cat([tok, tok]) if self.guided else tok))
+        pos.add_(1)
+
+    def _par_step(self):
+        cfg, m = self.model.config, self.model
+        produced, pos = self.schedule[self.index]
+        n = pos.numel()  # every input slot of a step predicts one new token
+        toks = torch.cat([self.tokens, self.tokens]) if self.guided else self.tokens
+        if produced == 0:
+            h = m.cls_embedding.embedding_table(self.cond)[:, None]
+        elif produced == cfg.par_regions:
+            special = m.spe_tok_embeddings.special_embeddings.weight
+            last = m.tok_embeddings(toks[:, produced - 1 : produced])
+            h = torch.cat([last, special[None].expand(toks.shape[0], -1, -1)], dim=1)
+        else:
+            h = m.tok_embeddings(toks[:, produced - n : produced])
+        guidance_on = torch.tensor(self.index <= self.cfg_interval, device=pos.device)
+        probs = self.head(self._blocks(h, pos)[:, -n:], pos[-n:], guidance_on)
+        self.tokens[:, produced : produced + n] = common.draw_from(probs, self.u[:, produced : produced + n])
+        self.index += 1
+
+    def tokens_after(self, step: int) -> int:
+        if self.capturable:
+            return step + 1
+        produced, pos = self.schedule[step]
+        return produced + pos.numel()
 
 
 def _next_inputs(cfg: LlamaGenConfig, slots: torch.Tensor, produced: int) -> torch.Tensor:
@@ -512,19 +554,6 @@ def _next_inputs(cfg: LlamaGenConfig, slots: torch.Tensor, produced: int) -> tor
         return torch.arange(int(slots[r - 1]), int(slots[r]))  # t_{r-1} and the r-1 special tokens
     width = r if r and produced > r else 1
     return slots[produced - width : produced].cpu()
-
-
-def _embed_positions(model, cond, tokens, produced, pos, guided):
-    """Embeddings of the input slots `pos` during cached decoding."""
-    cfg = model.config
-    if produced == 0:
-        return model.cls_embedding.embedding_table(cond)[:, None]
-    toks = torch.cat([tokens, tokens]) if guided else tokens
-    if cfg.par_regions and produced == cfg.par_regions:
-        special = model.spe_tok_embeddings.special_embeddings.weight
-        last = model.tok_embeddings(toks[:, produced - 1 : produced])
-        return torch.cat([last, special[None].expand(toks.shape[0], -1, -1)], dim=1)
-    return model.tok_embeddings(toks[:, produced - pos.numel() : produced])
 
 
 def to_raster(model: LlamaGen, tokens: torch.Tensor) -> torch.Tensor:

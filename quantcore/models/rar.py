@@ -44,7 +44,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from quantcore.errors import ConfigError
-from quantcore.models.common import ModelEntry, draw, filter_logits, modulate
+from quantcore.models import common
+from quantcore.models.common import ModelEntry, modulate
 from quantcore.nn import Linear, MatMul, allocate_kv_caches, free_kv_caches, read_kv, write_kv
 from quantcore.quant.layout import AdaLNRows, FoldSite, QuantLayout
 
@@ -377,62 +378,66 @@ def cfg_schedule(step: int, num_tokens: int, cfg_scale: float, cfg_pow: float) -
     return (cfg_scale - 1.0) * (1.0 - math.cos(math.pi * (step / num_tokens) ** cfg_pow)) / 2.0 + 1.0
 
 
-@torch.no_grad()
-def generate_tokens(
-    model: RAR,
-    classes: torch.Tensor,
-    seeds: list[int],
-    cfg_scale: float,
-    cfg_pow: float,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    use_cache: bool = True,
-    progress=None,
-) -> torch.Tensor:
-    """Sample tokens (B, L) in raster order; with cfg_scale != 0 the batch runs cond and uncond halves.
+class DecodePlan(common.DecodePlan):
+    """RAR's sampler on static buffers: the (cls, class) prefix runs once, then one graph-replayable
+    step per token, with the official cosine CFG ramp."""
 
-    The cached path feeds (cls, class) first, then one token per step. use_cache=False recomputes the
-    whole prefix at every step (slow; it exists to check the cache). `progress`, if given, is called
-    with the number of tokens produced so far after every step.
-    """
-    cfg = model.config
-    b, device = classes.shape[0], classes.device
-    if len(seeds) != b:
-        raise ConfigError(f"got {len(seeds)} seeds for {b} classes; give one seed per image")
-    if not 0 < temperature:
-        raise ConfigError(f"temperature must be > 0, got {temperature}")
-    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    guided = cfg_scale != 0
-    cond = torch.cat([classes, torch.full_like(classes, model.null_class)]) if guided else classes
-    tokens = torch.zeros(b, cfg.num_tokens, dtype=torch.long, device=device)
-    if use_cache:
-        model.setup_caches(cond.shape[0])
-    try:
-        for step in range(cfg.num_tokens):
-            rows = torch.cat([tokens, tokens]) if guided else tokens
-            if use_cache:
-                pos = (
-                    torch.arange(PREFIX, device=device)
-                    if step == 0
-                    else torch.tensor([step + 1], device=device)
-                )
-            else:
-                pos = torch.arange(PREFIX + step, device=device)
-            x, c = model.embed(cond, rows[:, :step], pos)
-            logits = model(x, c, pos, use_cache=use_cache)[:, -1:]
-            if guided:
-                cond_logits, uncond_logits = logits.chunk(2)
-                scale = cfg_schedule(step, cfg.num_tokens, cfg_scale, cfg_pow)
-                logits = uncond_logits + (cond_logits - uncond_logits) * scale
-            probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-            tokens[:, step] = draw(probs, generators)[:, 0].to(device)
-            if progress is not None:
-                progress(step + 1)
-    finally:
-        if use_cache:
-            model.clear_caches()
-    return tokens
+    prologue_tokens = 1
+
+    def __init__(self, model, batch: int, sampling: dict, compile: bool):
+        cfg = model.config
+        self.model, self.batch = model, batch
+        cfg_scale = float(sampling["cfg_scale"])
+        self.set_sampling(sampling, guided=cfg_scale != 0)
+        dev = model.embeddings.weight.device
+        model.setup_caches(self.rows, model.embeddings.weight.dtype)
+        self.own_caches()
+        n = cfg.num_tokens
+        self.steps = n - 1
+        self.cfg_table = torch.tensor(
+            [cfg_schedule(i, n, cfg_scale, float(sampling["cfg_pow"])) for i in range(n)], device=dev
+        )
+        self.prefix_pos = torch.arange(PREFIX, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.cond = torch.zeros(self.rows, dtype=torch.long, device=dev)
+        self.tokens = torch.zeros(batch, n, dtype=torch.long, device=dev)
+        self.u = torch.zeros(batch, n, dtype=torch.float64, device=dev)
+        self.eager_blocks = list(model.blocks)  # the 2-token prefix: once per image, not worth a compile
+        self.blocks = [common.compiled(block, compile) for block in model.blocks]
+        self.head = common.compiled(self._head, compile)
+
+    def reset(self, classes, seeds):
+        m = self.model
+        cond = torch.cat([classes, torch.full_like(classes, m.null_class)]) if self.guided else classes
+        self.cond.copy_(cond)
+        self.u.copy_(common.seed_uniforms(seeds, self.tokens.shape[1], self.u.device))
+        self.tokens.zero_()
+
+    def _head(self, x, c, pos):
+        logits = self.model.lm_head(self.model.adaln_before_head(x, c, pos), pos).float()
+        step = pos - 1  # position p predicts token p - 1
+        if self.guided:
+            logits = common.guide(logits, self.cfg_table[step][:, None])
+        return common.filter_logits(logits / self.temperature, self.top_k, self.top_p).softmax(-1)
+
+    def _decode(self, blocks, pos):
+        m = self.model
+        toks = torch.cat([self.tokens, self.tokens]) if self.guided else self.tokens
+        x, c = m.embed(self.cond, toks, pos)
+        mask = m.attn_mask[pos]
+        for block in blocks:
+            x = block(x, c, pos, mask, True)
+        last = pos[-1:]
+        tok = common.draw_from(self.head(x[:, -1:], c[:, -1:], last), self.u.index_select(1, last - 1))
+        self.tokens.index_copy_(1, last - 1, tok)
+
+    def prologue(self):
+        self._decode(self.eager_blocks, self.prefix_pos)  # (cls, class) -> token 0
+        self.pos.fill_(2)
+
+    def step(self):
+        self._decode(self.blocks, self.pos)
+        self.pos.add_(1)
 
 
 def decode_images(model: RAR, tokenizer, tokens: torch.Tensor) -> torch.Tensor:

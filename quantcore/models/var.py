@@ -57,7 +57,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from quantcore.errors import ConfigError
-from quantcore.models.common import ModelEntry, draw, modulate
+from quantcore.models import common
+from quantcore.models.common import ModelEntry, modulate
 from quantcore.nn import Linear, MatMul, allocate_kv_caches, free_kv_caches, read_kv, write_kv
 from quantcore.quant.layout import AdaLNRows, FoldSite, QuantLayout
 from quantcore.tokenizers.var_vqvae import OFFICIAL_PATCH_NUMS
@@ -506,79 +507,72 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
-@torch.no_grad()
-def generate_tokens(
-    model: VAR,
-    classes: torch.Tensor,
-    seeds: list[int],
-    cfg_scale: float = 1.5,
-    top_k: int = 900,
-    top_p: float = 0.96,
-    more_smooth: bool = False,
-    temperature: float = 1.0,
-    use_cache: bool = True,
-    progress=None,
-) -> torch.Tensor:
-    """Sample tokens (B, L), scale by scale: one forward pass per scale (10 for the official models).
+class DecodePlan(common.DecodePlan):
+    """VAR's sampler on static buffers: one step is the whole multi-scale generation (every scale has
+    a fixed shape), with the official linear CFG ramp and VAR's own top-k/top-p."""
 
-    With cfg_scale != 0 the batch runs cond and uncond halves and scale si uses
-    t = cfg_scale * si / (num_scales - 1), logits = (1 + t) cond - t uncond (official). use_cache=False
-    recomputes every earlier scale at each step (it exists to check the cache). `progress`, if given,
-    is called with the number of tokens produced after every scale.
-    """
-    cfg = model.config
-    b, device = classes.shape[0], classes.device
-    if len(seeds) != b:
-        raise ConfigError(f"got {len(seeds)} seeds for {b} classes; give one seed per image")
-    if not 0 < temperature:
-        raise ConfigError(f"temperature must be > 0, got {temperature}")
-    if more_smooth:
-        raise ConfigError(
-            "more_smooth=True mixes code vectors with Gumbel-softmax weights, which tokens cannot "
-            "represent (the official code uses it for visualisation only); use more_smooth=False"
-        )
-    vq = model.quantizer
-    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    guided = cfg_scale != 0
-    rows = torch.cat([classes, torch.full_like(classes, model.null_class)]) if guided else classes
-    cond = model.class_emb(rows)
-    lvl_pos = model.lvl_pos()
-    tokens = torch.zeros(b, cfg.num_tokens, dtype=torch.long, device=device)
-    grid = cfg.grid_size
-    f_hat = vq.embedding.weight.new_zeros(b, cfg.cvae, grid, grid)
-    x = model.first_scale_input(cond, lvl_pos)
-    last = cfg.num_scales - 1
-    if use_cache:
-        model.setup_caches(rows.shape[0])
-    try:
-        for si, (start, end) in enumerate(cfg.scale_bounds):
-            if use_cache:
-                logits = model(x, cond, torch.arange(start, end, device=device), use_cache=True)
-            else:
-                prefix = tokens[:, :start]
-                full, _ = model.embed_sequence(rows, torch.cat([prefix, prefix]) if guided else prefix)
-                logits = model(full, cond, torch.arange(end, device=device))[:, start:end]
-            if guided:
-                t = cfg_scale * si / last
-                logits = (1 + t) * logits[:b] - t * logits[b:]
-            if temperature != 1.0:
-                logits = logits / temperature
-            probs = filter_logits(logits, top_k, top_p).softmax(-1)
-            idx = draw(probs, generators).to(device)
-            tokens[:, start:end] = idx
-            if use_cache and si != last:
+    def __init__(self, model, batch: int, sampling: dict, compile: bool):
+        cfg = model.config
+        self.model, self.batch = model, batch
+        self.cfg_scale = float(sampling["cfg_scale"])
+        if sampling["more_smooth"]:
+            raise ConfigError(
+                "more_smooth=True mixes code vectors with Gumbel-softmax weights, which tokens cannot "
+                "represent (the official code uses it for visualisation only); use more_smooth=False"
+            )
+        self.set_sampling(sampling, guided=self.cfg_scale != 0)
+        dev = model.pos_1LC.device
+        model.setup_caches(self.rows, model.pos_1LC.dtype)
+        self.own_caches()
+        self.steps = 1
+        table = model.attn_bias_for_masking[0, 0]
+        self.scales = [
+            (start, end, torch.arange(start, end, device=dev), table[start:end, :end].contiguous())
+            for start, end in cfg.scale_bounds
+        ]
+        self.cond = torch.zeros(self.rows, cfg.embed_dim, dtype=model.pos_1LC.dtype, device=dev)
+        self.tokens = torch.zeros(batch, cfg.num_tokens, dtype=torch.long, device=dev)
+        self.u = torch.zeros(batch, cfg.num_tokens, dtype=torch.float64, device=dev)
+        vq = model.quantizer
+        self.f_hat = vq.embedding.weight.new_zeros(batch, cfg.cvae, cfg.grid_size, cfg.grid_size)
+        # ten scales of different lengths: per batch size the blocks compile three times (the 1-token
+        # first scale, the middle scales with a dynamic length, the last scale whose full-width cache
+        # slice changes the matmul's layout guard); the head (ten calls per image) stays eager
+        self.blocks = [common.compiled(block, compile, dynamic=None) for block in model.blocks]
+        self.head = self._head
+
+    def reset(self, classes, seeds):
+        m = self.model
+        rows = torch.cat([classes, torch.full_like(classes, m.null_class)]) if self.guided else classes
+        self.cond.copy_(m.class_emb(rows.to(self.cond.device)))
+        self.u.copy_(common.seed_uniforms(seeds, self.tokens.shape[1], self.u.device))
+
+    def _head(self, x, pos, t: float, u):
+        logits = self.model.head(self.model.head_nm(x, self.cond), pos).float()
+        if self.guided:
+            b = self.batch
+            logits = (1 + t) * logits[:b] - t * logits[b:]
+        probs = filter_logits(logits / self.temperature, self.top_k, self.top_p).softmax(-1)
+        return common.draw_from(probs, u)
+
+    def step(self):
+        m, cfg, vq = self.model, self.model.config, self.model.quantizer
+        lvl_pos = m.lvl_pos()
+        x = m.first_scale_input(self.cond, lvl_pos)
+        self.f_hat.zero_()
+        last = len(self.scales) - 1
+        for si, (start, end, pos, bias) in enumerate(self.scales):
+            for block in self.blocks:
+                x = block(x, self.cond, pos, bias, True)
+            idx = self.head(x, pos, self.cfg_scale * si / last, self.u[:, start:end])
+            self.tokens[:, start:end] = idx
+            if si != last:
                 pn = cfg.patch_nums[si]
-                h = vq.embedding(idx.to(f_hat.device)).transpose(1, 2).reshape(b, cfg.cvae, pn, pn)
-                f_hat, nxt = vq.next_autoregressive_input(si, f_hat, h)
-                x = model.scale_input(nxt.flatten(2).transpose(1, 2), end, lvl_pos)
-                if guided:
+                h = vq.embedding(idx).transpose(1, 2).reshape(self.batch, cfg.cvae, pn, pn)
+                _, nxt = vq.next_autoregressive_input(si, self.f_hat, h)
+                x = m.scale_input(nxt.flatten(2).transpose(1, 2), end, lvl_pos)
+                if self.guided:
                     x = x.repeat(2, 1, 1)
-            if progress is not None:
-                progress(end)
-    finally:
-        if use_cache:
-            model.clear_caches()
-    return tokens
 
 
 def build(config: VARConfig) -> VAR:

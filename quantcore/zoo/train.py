@@ -31,6 +31,7 @@ from torch.nn import functional as F
 
 from quantcore.checkpoint import load_checkpoint
 from quantcore.eval.proxy import proxy_features, proxy_metrics
+from quantcore.fastgen import generate_tokens
 from quantcore.models import bind_tokenizer, family_module
 from quantcore.tokenizers.maskgit_vqgan import MaskGITVQGAN
 from quantcore.tokenizers.var_vqvae import VQVAE
@@ -501,7 +502,7 @@ def evaluate_generator(
         for c, s in zip(
             labels.split(500), [seeds[i : i + 500] for i in range(0, len(seeds), 500)], strict=True
         ):
-            tokens = family.generate_tokens(model, c, s, **settings)
+            tokens = generate_tokens(model, c, s, **settings)
             images.append(family.decode_images(model, vq, tokens))
         images = torch.cat(images)
         sweep[str(scale)] = proxy_metrics(classifier, images, labels.cpu().numpy(), test_features)

@@ -99,11 +99,13 @@ def bundled_model(engine_service, keys) -> str:
     return min(bundled, key=lambda m: m["parameters"] or 0)["name"]
 
 
-def test_the_api_selections_are_the_engines():
-    from app.schemas import SELECTIONS, Selection
-    from quantcore.methods.selection import METHODS
+def test_the_api_job_spec_is_the_engines():
+    """One definition: the REST schema adds examples only, so its defaults are the engine's."""
+    from app.schemas import JobSpec as RestJobSpec
+    from quantcore.spec import JobSpec
 
-    assert set(SELECTIONS) == set(METHODS) == set(Selection.__args__)
+    assert issubclass(RestJobSpec, JobSpec)
+    assert RestJobSpec(model="m").model_dump() == JobSpec(model="m").model_dump()
 
 
 def submit(svc: Service, token: str, spec: dict) -> dict:

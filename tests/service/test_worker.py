@@ -190,6 +190,7 @@ def test_claims_are_compare_and_set(service_env, keys):
             db,
             owner="alice",
             spec={"model": "scripted-fast", "recipe": "rtn", "w_bits": 8},
+            recipe="rtn",
             engine_spec={"model": "scripted-fast"},
         )
         first = jobs.claim_job(db, job.id, expected_state="queued", expected_attempt=0, worker="a")
@@ -209,6 +210,7 @@ def test_cancel_of_a_queued_job_wins_over_a_later_delivery(service_env):
             db,
             owner="alice",
             spec={"model": "scripted-fast", "recipe": "rtn", "w_bits": 8},
+            recipe="rtn",
             engine_spec={"model": "scripted-fast"},
         )
         assert jobs.request_cancel(db, job).state == "canceled"

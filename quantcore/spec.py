@@ -1,0 +1,107 @@
+"""The job contract: what a quantization job asks for. One definition for the library, CLI and REST API.
+
+pydantic and yaml only (no torch), so the API process can validate jobs without loading the engine.
+The REST schema (app/schemas.py) extends these models with OpenAPI examples only: defaults and
+limits live here and cannot drift between the surfaces.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from quantcore.errors import ConfigError
+from quantcore.recipe import PRESETS, Recipe
+
+SELECTIONS = ("dgc-official", "dgc-mahalanobis", "random", "uniform")
+Selection = Literal["dgc-official", "dgc-mahalanobis", "random", "uniform"]
+SEED_MAX = 2**32 - 1
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CalibrationSpec(_Spec):
+    num_samples: int = Field(
+        64,
+        ge=2,
+        le=100_000,
+        description="Images the FP model generates for the calibration pool (the pool holds 2x: cond "
+        "and uncond halves); the selection keeps half of the pool.",
+    )
+    selection: Selection = Field(
+        "dgc-official",
+        description="How calibration samples are chosen: distribution-guided (DGC), random or uniform.",
+    )
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of calibration generation and selection.")
+    batch_size: int = Field(
+        16,
+        ge=1,
+        le=4096,
+        description="Images per generation batch and rows per calibration pass (GPU memory vs speed).",
+    )
+
+
+class EvaluationSpec(_Spec):
+    num_images: int = Field(
+        16,
+        ge=0,
+        le=50_000,
+        description="Images sampled by the FP and the quantized model under the same classes and seeds "
+        "(0 = no evaluation).",
+    )
+    seed: int = Field(
+        10_000, ge=0, le=SEED_MAX, description="Seed of the first evaluation image; image i uses seed + i."
+    )
+
+
+class JobSpec(_Spec):
+    """What to quantize and how."""
+
+    model: str = Field(..., min_length=1, max_length=128, description="A registered model name.")
+    checkpoint: str | None = Field(
+        None,
+        max_length=4096,
+        description="Weights of the model: a file path (library, CLI) or, over REST, a registered "
+        "checkpoint's name or sha256. Omit for the model's own (bundled or random) weights.",
+    )
+    tokenizer_checkpoint: str | None = Field(None, max_length=4096, description="Tokenizer weights file.")
+    recipe: str | Recipe = Field(
+        "ptq4arvg", description="A recipe preset name, or a full recipe (the schema of --recipe-file)."
+    )
+    w_bits: int = Field(8, ge=2, le=8, description="Weight bit-width (presets only).")
+    a_bits: int | None = Field(8, ge=2, le=8, description="Activation bit-width; null = weight-only.")
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+
+    @field_validator("recipe", mode="before")
+    @classmethod
+    def _preset_or_recipe(cls, value):
+        """A preset name is checked here (so a typo is a field error), a recipe object by Recipe.parse."""
+        if isinstance(value, str):
+            if value not in PRESETS:
+                raise ValueError(f"unknown preset {value!r}; presets are {', '.join(PRESETS)}")
+            return value
+        if isinstance(value, dict):
+            return Recipe.parse(value)  # RecipeError is a ValueError: it names the recipe's own field
+        return value
+
+    @classmethod
+    def parse(cls, data: dict) -> JobSpec:
+        """Validate a job spec; the first error becomes a ConfigError naming its field."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise ConfigError(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+
+    def resolved_recipe(self) -> Recipe:
+        if isinstance(self.recipe, Recipe):
+            return self.recipe
+        return Recipe.preset(self.recipe, self.w_bits, self.a_bits)
+
+    @property
+    def recipe_name(self) -> str:
+        return self.recipe if isinstance(self.recipe, str) else self.recipe.name
