@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from quantcore.spec import DEVICE_PATTERN  # pydantic only: no torch in the API process
+
 ENV_PREFIX = "PTQ4ARVG_"
 
 
@@ -40,6 +42,12 @@ class Settings(BaseSettings):
     engine_module: str = Field(
         "quantcore.api",
         description="Module providing quantize_job/load_generator (the quantcore engine contract).",
+    )
+    device: str = Field(
+        "auto",
+        pattern=DEVICE_PATTERN,
+        description="Where jobs and /v1/generate run: auto (the first visible CUDA device, else the CPU), "
+        "cpu, cuda or cuda:N. A GPU worker started by `ptq4arvg worker --gpus` sees only its card.",
     )
     registry_module: str = Field(
         "quantcore.registry", description="Module providing list_models() for the model registry."

@@ -11,8 +11,27 @@ import sys
 from quantcore.cli import main as engine_main
 
 
+def _settings_error() -> str | None:
+    """A one-line message when a PTQ4ARVG_* variable does not validate, else None."""
+    from pydantic import ValidationError
+
+    from app.config import ENV_PREFIX, get_settings
+
+    try:
+        get_settings()
+    except ValidationError as e:
+        first = e.errors()[0]
+        name = ENV_PREFIX + str(first["loc"][0]).upper()
+        return f"error: {name}={first.get('input')!r}: {first['msg']}"
+    return None
+
+
 def _serve(args: argparse.Namespace) -> int:
     from app.server import is_configured, serve
+
+    if (message := _settings_error()) is not None:
+        print(message, file=sys.stderr)
+        return 2
 
     embedded = not is_configured() and not args.production
     serve(args.host, args.port, embedded=embedded, var_dir=args.var_dir, log_level=args.log_level)
@@ -20,10 +39,22 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from app.worker_cmd import run_worker
+    from app.worker_cmd import GpuSelectionError, parse_gpus, run_gpu_workers, run_worker
 
-    run_worker(hostname=args.hostname, loglevel=args.log_level)
-    return 0
+    if (message := _settings_error()) is not None:
+        print(message, file=sys.stderr)
+        return 2
+    if args.gpus is None:
+        run_worker(hostname=args.hostname, loglevel=args.log_level)
+        return 0
+    import torch  # this process only supervises: its children are new processes, not forks
+
+    try:
+        gpus = parse_gpus(args.gpus, torch.cuda.device_count())
+    except GpuSelectionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return run_gpu_workers(gpus, loglevel=args.log_level)
 
 
 def _admin(args: argparse.Namespace) -> int:
@@ -48,6 +79,11 @@ def add_service_commands(sub) -> None:
 
     p = sub.add_parser("worker", help="run a Celery worker for quantization jobs (solo pool: one per GPU)")
     p.add_argument("--hostname", default=None)
+    p.add_argument(
+        "--gpus",
+        default=None,
+        help="`all` or indices like 0,1: one worker process per GPU, each pinned with CUDA_VISIBLE_DEVICES",
+    )
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=_worker)
 

@@ -47,7 +47,9 @@ class GeneratorCache:
         key = (source, checkpoint)
         generator = self._items.get(key)
         if generator is None:
-            generator = self._engine().load_generator(source, checkpoint=checkpoint)
+            generator = self._engine().load_generator(
+                source, checkpoint=checkpoint, device=self.settings.device
+            )
             if self.settings.generator_cache_size > 0:
                 self._items[key] = generator
                 while len(self._items) > self.settings.generator_cache_size:

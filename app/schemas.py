@@ -67,9 +67,10 @@ class JobSpec(engine.JobSpec):
 
 
 class JobProgress(BaseModel):
-    stage: str | None = Field(None, examples=["calibration"])
-    percent: float = Field(..., ge=0, le=100, examples=[42.5])
-    eta_seconds: float | None = Field(None, description="Estimated seconds left in the current stage.")
+    stage: str | None = Field(None, examples=["calibration-pool"])
+    stage_percent: float = Field(..., ge=0, le=100, description="How far the current stage is.")
+    percent: float = Field(..., ge=0, le=100, description="How far the whole job is.", examples=[42.5])
+    eta_seconds: float | None = Field(None, description="Estimated seconds until the job ends.")
     heartbeat_at: dt.datetime | None = None
 
 
@@ -100,6 +101,11 @@ class JobOut(BaseModel):
     cancel_requested: bool
     attempt: int
     worker: str | None
+    device: dict[str, Any] | None = Field(
+        None,
+        description="Where the job runs or ran: device, GPU model, memory.",
+        examples=[{"device": "cuda:0", "name": "NVIDIA H200"}],
+    )
     error: JobError | None
     artifact_id: str | None
     metrics: dict[str, Any] | None

@@ -62,16 +62,68 @@ def start_worker_process(
     hostname: str | None = None,
     loglevel: str = "info",
     exit_with_parent: bool = False,
+    env_extra: dict[str, str] | None = None,
     **popen_kwargs,
 ) -> subprocess.Popen:
     """Start a worker as a child process in its own process group (stop it with stop_process)."""
-    env = {**os.environ, **settings.to_env()}
+    env = {**os.environ, **settings.to_env(), **(env_extra or {})}
     cmd = [sys.executable, "-m", "app.worker_cmd", f"--loglevel={loglevel}"]
     if hostname:
         cmd += ["--hostname", hostname]
     if exit_with_parent:
         cmd += ["--parent-pid", str(os.getpid())]
     return subprocess.Popen(cmd, env=env, start_new_session=True, **popen_kwargs)
+
+
+class GpuSelectionError(ValueError):
+    pass
+
+
+def parse_gpus(text: str, visible: int) -> list[int]:
+    """`all` or `0,1,...` -> GPU indices, checked against the `visible` count."""
+    if text.strip().lower() == "all":
+        if visible == 0:
+            raise GpuSelectionError(
+                "--gpus all: no CUDA GPU is visible here; run `ptq4arvg worker` for a CPU worker"
+            )
+        return list(range(visible))
+    try:
+        gpus = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise GpuSelectionError(
+            f"--gpus {text!r}: give `all` or comma-separated GPU indices like 0,1"
+        ) from None
+    if not gpus or len(set(gpus)) != len(gpus) or min(gpus) < 0:
+        raise GpuSelectionError(f"--gpus {text!r}: give `all` or distinct GPU indices like 0,1")
+    if max(gpus) >= visible:
+        raise GpuSelectionError(f"--gpus {text!r}: GPU {max(gpus)} is not visible ({visible} visible)")
+    return gpus
+
+
+def run_gpu_workers(gpus: list[int], *, loglevel: str = "info", settings: Settings | None = None) -> int:
+    """One solo worker process per GPU, pinned with CUDA_VISIBLE_DEVICES; jobs spread over them through
+    the broker. A worker that dies is restarted; SIGTERM/SIGINT stop them all (warm shutdown first)."""
+    settings = (settings or get_settings()).model_copy(update={"device": "cuda"})  # each sees one card
+    stopping = threading.Event()
+
+    def start(gpu: int) -> subprocess.Popen:
+        return start_worker_process(
+            settings, hostname=f"gpu{gpu}@%h", loglevel=loglevel, env_extra={"CUDA_VISIBLE_DEVICES": str(gpu)}
+        )
+
+    children = {gpu: start(gpu) for gpu in gpus}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    try:
+        while not stopping.wait(1.0):
+            for gpu, child in children.items():
+                if child.poll() is not None:
+                    print(f"worker on GPU {gpu} exited ({child.returncode}); restarting it", file=sys.stderr)
+                    children[gpu] = start(gpu)
+    finally:
+        for child in children.values():
+            stop_process(child, timeout=30.0)
+    return 0
 
 
 def stop_process(process: subprocess.Popen, timeout: float = 10.0) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from quantcore import device as devices
 from quantcore.artifact import load_artifact, save_artifact
 from quantcore.calib import build_calibration_set
 from quantcore.calib.pool import check_cancel
@@ -32,15 +33,16 @@ def load_generator(
     source: str,
     checkpoint: str | Path | None = None,
     tokenizer_checkpoint: str | Path | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     real: bool = True,
 ) -> ImageGenerator:
     """An image generator for a registered model name or an artifact folder.
 
     An artifact runs its quantized layers on real low-bit kernels where the device supports them
     (`quantcore.quant.real.to_real`); `real=False` keeps every layer simulated. `generator.execution`
-    records the path of each quantized layer.
+    records the path of each quantized layer. `device` as in `quantize_job`.
     """
+    device = devices.resolve_device(device)
     if Path(source).is_dir():
         model, tokenizer, manifest = load_artifact(source, device)
         spec = get_spec(manifest["model"]["name"])
@@ -100,7 +102,60 @@ def fidelity_metrics(
     }
 
 
-Progress = Callable[[str, float], None]
+# progress(stage, stage_fraction, overall_fraction): the job's stage, how far it is, how far the job is
+Progress = Callable[[str, float, float], None]
+PHASES = ("load", "calibration-pool", "quantize", "evaluate", "write")
+
+
+def describe_device(device: str | torch.device = "auto") -> dict:
+    """The device a job or generator given `device` runs on, and what it is (the GPU model)."""
+    return devices.describe_device(devices.resolve_device(device))
+
+
+class StageClock:
+    """Seconds per phase and the job's overall fraction, from the engine's (stage, fraction) reports.
+
+    The pipeline's stages (one per pass and the final calibration, with their per-layer folds) make up
+    the `quantize` phase; the phases are weighted by their work (images sampled, sweeps over the
+    calibration set), so the overall fraction, and an ETA from it, moves at a steady pace.
+    """
+
+    def __init__(self, job: JobSpec, recipe_passes: int, sink: Progress | None):
+        n, k = job.calibration.num_samples, recipe_passes + 1
+        work = {"calibration-pool": n, "quantize": 0.5 * n * k, "evaluate": 2 * job.evaluation.num_images}
+        fixed = 0.03 * sum(work.values())  # loading and writing: a small, fixed share
+        weights = {"load": fixed, **work, "write": fixed}
+        total = sum(weights.values())
+        self.start, self.weight, acc = {}, {}, 0.0
+        for phase in PHASES:
+            self.start[phase], self.weight[phase] = acc / total, weights[phase] / total
+            acc += weights[phase]
+        self.sink, self.sub_stages, self.seen = sink, k, []
+        self.phase, self.phase_started, self.seconds, self.overall = None, time.perf_counter(), {}, 0.0
+
+    def _phase_of(self, stage: str) -> str:
+        if stage in PHASES:
+            return stage
+        return "write" if stage == "done" else "quantize"
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        phase = self._phase_of(stage)
+        if phase != self.phase:
+            now = time.perf_counter()
+            if self.phase is not None:
+                self.seconds[self.phase] = round(
+                    self.seconds.get(self.phase, 0.0) + now - self.phase_started, 3
+                )
+            self.phase, self.phase_started = phase, now
+        within = fraction
+        if phase == "quantize":  # a pass's stages share its name before "-fold"
+            base = stage.split("-fold")[0]
+            if base not in self.seen:
+                self.seen.append(base)
+            within = min(1.0, (self.seen.index(base) + fraction) / self.sub_stages)
+        self.overall = max(self.overall, self.start[phase] + self.weight[phase] * min(max(within, 0.0), 1.0))
+        if self.sink is not None:
+            self.sink(stage, fraction, 1.0 if stage == "done" else self.overall)
 
 
 def quantize_job(
@@ -108,20 +163,26 @@ def quantize_job(
     out_dir: str | Path,
     progress: Progress | None = None,
     should_cancel: Callable[[], bool] | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
 ) -> dict:
-    """Calibrate, quantize, evaluate and write an artifact to `out_dir`; returns its manifest."""
+    """Calibrate, quantize, evaluate and write an artifact to `out_dir`; returns its manifest.
+
+    `device`: auto (the first visible CUDA device, else the CPU) | cpu | cuda | cuda:N.
+    """
     job = spec if isinstance(spec, JobSpec) else JobSpec.parse(spec)
     recipe = job.resolved_recipe()
     model_spec = get_spec(job.model)
+    device = devices.resolve_device(device)
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ArtifactError(f"artifact folder {out_dir} is not empty; choose a new folder")
     started = time.perf_counter()
-    report_progress = progress or (lambda stage, fraction: None)
+    report_progress = StageClock(job, len(recipe.passes), progress)
     report_progress("load", 0.0)
     fp, tokenizer = load_model_and_tokenizer(job.model, job.checkpoint, job.tokenizer_checkpoint, device)
+    report_progress("load", 1.0)
     sampling = model_spec.entry.sampling.to_dict()
+    report_progress("calibration-pool", 0.0)
     calibration = build_calibration_set(fp, job.calibration, sampling, report_progress, should_cancel)
     quantized = copy.deepcopy(fp)
     t0 = time.perf_counter()
@@ -135,7 +196,6 @@ def quantize_job(
         fp, quantized, job.evaluation, sampling, job.calibration.batch_size, report_progress, should_cancel
     )
     metrics["calibration_seconds"] = round(calibration_seconds, 3)
-    metrics["total_seconds"] = round(time.perf_counter() - started, 3)
     check_cancel(should_cancel, "artifact write")
     report_progress("write", 0.0)
     manifest = {
@@ -146,14 +206,16 @@ def quantize_job(
             "tokenizer": model_spec.config.tokenizer,
             "checkpoint": job.checkpoint,
             "checkpoint_sha256": file_sha256(job.checkpoint) if job.checkpoint else None,
-            "random_weights": job.checkpoint is None,
+            "random_weights": job.checkpoint is None and not model_spec.bundled,
         },
         **report.to_dict(),
         "calibration": {**job.calibration.model_dump(), **calibration.record()},
         "evaluation": job.evaluation.model_dump(),
         "metrics": metrics,
+        # seconds per phase up to the write (the job record adds the total)
+        "timings": {**report_progress.seconds, "until_write": round(time.perf_counter() - started, 3)},
         # per layer, the path a loader on this kind of device runs (the loader records its own)
-        "execution": {"device": str(device), "layers": plan_execution(quantized, device)},
+        "execution": {**devices.describe_device(device), "layers": plan_execution(quantized, device)},
     }
     manifest = save_artifact(out_dir, quantized, tokenizer, manifest)
     report_progress("done", 1.0)

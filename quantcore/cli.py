@@ -97,6 +97,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.recipe_file:
         recipe = Recipe.parse(args.recipe_file.read_text())
     a_bits = None if args.a_bits == 0 else args.a_bits
+    given = lambda values: {k: v for k, v in values.items() if v is not None}  # noqa: E731  (defaults: JobSpec)
     spec = {
         "model": args.model,
         "checkpoint": str(args.checkpoint) if args.checkpoint else None,
@@ -104,22 +105,24 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         "recipe": recipe,
         "w_bits": args.w_bits,
         "a_bits": a_bits,
-        "calibration": {
-            "num_samples": args.calib_samples,
-            "selection": args.selection,
-            "seed": args.seed,
-            "batch_size": args.batch_size,
-        },
-        "evaluation": {"num_images": args.eval_images},
+        "calibration": given(
+            {
+                "num_samples": args.calib_samples,
+                "selection": args.selection,
+                "seed": args.seed,
+                "batch_size": args.batch_size,
+            }
+        ),
+        "evaluation": given({"num_images": args.eval_images}),
     }
     job = JobSpec.parse(spec)  # before the progress bar, so a bad spec prints one line only
     bar = tqdm(
         total=100, file=sys.stderr, disable=args.no_progress, bar_format="{desc:<22}{percentage:3.0f}%|{bar}|"
     )
 
-    def progress(stage: str, fraction: float) -> None:
-        bar.set_description_str(stage)
-        bar.n = round(100 * fraction)
+    def progress(stage: str, fraction: float, overall: float) -> None:
+        bar.set_description_str(f"{stage} {100 * fraction:.0f}%")
+        bar.n = round(100 * overall)
         bar.refresh()
 
     with bar:
@@ -175,9 +178,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         bar_format="{desc:<48.48}{percentage:3.0f}%|{bar}|",
     )
 
-    def progress(stage: str, fraction: float) -> None:
-        bar.set_description_str(stage)
-        bar.n = round(100 * fraction)
+    def progress(stage: str, fraction: float, overall: float) -> None:
+        bar.set_description_str(f"{stage} {100 * fraction:.0f}%")
+        bar.n = round(100 * overall)
         bar.refresh()
 
     with bar:
@@ -211,7 +214,7 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (first CUDA device, else CPU), cpu, cuda, cuda:N")
     p.add_argument(
         "--simulate", action="store_true", help="keep quantized layers simulated (no int8/fp8 kernels)"
     )
@@ -232,14 +235,12 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
     p.add_argument("--a-bits", type=int, default=8, help="activation bits; 0 = weight-only")
     p.add_argument("--checkpoint", type=Path)
     p.add_argument("--tokenizer-checkpoint", type=Path)
-    p.add_argument("--calib-samples", type=int, default=32, help="images generated for the calibration pool")
-    p.add_argument(
-        "--selection", default="dgc-official", help="dgc-official, dgc-mahalanobis, random, uniform"
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--eval-images", type=int, default=8, help="images for the fidelity metrics (0 = none)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--calib-samples", type=int, help="images generated for the calibration pool (default 64)")
+    p.add_argument("--selection", help="dgc-official (default), dgc-mahalanobis, random, uniform")
+    p.add_argument("--seed", type=int, help="calibration seed (default 0)")
+    p.add_argument("--batch-size", type=int, help="images per batch (default 16)")
+    p.add_argument("--eval-images", type=int, help="images for the fidelity metrics (0 = none; default 16)")
+    p.add_argument("--device", default="auto", help="auto (first CUDA device, else CPU), cpu, cuda, cuda:N")
     p.add_argument("--out", type=Path, required=True, help="artifact folder to create")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")

@@ -12,8 +12,7 @@ import re
 import torch
 
 from quantcore.errors import ConfigError
-
-DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
+from quantcore.spec import DEVICE_PATTERN
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:

@@ -37,6 +37,11 @@ class ModelSpec:
     def config(self):
         return self.entry.config
 
+    @property
+    def bundled(self) -> bool:
+        """Trained weights ship with the package (quantcore/zoo)."""
+        return self.name in zoo.BUNDLED
+
     def build(self, device: str | torch.device = "cpu") -> torch.nn.Module:
         with torch.device(device):
             model = family_module(self.family).build(self.config)
@@ -55,7 +60,7 @@ class ModelSpec:
             "image_size": cfg.grid_size * downsample_factor(cfg.tokenizer),
             "tokens": cfg.num_tokens,
             "tokenizer": cfg.tokenizer,
-            "bundled": self.name in zoo.BUNDLED,
+            "bundled": self.bundled,
             "official_checkpoints": list(self.entry.official_checkpoints),
             "sampling": self.entry.sampling.to_dict(),
             "config": cfg.to_dict(),

@@ -7,14 +7,14 @@ Everything here is safe under duplicate delivery:
   and recorded in the same transaction that marks the job succeeded;
 - a delivery for a finished job does nothing.
 
-The engine (``quantcore.api`` unless settings say otherwise) is imported here lazily, inside the
-task, so no torch code runs in a process before the worker forks.
+The engine (worker.engine: ``quantcore.api`` unless settings say otherwise) is imported lazily,
+inside the task, so no torch code runs in a process before the worker forks. Jobs run on the device
+the settings name (``PTQ4ARVG_DEVICE``, auto = the first visible CUDA device).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import logging
 import os
@@ -30,6 +30,7 @@ from app.db import jobs
 from app.db.models import TERMINAL_STATES, utcnow
 from app.db.session import session_scope
 from app.storage import sha256_file
+from worker.engine import EngineUnavailable, load_engine
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,8 @@ class _Execution:
         self.lost = threading.Event()
         self.stage = "starting"
         self.stage_started = utcnow()
+        self.started = time.monotonic()
+        self.overall = 0.0
         self._last_progress_write = 0.0
         self._last_cancel_check = 0.0
         self._cancel_seen = False
@@ -145,11 +148,10 @@ class _Execution:
 
     # ------------------------------------------------------------------ callbacks given to the engine
 
-    def progress(self, stage: str, fraction: float) -> None:
-        fraction = float(fraction)
-        if fraction > 1.0:  # tolerate percentages
-            fraction /= 100.0
-        fraction = min(max(fraction, 0.0), 1.0)
+    def progress(self, stage: str, fraction: float, overall: float | None = None) -> None:
+        """The engine's report: the stage, its fraction and the job's overall fraction (the ETA's base)."""
+        fraction = min(max(float(fraction), 0.0), 1.0)
+        overall = self.overall if overall is None else min(max(float(overall), self.overall), 1.0)
         now = time.monotonic()
         with self._lock:
             changed = stage != self.stage
@@ -157,16 +159,17 @@ class _Execution:
                 self.stage, self.stage_started = stage, utcnow()
             if not changed and now - self._last_progress_write < PROGRESS_MIN_INTERVAL_S and fraction < 1.0:
                 return
-            self._last_progress_write = now
-            elapsed = (utcnow() - self.stage_started).total_seconds()
-            eta = elapsed * (1.0 - fraction) / fraction if fraction > 0 else None
+            self._last_progress_write, self.overall = now, overall
+            elapsed = time.monotonic() - self.started
+            eta = elapsed * (1.0 - overall) / overall if overall > 0 else None
             with session_scope(self.url) as session:
                 owned = jobs.update_progress(
                     session,
                     self.job_id,
                     self.attempt,
                     stage=stage[:64],
-                    progress=fraction,
+                    stage_progress=fraction,
+                    progress=overall,
                     eta_seconds=eta,
                     stage_started_at=self.stage_started,
                 )
@@ -239,13 +242,19 @@ class _Execution:
     ) -> str:
         errors = _engine_errors()
         try:
-            engine = importlib.import_module(self.settings.engine_module)
-        except ImportError as e:
+            engine = load_engine(self.settings.engine_module)
+        except EngineUnavailable as e:
             raise _JobFailed(
                 "engine_unavailable",
-                f"the quantization engine '{self.settings.engine_module}' cannot be imported on worker "
-                f"{self.worker} ({e}); install the ptq4arvg package with its engine on the worker.",
+                f"{e} on worker {self.worker}; install the ptq4arvg package with its engine on the worker.",
             ) from e
+        try:
+            device = engine.describe_device(self.settings.device)
+        except errors.user as e:  # e.g. PTQ4ARVG_DEVICE=cuda on a worker without a GPU
+            raise _JobFailed("DeviceError", f"worker {self.worker}: {e}") from e
+        with session_scope(self.url) as session:
+            if not jobs.set_device(session, self.job_id, self.attempt, device):
+                return "lost"
 
         if engine_spec.get("checkpoint") and checkpoint_sha256:
             self.progress("verifying checkpoint", 0.0)
@@ -254,7 +263,9 @@ class _Execution:
         if self.should_cancel():
             raise _Canceled
         try:
-            manifest = engine.quantize_job(engine_spec, staging, self.progress, self.should_cancel)
+            manifest = engine.quantize_job(
+                engine_spec, staging, self.progress, self.should_cancel, device=device["device"]
+            )
         except errors.canceled as e:
             raise _Canceled from e
         except errors.user as e:
@@ -279,12 +290,18 @@ class _Execution:
                 path=artifact_id,
                 manifest=manifest,
                 files=files,
-                metrics=manifest.get("metrics"),
+                metrics={**(manifest.get("metrics") or {}), "timings": self._timings(manifest)},
             )
         if not ok:  # someone else owns the job now: our copy is not referenced by anything
             shutil.rmtree(final, ignore_errors=True)
             return "lost"
         return "succeeded"
+
+    def _timings(self, manifest: dict[str, Any]) -> dict[str, float] | None:
+        """The engine's seconds per stage, and the whole attempt's on this worker (write included)."""
+        if "timings" not in manifest:
+            return None
+        return {**manifest["timings"], "total": round(time.monotonic() - self.started, 3)}
 
     def _end_canceled(self) -> str:
         if self.lost.is_set():

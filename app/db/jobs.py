@@ -185,6 +185,8 @@ def claim_job(
         "stage": "starting",
         "stage_started_at": now,
         "progress": 0.0,
+        "stage_progress": 0.0,
+        "device": None,
         "eta_seconds": None,
     }
     if expected_state == "queued":
@@ -212,17 +214,20 @@ def update_progress(
     attempt: int,
     *,
     stage: str,
+    stage_progress: float,
     progress: float,
     eta_seconds: float | None,
     stage_started_at: dt.datetime,
 ) -> bool:
-    """Record progress and refresh the heartbeat; False if this attempt no longer owns the job."""
+    """Record progress (the stage's and the job's) and refresh the heartbeat; False if this attempt no
+    longer owns the job."""
     now = utcnow()
     result = session.execute(
         update(Job)
         .where(*_owned(job_id, attempt))
         .values(
             stage=stage,
+            stage_progress=stage_progress,
             progress=progress,
             eta_seconds=eta_seconds,
             stage_started_at=stage_started_at,
@@ -230,6 +235,13 @@ def update_progress(
             updated_at=now,
         )
     )
+    session.commit()
+    return result.rowcount == 1
+
+
+def set_device(session: Session, job_id: str, attempt: int, device: dict[str, Any]) -> bool:
+    """Record where this attempt runs (device and GPU model); False if it no longer owns the job."""
+    result = session.execute(update(Job).where(*_owned(job_id, attempt)).values(device=device))
     session.commit()
     return result.rowcount == 1
 

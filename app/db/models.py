@@ -119,7 +119,9 @@ class Job(Base):
     checkpoint_sha256: Mapped[str | None] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(String(16), index=True, default="queued")
     stage: Mapped[str | None] = mapped_column(String(64))
-    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)  # of the whole job
+    stage_progress: Mapped[float] = mapped_column(Float, default=0.0)
+    device: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # where the running attempt runs
     eta_seconds: Mapped[float | None] = mapped_column(Float)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     attempt: Mapped[int] = mapped_column(Integer, default=0)

@@ -83,7 +83,8 @@ def wait_http(url: str, process: subprocess.Popen, timeout: float = 30.0) -> Non
 
 def python_env(extra: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PTQ4ARVG_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(HERE)])
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]  # e.g. a --target site
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(HERE), *inherited])
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env

@@ -39,7 +39,11 @@ def list_models() -> list[dict]:
     return [dict(m) for m in MODELS]
 
 
-def quantize_job(spec: dict, out_dir: Path, progress, should_cancel) -> dict:
+def describe_device(device: str = "auto") -> dict:
+    return {"device": "cpu" if device == "auto" else device, "name": "scripted"}
+
+
+def quantize_job(spec: dict, out_dir: Path, progress, should_cancel, device: str = "auto") -> dict:
     model = spec["model"]
     if model == "scripted-usererror":
         raise ConfigError(f"w_bits={spec['w_bits']} is not supported by {model}: use w_bits=8")
@@ -49,9 +53,9 @@ def quantize_job(spec: dict, out_dir: Path, progress, should_cancel) -> dict:
     for i in range(steps):
         if should_cancel():
             raise Canceled("canceled between calibration batches")
-        progress("calibration", i / steps)
+        progress("calibration", i / steps, i / steps)
         time.sleep(delay)
-    progress("calibration", 1.0)
+    progress("calibration", 1.0, 1.0)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=False, exist_ok=True)
@@ -96,7 +100,7 @@ class _Generator:
         return torch.stack(images)
 
 
-def load_generator(source: str, checkpoint: str | None = None):
+def load_generator(source: str, checkpoint: str | None = None, device: str = "auto"):
     if not (source.startswith("scripted-") or (Path(source) / "manifest.json").is_file()):
         raise ConfigError(f"unknown model or artifact '{source}'")
     return _Generator(source)

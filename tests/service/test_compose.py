@@ -68,3 +68,47 @@ def test_dockerfile_has_api_and_worker_targets():
     for path in re.findall(r"^COPY (\S+)", text, re.M):
         if not path.startswith("--"):
             assert (REPO / path).exists() or path == "README.md", path
+
+
+def test_generation_and_jobs_each_reserve_gpus():
+    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    for name in ("api", "worker"):  # the API serves /v1/generate: it needs a GPU as much as the worker
+        devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["capabilities"] == ["gpu"] and devices[0]["device_ids"], name
+    assert services["worker"]["command"][-2:] == ["--gpus", "all"]
+
+
+@pytest.mark.parametrize(
+    ("text", "visible", "expected"),
+    [("all", 2, [0, 1]), ("1", 2, [1]), ("0,1", 4, [0, 1])],
+)
+def test_gpu_selection(text, visible, expected):
+    from app.worker_cmd import parse_gpus
+
+    assert parse_gpus(text, visible) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "visible", "message"),
+    [
+        ("all", 0, "no CUDA GPU is visible"),
+        ("0,x", 2, "comma-separated GPU indices"),
+        ("2", 2, "GPU 2 is not visible"),
+        ("0,0", 2, "distinct GPU indices"),
+    ],
+)
+def test_bad_gpu_selection_says_why(text, visible, message):
+    from app.worker_cmd import GpuSelectionError, parse_gpus
+
+    with pytest.raises(GpuSelectionError, match=message):
+        parse_gpus(text, visible)
+
+
+def test_a_bad_device_setting_is_refused():
+    from pydantic import ValidationError
+
+    from app.config import Settings
+
+    assert Settings(device="cuda:1").device == "cuda:1"
+    with pytest.raises(ValidationError, match="device"):
+        Settings(device="gpu")

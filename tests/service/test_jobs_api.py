@@ -26,11 +26,12 @@ def test_create_job_returns_202_with_location_and_the_job(service, keys):
     assert job["spec"] == {
         "model": "scripted-fast",
         "checkpoint": None,
+        "tokenizer_checkpoint": None,
         "recipe": "ptq4arvg",
         "w_bits": 6,
         "a_bits": None,
         "calibration": {"num_samples": 8, "selection": "dgc-official", "seed": 3, "batch_size": 16},
-        "evaluation": {"num_images": 64, "seed": 10_000},
+        "evaluation": {"num_images": 16, "seed": 10_000},
     }
     got = service.client.get(r.headers["location"], headers=service.auth(keys["alice"])).json()
     assert got["id"] == job["id"]
@@ -52,6 +53,8 @@ def test_create_job_returns_202_with_location_and_the_job(service, keys):
         ({"surprise": 1}, ["body", "surprise"]),
         ({"model": "no-such-model"}, ["body", "model"]),
         ({"checkpoint": "no-such-checkpoint"}, ["body", "checkpoint"]),
+        ({"tokenizer_checkpoint": "/etc/passwd"}, ["body", "tokenizer_checkpoint"]),
+        ({"recipe": {"passes": [{"kind": "quarot"}]}}, ["body", "recipe"]),
     ],
 )
 def test_bad_specs_get_422_naming_the_field(service, keys, patch, loc):
@@ -74,7 +77,18 @@ def test_openapi_documents_the_spec_with_examples(service):
     assert schema["properties"]["w_bits"]["minimum"] == 2 and schema["properties"]["w_bits"]["maximum"] == 8
     post = spec["paths"]["/v1/jobs"]["post"]
     assert "202" in post["responses"]
-    assert post["requestBody"]["content"]["application/json"]["examples"]["w8a8"]["value"]["w_bits"] == 8
+    examples = post["requestBody"]["content"]["application/json"]["examples"]
+    assert examples["w8a8"]["value"]["w_bits"] == 8
+    assert examples["custom-recipe"]["value"]["recipe"]["passes"][0]["kind"] == "smoothquant"
+
+
+def test_a_full_recipe_is_accepted(service, keys):
+    recipe = {"name": "sq-w6a6", "w_bits": 6, "a_bits": 6, "passes": [{"kind": "smoothquant", "alpha": 0.7}]}
+    r = service.client.post(
+        "/v1/jobs", json={"model": "scripted-fast", "recipe": recipe}, headers=service.auth(keys["alice"])
+    )
+    assert r.status_code == 202, r.text
+    assert r.json()["spec"]["recipe"]["passes"] == [{"kind": "smoothquant", "alpha": 0.7}]
 
 
 def test_list_filters_and_pagination(service, keys, worker):

@@ -39,11 +39,13 @@ def test_job_succeeds_with_progress_events_and_a_verified_artifact(service, keys
     assert done["state"] == "succeeded", done
     assert done["progress"] == {
         "stage": "done",
+        "stage_percent": 100.0,
         "percent": 100.0,
         "eta_seconds": None,
         "heartbeat_at": done["progress"]["heartbeat_at"],
     }
-    assert done["metrics"] == {"proxy_fid": 1.23, "token_agreement": 0.98}
+    assert done["metrics"] == {"proxy_fid": 1.23, "token_agreement": 0.98, "timings": None}
+    assert done["device"] == {"device": "cpu", "name": "scripted"}  # the engine's answer for "auto"
     assert done["attempt"] == 1 and done["worker"].endswith("@" + os.uname().nodename)
     assert [(e["from_state"], e["to_state"]) for e in done["events"]] == [
         (None, "queued"),
