@@ -76,6 +76,9 @@ def write_reports(rows: list[dict], device: dict, out: Path, command: str) -> No
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | failed: {r['error'][:120]} | | | | | | | |")
+            continue
         s = r["stages"]
         lines.append(
             f"| {r['model']} | {r['seconds']} | {r['target_s'] or '-'} | {s.get('load', 0)} | "
@@ -99,7 +102,10 @@ def main() -> int:
     device = describe_device(args.device)
     rows = []
     for model in args.models.split(","):
-        rows.append(run_one(model, args.device, args.calib_samples, args.eval_images, args.batch_size))
+        try:
+            rows.append(run_one(model, args.device, args.calib_samples, args.eval_images, args.batch_size))
+        except Exception as e:  # a failed model is a result too: the others still run
+            rows.append({"model": model, "error": f"{type(e).__name__}: {e}"[:500]})
         print(json.dumps(rows[-1]), flush=True)
         write_reports(rows, device, args.out, "python " + " ".join(sys.argv))
     return 0

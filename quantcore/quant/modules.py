@@ -21,7 +21,13 @@ from torch.nn import functional as F
 
 from quantcore.errors import ConfigError, QuantcoreError
 from quantcore.nn import Linear
-from quantcore.quant.quantizer import MODES, LogSqrt2Quantizer, UniformQuantizer, build_quantizer
+from quantcore.quant.quantizer import (
+    MODES,
+    LogSqrt2Quantizer,
+    UniformQuantizer,
+    build_quantizer,
+    tracing_or_capturing,
+)
 
 Quantizer = UniformQuantizer | LogSqrt2Quantizer
 
@@ -119,7 +125,7 @@ class QuantLinear(nn.Module):
     def quantized_weight(self) -> torch.Tensor:
         """Fake-quantized weight, recomputed only when the weight or its parameters changed."""
         wq = self.weight_quantizer
-        if not bool(wq.initialized):
+        if not tracing_or_capturing() and not bool(wq.initialized):
             raise QuantcoreError("weight quantizer is on but not calibrated; call calibrate_weight() first")
         # In-place edits and load_state_dict bump _version; .to() changes data_ptr.
         key = tuple((t._version, t.data_ptr()) for t in (self.weight, wq.scale, wq.zero_point))

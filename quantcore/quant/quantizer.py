@@ -38,7 +38,7 @@ def check_bits(n_bits: int) -> int:
     return n_bits
 
 
-def _tracing_or_capturing() -> bool:
+def tracing_or_capturing() -> bool:
     """Inside torch.compile tracing or a CUDA-graph capture, where reading a tensor flag on the host
     would break the graph (checked once outside, on the warm-up call)."""
     if torch.compiler.is_compiling():
@@ -309,7 +309,7 @@ class _ObservingQuantizer(nn.Module, ABC):
         if self.mode == "calibrate":
             self.observe(x, pos)
             return x
-        if not _tracing_or_capturing() and not bool(self.initialized):
+        if not tracing_or_capturing() and not bool(self.initialized):
             raise QuantcoreError(f"{self.kind} quantizer is on but not calibrated; call finalize() first")
         kept = self._kept_tokens(x, pos)
         xq = self.quantize(x, pos).to(x.dtype)
