@@ -216,7 +216,7 @@ def _features_of(
     spatial = torch.empty(total, SPATIAL_DIM)
     done = 0
     for batch in batches:
-        p, s = features(torch.from_numpy(np.ascontiguousarray(batch)))
+        p, s = features(torch.from_numpy(np.array(batch, np.uint8)))
         pool[done : done + len(batch)], spatial[done : done + len(batch)] = p.cpu(), s.cpu()
         done += len(batch)
         if progress is not None:
@@ -311,7 +311,7 @@ def write_reference(
             done = 0
             for batch in batches:
                 f.write(np.ascontiguousarray(batch, np.uint8).tobytes())
-                p, s = features(torch.from_numpy(np.ascontiguousarray(batch)))
+                p, s = features(torch.from_numpy(np.array(batch, np.uint8)))
                 pool[done : done + len(batch)], spatial[done : done + len(batch)] = p.cpu(), s.cpu()
                 done += len(batch)
                 if progress is not None:
@@ -365,4 +365,4 @@ def read_info(path: str | Path) -> dict:
     with _zip(Path(path)) as archive:
         if "info" not in _keys(archive):
             return {}
-        return json.loads(str(np.load(io.BytesIO(archive.read("info.npy")), allow_pickle=False)))
+        return json.loads(np.load(io.BytesIO(archive.read("info.npy")), allow_pickle=False).item())
