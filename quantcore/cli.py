@@ -34,24 +34,35 @@ def _progress_bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="tok", file=sys.stderr, disable=not enabled, leave=False)
 
 
-def _stage_bar(enabled: bool, width: int = 22):
-    """A percentage bar whose description is the current stage; returns (bar, progress callback)."""
-    from tqdm import tqdm
+class _StageBar:
+    """A percentage bar whose description is the current stage, drawn from the first report on, so an
+    error raised before any work prints its one line alone. Call it as the progress callback."""
 
-    bar = tqdm(
-        total=100,
-        file=sys.stderr,
-        disable=not enabled,
-        bar_format=f"{{desc:<{width}.{width}}}{{percentage:3.0f}}%|{{bar}}|",
-    )
+    def __init__(self, enabled: bool, width: int = 22):
+        self.enabled, self.width = enabled, width
+        self.bar = None
 
-    def progress(stage: str, fraction: float, overall: float | None = None) -> None:
+    def __call__(self, stage: str, fraction: float, overall: float | None = None) -> None:
         """`overall`: how far the whole run is, when the stage's own fraction is not that (jobs)."""
-        bar.set_description_str(stage if overall is None else f"{stage} {100 * fraction:.0f}%")
-        bar.n = round(100 * (fraction if overall is None else overall))
-        bar.refresh()
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
 
-    return bar, progress
+            w = self.width
+            self.bar = tqdm(
+                total=100, file=sys.stderr, bar_format=f"{{desc:<{w}.{w}}}{{percentage:3.0f}}%|{{bar}}|"
+            )
+        self.bar.set_description_str(stage if overall is None else f"{stage} {100 * fraction:.0f}%")
+        self.bar.n = round(100 * (fraction if overall is None else overall))
+        self.bar.refresh()
+
+    def __enter__(self) -> _StageBar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -132,11 +143,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 "batch_size": args.batch_size,
             }
         ),
-        "evaluation": given({"num_images": args.eval_images}),
+        "evaluation": given(
+            {
+                "num_images": args.eval_images,
+                "metrics": _names(args.eval_metrics) or None,
+                "reference": args.eval_ref,
+            }
+        ),
     }
     job = JobSpec.parse(spec)  # before the progress bar, so a bad spec prints one line only
-    bar, progress = _stage_bar(not args.no_progress)
-    with bar:
+    with _StageBar(not args.no_progress) as progress:
         manifest = quantize_job(job, args.out, progress, device=args.device)
     summary = {"out": str(args.out), "recipe": manifest["recipe"], "metrics": manifest["metrics"]}
     if args.json:
@@ -181,8 +197,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
         option = "--" + "-".join(str(p) for p in first["loc"]).replace("_", "-")
         raise ConfigError(f"{option}: {first['msg']}") from None
-    bar, progress = _stage_bar(not args.no_progress, width=48)
-    with bar:
+    with _StageBar(not args.no_progress, width=48) as progress:
         report = run_compare(spec, args.out, progress)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -225,8 +240,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    bar, progress = _stage_bar(not args.no_progress)
-    with bar:
+    with _StageBar(not args.no_progress) as progress:
         result = evaluate(
             args.model,
             args.num_images,
@@ -254,8 +268,7 @@ def cmd_reference(args: argparse.Namespace) -> int:
     from quantcore.eval.inception import InceptionFeatures
     from quantcore.eval.reference import build_reference
 
-    bar, progress = _stage_bar(not args.no_progress)
-    with bar:
+    with _StageBar(not args.no_progress) as progress:
         ref = build_reference(
             args.source, args.out, InceptionFeatures(args.device), lambda f: progress("reference", f)
         )
@@ -312,6 +325,12 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="calibration seed (default 0)")
     p.add_argument("--batch-size", type=int, help="images per batch (default 16)")
     p.add_argument("--eval-images", type=int, help="images for the fidelity metrics (0 = none; default 16)")
+    p.add_argument(
+        "--eval-metrics",
+        default="",
+        help="Inception metrics too: fid,sfid,precision,recall,fid_vs_fp,sfid_vs_fp",
+    )
+    p.add_argument("--eval-ref", help="their reference .npz (bundled models: Fashion-MNIST test split)")
     p.add_argument("--device", default="auto", help="auto (first CUDA device, else CPU), cpu, cuda, cuda:N")
     p.add_argument("--out", type=Path, required=True, help="artifact folder to create")
     p.add_argument("--json", action="store_true")
@@ -381,7 +400,7 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path)
     p.add_argument("--tokenizer-checkpoint", type=Path)
     p.add_argument("--simulate", action="store_true", help="artifacts: keep quantized layers simulated")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (first CUDA device, else CPU), cpu, cuda, cuda:N")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--out", type=Path, help="also write the result as JSON to this file")
     p.add_argument("--json", action="store_true")
@@ -393,7 +412,7 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
         "source", type=Path, help="a folder of images (same size) or an .npz with arr_0 (N, H, W, 3)"
     )
     p.add_argument("--out", type=Path, required=True, help="the .npz to write")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (first CUDA device, else CPU), cpu, cuda, cuda:N")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_reference)

@@ -17,12 +17,15 @@ import torch
 
 from quantcore import zoo
 from quantcore.checkpoint import file_sha256
+from quantcore.device import resolve_device
 from quantcore.errors import ConfigError
 from quantcore.eval.inception import InceptionFeatures
 from quantcore.eval.quality import VS_FP, VS_REFERENCE, check_metrics, measure, sample_set
 from quantcore.eval.reference import (
     FASHION_MNIST,
     FASHION_MNIST_IMAGES,
+    Reference,
+    ReferenceError,
     fashion_mnist_reference,
     load_reference,
 )
@@ -70,6 +73,16 @@ def fp_generator(quantized: ImageGenerator, manifest: dict, device) -> ImageGene
     )
 
 
+def reference_source(reference: str | Path | None, model_name: str) -> str | Path | None:
+    """What a run will measure against: a file (checked to exist, so a job fails before it calibrates),
+    the built-in Fashion-MNIST test split (the bundled models' default), or None when there is none."""
+    if reference is None:
+        return FASHION_MNIST if model_name in zoo.BUNDLED else None
+    if reference != FASHION_MNIST and not Path(reference).is_file():
+        raise ReferenceError(f"reference {reference} not found")
+    return reference
+
+
 def resolve_reference(
     reference: str | Path | None,
     model_name: str,
@@ -77,14 +90,14 @@ def resolve_reference(
     need_manifold: bool,
     reference_images: int = FASHION_MNIST_IMAGES,
     progress: Callable[[float], None] | None = None,
-):
-    """The reference a run measures against: a file, the built-in Fashion-MNIST test split (the bundled
-    models' default), or None when there is none."""
-    if (reference is None and model_name in zoo.BUNDLED) or reference == FASHION_MNIST:
+) -> Reference | None:
+    """The loaded reference of `reference_source` (None when there is none)."""
+    source = reference_source(reference, model_name)
+    if source == FASHION_MNIST:
         return fashion_mnist_reference(features, reference_images, progress)
-    if reference is None:
+    if source is None:
         return None
-    return load_reference(reference, features, need_manifold, progress)
+    return load_reference(source, features, need_manifold, progress)
 
 
 def evaluate(
@@ -100,7 +113,7 @@ def evaluate(
     noise_floor: bool = True,
     reference_images: int = FASHION_MNIST_IMAGES,
     real: bool = True,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     progress: Progress | None = None,
 ) -> dict:
     """Generate `num_images` class-balanced images (image i: class i mod C, seed `seed` + i) and measure
@@ -108,38 +121,42 @@ def evaluate(
     from quantcore.api import load_generator
 
     report = progress or (lambda stage, fraction: None)
+    device = resolve_device(device)
     torch.set_grad_enabled(False)
     started = time.perf_counter()
-    loaded = load_generator(source, checkpoint, tokenizer_checkpoint, device, real=real)
-    generator = ImageGenerator(loaded.model, loaded.tokenizer, loaded.defaults, source, chunk_size=batch_size)
+    generator = load_generator(source, checkpoint, tokenizer_checkpoint, device, real, batch_size)
     is_artifact = Path(source).is_dir()
     manifest = _manifest(source) if is_artifact else None
     model_name = manifest["model"]["name"] if is_artifact else source
     fp = fp_generator(generator, manifest, device) if is_artifact else None
 
-    requested = list(metrics) if metrics is not None else None
-    wanted_reference = requested is None or bool(set(requested) & set(VS_REFERENCE))
-    features = InceptionFeatures(device)
-    ref = None
-    if wanted_reference:
-        need_manifold = requested is None or bool({"precision", "recall"} & set(requested))
-        ref = resolve_reference(
-            reference, model_name, features, need_manifold, reference_images, lambda f: report("reference", f)
-        )
-    if requested is None:
-        requested = (list(VS_REFERENCE) if ref is not None else []) + (list(VS_FP) if fp is not None else [])
-        if ref is not None and ref.spatial is None:
-            requested.remove("sfid")
+    # what to measure, checked before any image is made
+    source_ref = reference_source(reference, model_name)
+    if metrics is None:
+        requested = (list(VS_REFERENCE) if source_ref else []) + (list(VS_FP) if fp is not None else [])
+    else:
+        requested = list(metrics)
     if not requested:
         raise ConfigError(
             f"nothing to measure for {source}: give a reference (--ref REF.npz: an ADM reference batch, or "
             "one built by `ptq4arvg reference`)"
         )
-    if set(requested) & set(VS_REFERENCE) and ref is None:
+    check_metrics(requested, num_images)
+    if set(requested) & set(VS_REFERENCE) and source_ref is None:
         raise ConfigError(f"{source} has no default reference: give one (--ref REF.npz)")
     if set(requested) & set(VS_FP) and fp is None:
         raise ConfigError("fid_vs_fp / sfid_vs_fp need an artifact whose FP model can be rebuilt")
-    check_metrics(requested, num_images)
+    features = InceptionFeatures(device)
+    ref = None
+    if set(requested) & set(VS_REFERENCE):
+        need_manifold = bool({"precision", "recall"} & set(requested))
+        ref = resolve_reference(
+            reference, model_name, features, need_manifold, reference_images, lambda f: report("reference", f)
+        )
+        if ref.spatial is None and "sfid" in requested:
+            if metrics is not None:
+                raise ConfigError(f"reference {ref.name} has no sFID statistics (mu_s, sigma_s)")
+            requested.remove("sfid")
     seconds = {"load_and_reference": round(time.perf_counter() - started, 3)}
 
     classes = generator.num_classes

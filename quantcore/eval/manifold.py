@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from quantcore.errors import ConfigError
+from quantcore.spec import MANIFOLD_K
 
-K = 3
+K = MANIFOLD_K
 BLOCK = 2048
 
 

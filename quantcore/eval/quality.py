@@ -29,10 +29,11 @@ from quantcore.eval.inception import POOL_DIM, SPATIAL_DIM, InceptionFeatures
 from quantcore.eval.manifold import K, knn_radii, precision_recall
 from quantcore.eval.reference import Reference
 from quantcore.generation import ImageGenerator
+from quantcore.spec import INCEPTION_METRICS, min_images
 
-VS_REFERENCE = ("fid", "sfid", "precision", "recall")
-VS_FP = ("fid_vs_fp", "sfid_vs_fp")
-METRICS = VS_REFERENCE + VS_FP
+METRICS = INCEPTION_METRICS
+VS_REFERENCE = METRICS[:4]  # fid, sfid, precision, recall
+VS_FP = METRICS[4:]  # fid_vs_fp, sfid_vs_fp
 BOOTSTRAP_REPLICATES = 50
 FRACTION = (0.0, 1.0)
 NO_INCEPTION_SCORE = "not offered: the FID Inception weights have no logits layer"
@@ -82,7 +83,7 @@ def check_metrics(metrics: Sequence[str], num_images: int) -> None:
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ConfigError(f"unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")
-    need = K + 1 if {"precision", "recall"} & set(metrics) else 2
+    need = min_images(metrics)
     if metrics and num_images < need:
         what = f"precision/recall (k={K}) need {need}" if need > 2 else "a covariance needs 2"
         raise ConfigError(f"num_images: {num_images} is too few for {', '.join(metrics)}: {what} images")
