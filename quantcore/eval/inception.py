@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from quantcore.checkpoint import file_sha256
+from quantcore.device import resolve_device
 from quantcore.errors import ConfigError
 
 ENV_WEIGHTS = "PTQ4ARVG_INCEPTION"
@@ -325,8 +326,8 @@ class InceptionFeatures:
     images, weights and device give the same features.
     """
 
-    def __init__(self, device: str | torch.device = "cpu", path: str | Path | None = None, batch_size=None):
-        self.device = torch.device(device)
+    def __init__(self, device: str | torch.device = "auto", path: str | Path | None = None, batch_size=None):
+        self.device = resolve_device(device)
         self.path = Path(path) if path is not None else weights_path()
         self.network, self.sha256 = _network(str(self.path), str(self.device))
         self.batch_size = batch_size or (200 if self.device.type == "cuda" else 32)
