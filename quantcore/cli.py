@@ -192,6 +192,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
             heldout=args.heldout,
             reference_images=args.reference_images,
             noise_floor=args.noise_floor,
+            inception=args.inception,
+            inception_reference=args.inception_ref,
+            bootstrap=args.bootstrap,
         )
     except Exception as exc:  # pydantic's error -> one line naming the option
         first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
@@ -364,6 +367,15 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
         "--reference-images", type=int, default=10_000, help="test-split images for proxy-FID (test)"
     )
     p.add_argument("--noise-floor", action="store_true", help="also sample FP under other seeds")
+    p.add_argument(
+        "--inception",
+        action="store_true",
+        help="Inception FID/sFID/precision/recall and FID vs FP columns, with bootstrap intervals",
+    )
+    p.add_argument("--inception-ref", help="their reference .npz (bundled models: Fashion-MNIST test split)")
+    p.add_argument(
+        "--bootstrap", type=int, default=50, help="bootstrap replicates of the Inception intervals"
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--checkpoint", type=Path)
     p.add_argument("--tokenizer-checkpoint", type=Path)
