@@ -49,6 +49,7 @@ class CalibrationSpec(_Spec):
 InceptionMetric = Literal["fid", "sfid", "precision", "recall", "fid_vs_fp", "sfid_vs_fp"]
 INCEPTION_METRICS = InceptionMetric.__args__
 MANIFOLD_K = 3  # precision/recall: k-nearest-neighbour balls (ADM, Kynkäänniemi et al.)
+FASHION_MNIST_REFERENCE = "fashion-mnist-test"  # the engine's own reference: the bundled models' default
 
 
 def min_images(metrics) -> int:

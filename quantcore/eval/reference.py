@@ -32,9 +32,10 @@ from quantcore.checkpoint import file_sha256
 from quantcore.errors import ConfigError
 from quantcore.eval.frechet import Gaussian
 from quantcore.eval.inception import POOL_DIM, SPATIAL_DIM, InceptionFeatures
+from quantcore.spec import FASHION_MNIST_REFERENCE
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-FASHION_MNIST = "fashion-mnist-test"
+FASHION_MNIST = FASHION_MNIST_REFERENCE
 FASHION_MNIST_IMAGES = 10_000
 ENV_CACHE = "PTQ4ARVG_CACHE"
 READ_BATCH = 256
