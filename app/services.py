@@ -58,6 +58,19 @@ def sync_registry(db: Session, settings: Settings) -> int:
     return len(entries)
 
 
+def server_file(text: str, loc: tuple[str, ...]) -> tuple[Path, int, str]:
+    """(path, size, sha256) of a file the server can read, given by a client at `loc`; 422 otherwise."""
+    path = Path(text)
+    if not path.is_absolute():
+        raise field_error(loc, "give an absolute path on the server")
+    try:
+        if not path.is_file():
+            raise OSError("not a regular file")
+        return path, path.stat().st_size, sha256_file(path)
+    except OSError as e:
+        raise field_error(loc, f"the server cannot read '{path}': {getattr(e, 'strerror', None) or e}") from e
+
+
 def register_checkpoint(db: Session, body: schemas.ModelRegister, principal: Principal) -> Model:
     if crud.get_model(db, body.name) is not None:
         raise HTTPException(status.HTTP_409_CONFLICT, detail=f"a model named '{body.name}' already exists")
@@ -66,19 +79,7 @@ def register_checkpoint(db: Session, body: schemas.ModelRegister, principal: Pri
         raise field_error(
             ("body", "base_model"), f"unknown base model '{body.base_model}'; see GET /v1/models"
         )
-    path = Path(body.checkpoint_path)
-    if not path.is_absolute():
-        raise field_error(("body", "checkpoint_path"), "give an absolute path on the server")
-    try:
-        if not path.is_file():
-            raise OSError("not a regular file")
-        size = path.stat().st_size
-        digest = sha256_file(path)
-    except OSError as e:
-        raise field_error(
-            ("body", "checkpoint_path"),
-            f"the server cannot read '{path}': {getattr(e, 'strerror', None) or e}",
-        ) from e
+    path, size, digest = server_file(body.checkpoint_path, ("body", "checkpoint_path"))
     return crud.register_checkpoint(
         db,
         name=body.name,
@@ -126,18 +127,9 @@ def register_reference(db: Session, body: schemas.ReferenceRegister, principal: 
         raise HTTPException(
             status.HTTP_409_CONFLICT, detail=f"a reference named '{body.name}' already exists"
         )
-    path = Path(body.path)
-    if not path.is_absolute():
-        raise field_error(("body", "path"), "give an absolute path on the server")
+    path, size, digest = server_file(body.path, ("body", "path"))
     try:
-        if not path.is_file():
-            raise OSError("not a regular file")
         info = _npz_contents(path)
-        size, digest = path.stat().st_size, sha256_file(path)
-    except OSError as e:
-        raise field_error(
-            ("body", "path"), f"the server cannot read '{path}': {getattr(e, 'strerror', None) or e}"
-        ) from e
     except ValueError as e:
         raise field_error(("body", "path"), f"'{path}' is not an ADM-format reference: {e}") from e
     return crud.register_reference(
