@@ -1,4 +1,4 @@
-"""Reads and writes of API keys and registered models (the API only; jobs live in app.db.jobs)."""
+"""Reads and writes of API keys, registered models and references (the API only; jobs live in app.db.jobs)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from app.db.models import ApiKey, Model, utcnow
+from app.db.models import ApiKey, EvalReference, Model, utcnow
 
 TOKEN_PREFIX = "ptq_"
 
@@ -136,3 +136,35 @@ def find_checkpoint(session: Session, ref: str) -> Model | None:
             Model.source == "checkpoint", (Model.name == ref) | (Model.checkpoint_sha256 == ref)
         )
     )
+
+
+# -------------------------------------------------------------------------------------- references
+
+
+def list_references(session: Session) -> list[EvalReference]:
+    return list(session.scalars(select(EvalReference).order_by(EvalReference.name)))
+
+
+def find_reference(session: Session, ref: str) -> EvalReference | None:
+    """A registered reference by its name or its sha256."""
+    return session.scalar(
+        select(EvalReference).where((EvalReference.name == ref) | (EvalReference.sha256 == ref))
+    )
+
+
+def register_reference(
+    session: Session,
+    *,
+    name: str,
+    path: str,
+    sha256: str,
+    size: int,
+    info: dict[str, Any],
+    registered_by: str,
+) -> EvalReference:
+    reference = EvalReference(
+        name=name, path=path, sha256=sha256, size=size, info=info, registered_by=registered_by
+    )
+    session.add(reference)
+    session.commit()
+    return reference

@@ -13,7 +13,7 @@ from app.config import Settings, get_settings
 from app.db.session import get_sessionmaker, session_scope
 from app.generation import GeneratorCache
 from app.metrics import HttpMetrics, MetricsMiddleware
-from app.routes import artifacts, generate, health, jobs, models
+from app.routes import artifacts, generate, health, jobs, models, references
 from worker.celery_app import make_celery
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,13 @@ def create_app(settings: Settings | None = None, *, run_worker: bool = False) ->
     app.state.metrics = HttpMetrics()
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
-    for router in (health.router, jobs.router, artifacts.router, models.router, generate.router):
+    for router in (
+        health.router,
+        jobs.router,
+        artifacts.router,
+        models.router,
+        references.router,
+        generate.router,
+    ):
         app.include_router(router)
     return app

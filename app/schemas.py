@@ -108,7 +108,12 @@ class JobOut(BaseModel):
     )
     error: JobError | None
     artifact_id: str | None
-    metrics: dict[str, Any] | None
+    metrics: dict[str, Any] | None = Field(
+        ...,
+        description="The manifest's metrics: fidelity to FP (token agreement, logit KL), timings and, when "
+        "the spec's evaluation asks for them, `inception` (FID/sFID/precision/recall, FID vs FP: value, "
+        "ci95, fp, noise_floor per metric).",
+    )
     created_at: dt.datetime
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
@@ -184,6 +189,45 @@ class ModelRegister(_Strict):
         min_length=1,
         max_length=4096,
         description="Absolute path of the file, readable by server and workers.",
+    )
+
+
+# -------------------------------------------------------------------------------------- references
+
+
+class ReferenceRegister(_Strict):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"name": "imagenet256", "path": "/data/refs/VIRTUAL_imagenet256_labeled.npz"}]
+        },
+    )
+
+    name: str = Field(..., pattern=NAME_PATTERN, description="Name jobs give as `evaluation.reference`.")
+    path: str = Field(
+        ...,
+        min_length=1,
+        max_length=4096,
+        description="Absolute path of an ADM-format .npz (arr_0 images and/or mu, sigma, mu_s, sigma_s), "
+        "readable by server and workers; `ptq4arvg reference` builds one from a folder of images.",
+    )
+
+
+class ReferenceOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    name: str
+    sha256: str
+    size: int
+    info: dict[str, Any] = Field(..., description="What the file holds: its arrays and image count.")
+    registered_by: str | None
+    created_at: dt.datetime
+
+
+class ReferenceList(BaseModel):
+    items: list[ReferenceOut]
+    builtin: list[str] = Field(
+        ..., description="References the engine has itself (the bundled models' default when none is given)."
     )
 
 

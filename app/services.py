@@ -10,9 +10,11 @@ import logging
 import os
 import time
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from celery import Celery
 from fastapi import HTTPException, status
 from kombu import Connection
@@ -22,9 +24,10 @@ from sqlalchemy.orm import Session
 from app import crud, schemas
 from app.config import Settings
 from app.db import jobs
-from app.db.models import Job, Model
+from app.db.models import EvalReference, Job, Model
 from app.security import Principal
 from app.storage import sha256_file
+from quantcore.spec import FASHION_MNIST_REFERENCE
 from worker.celery_app import TASK_RUN_JOB
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,19 @@ def sync_registry(db: Session, settings: Settings) -> int:
     return len(entries)
 
 
+def server_file(text: str, loc: tuple[str, ...]) -> tuple[Path, int, str]:
+    """(path, size, sha256) of a file the server can read, given by a client at `loc`; 422 otherwise."""
+    path = Path(text)
+    if not path.is_absolute():
+        raise field_error(loc, "give an absolute path on the server")
+    try:
+        if not path.is_file():
+            raise OSError("not a regular file")
+        return path, path.stat().st_size, sha256_file(path)
+    except OSError as e:
+        raise field_error(loc, f"the server cannot read '{path}': {getattr(e, 'strerror', None) or e}") from e
+
+
 def register_checkpoint(db: Session, body: schemas.ModelRegister, principal: Principal) -> Model:
     if crud.get_model(db, body.name) is not None:
         raise HTTPException(status.HTTP_409_CONFLICT, detail=f"a model named '{body.name}' already exists")
@@ -63,19 +79,7 @@ def register_checkpoint(db: Session, body: schemas.ModelRegister, principal: Pri
         raise field_error(
             ("body", "base_model"), f"unknown base model '{body.base_model}'; see GET /v1/models"
         )
-    path = Path(body.checkpoint_path)
-    if not path.is_absolute():
-        raise field_error(("body", "checkpoint_path"), "give an absolute path on the server")
-    try:
-        if not path.is_file():
-            raise OSError("not a regular file")
-        size = path.stat().st_size
-        digest = sha256_file(path)
-    except OSError as e:
-        raise field_error(
-            ("body", "checkpoint_path"),
-            f"the server cannot read '{path}': {getattr(e, 'strerror', None) or e}",
-        ) from e
+    path, size, digest = server_file(body.checkpoint_path, ("body", "checkpoint_path"))
     return crud.register_checkpoint(
         db,
         name=body.name,
@@ -85,6 +89,65 @@ def register_checkpoint(db: Session, body: schemas.ModelRegister, principal: Pri
         size=size,
         registered_by=principal.owner,
     )
+
+
+# -------------------------------------------------------------------------------------- references
+
+
+def _npz_contents(path: Path) -> dict[str, Any]:
+    """The arrays of an ADM-format .npz and its image count, read from the zip directory and one
+    header (never the data); ValueError when it is not such a file."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = {n.removesuffix(".npy") for n in archive.namelist() if n.endswith(".npy")}
+            count = None
+            if "arr_0" in names:
+                with archive.open("arr_0.npy") as f:
+                    version = np.lib.format.read_magic(f)
+                    if version != (1, 0) and version != (2, 0):
+                        raise ValueError(f"arr_0 has unsupported .npy version {version}")
+                    read_header = (
+                        np.lib.format.read_array_header_1_0
+                        if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0
+                    )
+                    shape, _, dtype = read_header(f)
+                if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3:
+                    raise ValueError(f"arr_0 must hold uint8 images (N, H, W, 3), got {dtype} {shape}")
+                count = shape[0]
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ValueError(f"not an .npz file ({e})") from e
+    if not ({"mu", "sigma"} <= names or "arr_0" in names):
+        raise ValueError(f"neither statistics (mu, sigma) nor images (arr_0); it holds {sorted(names)}")
+    return {"arrays": sorted(names), "num_images": count}
+
+
+def register_reference(db: Session, body: schemas.ReferenceRegister, principal: Principal) -> EvalReference:
+    if crud.find_reference(db, body.name) is not None or body.name == FASHION_MNIST_REFERENCE:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, detail=f"a reference named '{body.name}' already exists"
+        )
+    path, size, digest = server_file(body.path, ("body", "path"))
+    try:
+        info = _npz_contents(path)
+    except ValueError as e:
+        raise field_error(("body", "path"), f"'{path}' is not an ADM-format reference: {e}") from e
+    return crud.register_reference(
+        db, name=body.name, path=str(path), sha256=digest, size=size, info=info, registered_by=principal.owner
+    )
+
+
+def resolve_reference(db: Session, ref: str | None) -> str | None:
+    """The engine's `evaluation.reference`: a registered reference's path, or the engine's built-in one."""
+    if ref is None or ref == FASHION_MNIST_REFERENCE:
+        return ref
+    reference = crud.find_reference(db, ref)
+    if reference is None:
+        raise field_error(
+            ("body", "evaluation", "reference"),
+            f"unknown reference '{ref}'; register it first with POST /v1/references",
+        )
+    return reference.path
 
 
 # -------------------------------------------------------------------------------------------- jobs
@@ -111,8 +174,9 @@ def build_engine_spec(db: Session, spec: schemas.JobSpec) -> tuple[dict[str, Any
                 f"checkpoint '{ckpt.name}' is for model '{ckpt.base_model}', not '{base_name}'",
             )
         checkpoint, sha = ckpt.checkpoint_path, ckpt.checkpoint_sha256
-    engine_spec = {**spec.model_dump(mode="json"), "model": base_name, "checkpoint": checkpoint}
-    return engine_spec, sha
+    job = {**spec.model_dump(mode="json"), "model": base_name, "checkpoint": checkpoint}
+    job["evaluation"]["reference"] = resolve_reference(db, spec.evaluation.reference)
+    return job, sha
 
 
 def submit_job(

@@ -21,6 +21,8 @@ _EXPORTS = {
     "load_artifact": "quantcore.artifact",
     "to_real": "quantcore.quant.real",
     "FastSampler": "quantcore.fastgen",
+    "evaluate": "quantcore.eval.evaluate",
+    "InceptionFeatures": "quantcore.eval.inception",
 }
 
 

@@ -18,7 +18,7 @@ from quantcore.artifact import load_artifact, save_artifact
 from quantcore.calib import build_calibration_set
 from quantcore.calib.pool import check_cancel
 from quantcore.checkpoint import file_sha256
-from quantcore.errors import ArtifactError
+from quantcore.errors import ArtifactError, ConfigError
 from quantcore.eval.fidelity import teacher_forced_fidelity, token_agreement
 from quantcore.fastgen import TokenSampler
 from quantcore.generation import ImageGenerator
@@ -35,12 +35,14 @@ def load_generator(
     tokenizer_checkpoint: str | Path | None = None,
     device: str | torch.device = "auto",
     real: bool = True,
+    chunk_size: int = 8,
 ) -> ImageGenerator:
     """An image generator for a registered model name or an artifact folder.
 
     An artifact runs its quantized layers on real low-bit kernels where the device supports them
     (`quantcore.quant.real.to_real`); `real=False` keeps every layer simulated. `generator.execution`
-    records the path of each quantized layer. `device` as in `quantize_job`.
+    records the path of each quantized layer. `device` as in `quantize_job`; `chunk_size`: images per
+    generation batch.
     """
     device = devices.resolve_device(device)
     if Path(source).is_dir():
@@ -52,11 +54,11 @@ def load_generator(
             execution = {
                 n: {"path": "simulated", "reason": "real=False"} for n, _ in iter_quant_modules(model)
             }
-        generator = ImageGenerator(model, tokenizer, spec.entry.sampling, source)
+        generator = ImageGenerator(model, tokenizer, spec.entry.sampling, source, chunk_size)
         generator.execution = execution
         return generator
     model, tokenizer = load_model_and_tokenizer(source, checkpoint, tokenizer_checkpoint, device)
-    return ImageGenerator(model, tokenizer, get_spec(source).entry.sampling, source)
+    return ImageGenerator(model, tokenizer, get_spec(source).entry.sampling, source, chunk_size)
 
 
 @torch.no_grad()
@@ -68,19 +70,22 @@ def fidelity_metrics(
     batch_size: int,
     progress=None,
     should_cancel=None,
+    tokens: dict[str, torch.Tensor] | None = None,
 ) -> dict:
     """Agreement of the quantized model with its FP model on the same classes and seeds.
 
     token_agreement: share of sampled tokens equal under the same seeds (CFG on);
     logit_kl / top1_agreement: teacher-forced on the FP model's own samples (held out from calibration).
+    `tokens` {"fp", "quantized"}: already sampled for these classes and seeds (by `inception_metrics`).
     """
     n = evaluation.num_images
     if n == 0:
         return {}
     classes = [i % fp.config.num_classes for i in range(n)]
     seeds = [evaluation.seed + i for i in range(n)]
-    tokens = {}
-    for index, (name, model) in enumerate((("fp", fp), ("quantized", quantized))):
+    models = () if tokens is not None else (("fp", fp), ("quantized", quantized))
+    tokens = dict(tokens or {})
+    for index, (name, model) in enumerate(models):
         sampler = TokenSampler(model, min(batch_size, n))
         total = 2 * sampler.progress_total(n)
 
@@ -93,13 +98,78 @@ def fidelity_metrics(
             tokens[name] = sampler.generate_tokens(classes, seeds, step, **sampling)
         finally:
             sampler.close()
-    fp_tokens, q_tokens = tokens["fp"], tokens["quantized"]
-    classes = torch.tensor(classes, device=fp_tokens.device)
+    device = next(fp.parameters()).device
+    fp_tokens, q_tokens = tokens["fp"].to(device), tokens["quantized"].to(device)
+    classes = torch.tensor(classes, device=device)
     return {
         "token_agreement": token_agreement(fp_tokens, q_tokens),
         **teacher_forced_fidelity(fp, quantized, classes, fp_tokens),
         "num_images": n,
     }
+
+
+def check_reference(job: JobSpec) -> None:
+    """Before any work: the metrics that need a reference have one (a file that exists, or a default)."""
+    from quantcore.eval.evaluate import reference_source
+    from quantcore.eval.quality import VS_REFERENCE
+
+    if set(job.evaluation.metrics) & set(VS_REFERENCE) and job.evaluation.num_images:
+        if reference_source(job.evaluation.reference, job.model) is None:
+            raise ConfigError(f"evaluation.reference: {job.model} has no default reference; give one")
+
+
+@torch.no_grad()
+def inception_metrics(
+    job: JobSpec,
+    fp: ImageGenerator,
+    quantized: ImageGenerator,
+    device: torch.device,
+    progress,
+    should_cancel: Callable[[], bool] | None = None,
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The Inception metrics `job.evaluation` asks for, and the {"fp", "quantized"} tokens they sampled.
+
+    Three sets of `num_images`: the quantized and the FP model under the evaluation seeds, and the FP
+    model under the next seeds (the noise floors).
+    """
+    from quantcore.eval.evaluate import resolve_reference
+    from quantcore.eval.inception import InceptionFeatures
+    from quantcore.eval.quality import VS_REFERENCE, measure, sample_set
+
+    evaluation = job.evaluation
+    n = evaluation.num_images
+    features = InceptionFeatures(device)
+    reference = None
+    if set(evaluation.metrics) & set(VS_REFERENCE):
+        need_manifold = bool({"precision", "recall"} & set(evaluation.metrics))
+        reference = resolve_reference(evaluation.reference, job.model, features, need_manifold)
+    labels = [i % fp.num_classes for i in range(n)]
+    seeds = [evaluation.seed + i for i in range(n)]
+    plan = (
+        ("quantized", quantized, seeds),
+        ("fp", fp, seeds),
+        ("fp_other_seeds", fp, [s + n for s in seeds]),
+    )
+    sets = {}
+    for index, (name, generator, set_seeds) in enumerate(plan):
+
+        def step(fraction: float, index=index) -> None:
+            check_cancel(should_cancel, "evaluation")
+            progress("evaluate", (index + fraction) / len(plan))
+
+        keep = name != "fp_other_seeds"
+        sets[name] = sample_set(generator, labels, set_seeds, features, keep_tokens=keep, progress=step)
+    result = measure(
+        sets["quantized"],
+        evaluation.metrics,
+        reference,
+        sets["fp"],
+        sets["fp_other_seeds"],
+        replicates=evaluation.bootstrap,
+    )
+    result["reference"] = reference.describe() if reference is not None else None
+    result["inception"] = features.describe()
+    return result, {"fp": sets["fp"].tokens, "quantized": sets["quantized"].tokens}
 
 
 # progress(stage, stage_fraction, overall_fraction): the job's stage, how far it is, how far the job is
@@ -122,7 +192,8 @@ class StageClock:
 
     def __init__(self, job: JobSpec, recipe_passes: int, sink: Progress | None):
         n, k = job.calibration.num_samples, recipe_passes + 1
-        work = {"calibration-pool": n, "quantize": 0.5 * n * k, "evaluate": 2 * job.evaluation.num_images}
+        sets = 3 if job.evaluation.metrics else 2  # Inception metrics add the FP model under other seeds
+        work = {"calibration-pool": n, "quantize": 0.5 * n * k, "evaluate": sets * job.evaluation.num_images}
         fixed = 0.03 * sum(work.values())  # loading and writing: a small, fixed share
         weights = {"load": fixed, **work, "write": fixed}
         total = sum(weights.values())
@@ -176,6 +247,7 @@ def quantize_job(
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ArtifactError(f"artifact folder {out_dir} is not empty; choose a new folder")
+    check_reference(job)
     started = time.perf_counter()
     report_progress = StageClock(job, len(recipe.passes), progress)
     report_progress("load", 0.0)
@@ -192,9 +264,29 @@ def quantize_job(
     calibration_seconds = time.perf_counter() - t0
     check_cancel(should_cancel, "evaluation")
     report_progress("evaluate", 0.0)
+    inception, tokens = None, None
+    if job.evaluation.metrics and job.evaluation.num_images:
+        batch = min(job.calibration.batch_size, job.evaluation.num_images)
+        inception, tokens = inception_metrics(
+            job,
+            ImageGenerator(fp, tokenizer, model_spec.entry.sampling, job.model, batch),
+            ImageGenerator(quantized, tokenizer, model_spec.entry.sampling, job.model, batch),
+            device,
+            report_progress,
+            should_cancel,
+        )
     metrics = fidelity_metrics(
-        fp, quantized, job.evaluation, sampling, job.calibration.batch_size, report_progress, should_cancel
+        fp,
+        quantized,
+        job.evaluation,
+        sampling,
+        job.calibration.batch_size,
+        report_progress,
+        should_cancel,
+        tokens,
     )
+    if inception is not None:
+        metrics["inception"] = inception
     metrics["calibration_seconds"] = round(calibration_seconds, 3)
     check_cancel(should_cancel, "artifact write")
     report_progress("write", 0.0)

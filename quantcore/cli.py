@@ -1,4 +1,5 @@
-"""`ptq4arvg` command line of the engine: models, generate, quantize, compare (`python -m quantcore`).
+"""`ptq4arvg` command line of the engine: models, generate, quantize, compare, eval, reference
+(`python -m quantcore`).
 
 The installed `ptq4arvg` script (app.entry) adds the service's commands: serve, worker, admin.
 
@@ -31,6 +32,37 @@ def _progress_bar(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="tok", file=sys.stderr, disable=not enabled, leave=False)
+
+
+class _StageBar:
+    """A percentage bar whose description is the current stage, drawn from the first report on, so an
+    error raised before any work prints its one line alone. Call it as the progress callback."""
+
+    def __init__(self, enabled: bool, width: int = 22):
+        self.enabled, self.width = enabled, width
+        self.bar = None
+
+    def __call__(self, stage: str, fraction: float, overall: float | None = None) -> None:
+        """`overall`: how far the whole run is, when the stage's own fraction is not that (jobs)."""
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            w = self.width
+            self.bar = tqdm(
+                total=100, file=sys.stderr, bar_format=f"{{desc:<{w}.{w}}}{{percentage:3.0f}}%|{{bar}}|"
+            )
+        self.bar.set_description_str(stage if overall is None else f"{stage} {100 * fraction:.0f}%")
+        self.bar.n = round(100 * (fraction if overall is None else overall))
+        self.bar.refresh()
+
+    def __enter__(self) -> _StageBar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -88,8 +120,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from quantcore.api import JobSpec, quantize_job
     from quantcore.recipe import Recipe
 
@@ -113,19 +143,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 "batch_size": args.batch_size,
             }
         ),
-        "evaluation": given({"num_images": args.eval_images}),
+        "evaluation": given(
+            {
+                "num_images": args.eval_images,
+                "metrics": _names(args.eval_metrics) or None,
+                "reference": args.eval_ref,
+            }
+        ),
     }
     job = JobSpec.parse(spec)  # before the progress bar, so a bad spec prints one line only
-    bar = tqdm(
-        total=100, file=sys.stderr, disable=args.no_progress, bar_format="{desc:<22}{percentage:3.0f}%|{bar}|"
-    )
-
-    def progress(stage: str, fraction: float, overall: float) -> None:
-        bar.set_description_str(f"{stage} {100 * fraction:.0f}%")
-        bar.n = round(100 * overall)
-        bar.refresh()
-
-    with bar:
+    with _StageBar(not args.no_progress) as progress:
         manifest = quantize_job(job, args.out, progress, device=args.device)
     summary = {"out": str(args.out), "recipe": manifest["recipe"], "metrics": manifest["metrics"]}
     if args.json:
@@ -146,7 +173,6 @@ def _names(text: str) -> list[str]:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     import torch
-    from tqdm import tqdm
 
     from quantcore.compare import CompareSpec, plan_rows, run_compare
 
@@ -166,29 +192,91 @@ def cmd_compare(args: argparse.Namespace) -> int:
             heldout=args.heldout,
             reference_images=args.reference_images,
             noise_floor=args.noise_floor,
+            inception=args.inception,
+            inception_reference=args.inception_ref,
+            bootstrap=args.bootstrap,
         )
     except Exception as exc:  # pydantic's error -> one line naming the option
         first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
         option = "--" + "-".join(str(p) for p in first["loc"]).replace("_", "-")
         raise ConfigError(f"{option}: {first['msg']}") from None
-    bar = tqdm(
-        total=100,
-        file=sys.stderr,
-        disable=args.no_progress,
-        bar_format="{desc:<48.48}{percentage:3.0f}%|{bar}|",
-    )
-
-    def progress(stage: str, fraction: float, overall: float) -> None:
-        bar.set_description_str(f"{stage} {100 * fraction:.0f}%")
-        bar.n = round(100 * overall)
-        bar.refresh()
-
-    with bar:
+    with _StageBar(not args.no_progress, width=48) as progress:
         report = run_compare(spec, args.out, progress)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         print(f"wrote {args.out}/report.md, report.json, timings.json and {len(report['rows'])} grids")
+    return 0
+
+
+def _interval_text(entry: dict, decimals: int) -> str:
+    lo, hi = entry.get("ci95", (None, None))
+    return f"[{lo:.{decimals}f}, {hi:.{decimals}f}]" if lo is not None else "-"
+
+
+def _quality_table(result: dict) -> str:
+    """The eval result for people: one row per metric, with its interval, FP value and noise floor."""
+    ref = result["reference"]
+    against = f" against {ref['name']} ({ref['num_images']} images)" if ref else ""
+    lines = [
+        f"{result['source']}: {result['num_images']} images{against}, Inception {result['inception']['weights']}",
+        f"{'metric':<12} {'value':>9} {'95% interval':>21} {'FP, same seeds':>15} {'noise floor':>12}",
+    ]
+    for name, entry in result["metrics"].items():
+        decimals = 3 if name in ("precision", "recall") else 2
+        fp = f"{entry['fp']:.{decimals}f}" if "fp" in entry else "-"
+        floor = f"{entry['noise_floor']:.{decimals}f}" if "noise_floor" in entry else "-"
+        lines.append(
+            f"{name:<12} {entry['value']:>9.{decimals}f} {_interval_text(entry, decimals):>21} {fp:>15} {floor:>12}"
+        )
+    lines.append(
+        "noise floor: the FP model under other seeds; IS "
+        + result["inception_score"].removeprefix("not offered: ")
+    )
+    return "\n".join(lines)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from quantcore.eval.evaluate import evaluate
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    with _StageBar(not args.no_progress) as progress:
+        result = evaluate(
+            args.model,
+            args.num_images,
+            reference=args.ref,
+            metrics=_names(args.metrics) if args.metrics else None,
+            checkpoint=args.checkpoint,
+            tokenizer_checkpoint=args.tokenizer_checkpoint,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            replicates=args.bootstrap,
+            noise_floor=not args.no_noise_floor,
+            reference_images=args.ref_images,
+            real=not args.simulate,
+            device=args.device,
+            progress=progress,
+        )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2) if args.json else _quality_table(result))
+    return 0
+
+
+def cmd_reference(args: argparse.Namespace) -> int:
+    from quantcore.eval.inception import InceptionFeatures
+    from quantcore.eval.reference import build_reference
+
+    with _StageBar(not args.no_progress) as progress:
+        ref = build_reference(
+            args.source, args.out, InceptionFeatures(args.device), lambda f: progress("reference", f)
+        )
+    summary = {"out": str(args.out), **ref.describe()}
+    print(json.dumps(summary) if args.json else f"wrote {args.out}: {ref.num_images} images of {ref.name}")
     return 0
 
 
@@ -240,6 +328,12 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="calibration seed (default 0)")
     p.add_argument("--batch-size", type=int, help="images per batch (default 16)")
     p.add_argument("--eval-images", type=int, help="images for the fidelity metrics (0 = none; default 16)")
+    p.add_argument(
+        "--eval-metrics",
+        default="",
+        help="Inception metrics too: fid,sfid,precision,recall,fid_vs_fp,sfid_vs_fp",
+    )
+    p.add_argument("--eval-ref", help="their reference .npz (bundled models: Fashion-MNIST test split)")
     p.add_argument("--device", default="auto", help="auto (first CUDA device, else CPU), cpu, cuda, cuda:N")
     p.add_argument("--out", type=Path, required=True, help="artifact folder to create")
     p.add_argument("--json", action="store_true")
@@ -273,6 +367,15 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
         "--reference-images", type=int, default=10_000, help="test-split images for proxy-FID (test)"
     )
     p.add_argument("--noise-floor", action="store_true", help="also sample FP under other seeds")
+    p.add_argument(
+        "--inception",
+        action="store_true",
+        help="Inception FID/sFID/precision/recall and FID vs FP columns, with bootstrap intervals",
+    )
+    p.add_argument("--inception-ref", help="their reference .npz (bundled models: Fashion-MNIST test split)")
+    p.add_argument(
+        "--bootstrap", type=int, default=50, help="bootstrap replicates of the Inception intervals"
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--checkpoint", type=Path)
     p.add_argument("--tokenizer-checkpoint", type=Path)
@@ -280,6 +383,51 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "eval", help="FID, sFID, precision/recall (Inception) of a model or artifact, with intervals"
+    )
+    p.add_argument("model", help="registered model name or an artifact folder")
+    p.add_argument(
+        "--ref",
+        help="reference: an ADM .npz (mu/sigma, arr_0) or one from `ptq4arvg reference`; "
+        "bundled models default to the Fashion-MNIST test split",
+    )
+    p.add_argument(
+        "--ref-images", type=int, default=10_000, help="test-split images of the default reference"
+    )
+    p.add_argument("--num-images", type=int, required=True, help="images to generate (class-balanced)")
+    p.add_argument(
+        "--metrics",
+        help="comma-separated subset of fid,sfid,precision,recall,fid_vs_fp,sfid_vs_fp (default: all that apply)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=10_000, help="image i uses seed + i; the noise floor the next N"
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="images per generation chunk")
+    p.add_argument(
+        "--bootstrap", type=int, default=50, help="bootstrap replicates of the intervals (0 = none)"
+    )
+    p.add_argument("--no-noise-floor", action="store_true", help="skip the FP model under other seeds")
+    p.add_argument("--checkpoint", type=Path)
+    p.add_argument("--tokenizer-checkpoint", type=Path)
+    p.add_argument("--simulate", action="store_true", help="artifacts: keep quantized layers simulated")
+    p.add_argument("--device", default="auto", help="auto (first CUDA device, else CPU), cpu, cuda, cuda:N")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--out", type=Path, help="also write the result as JSON to this file")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("reference", help="build an ADM-format reference .npz from a folder or .npz of images")
+    p.add_argument(
+        "source", type=Path, help="a folder of images (same size) or an .npz with arr_0 (N, H, W, 3)"
+    )
+    p.add_argument("--out", type=Path, required=True, help="the .npz to write")
+    p.add_argument("--device", default="auto", help="auto (first CUDA device, else CPU), cpu, cuda, cuda:N")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_reference)
     return parser
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from quantcore.errors import ConfigError
 from quantcore.recipe import PRESETS, Recipe
@@ -46,6 +46,17 @@ class CalibrationSpec(_Spec):
     )
 
 
+InceptionMetric = Literal["fid", "sfid", "precision", "recall", "fid_vs_fp", "sfid_vs_fp"]
+INCEPTION_METRICS = InceptionMetric.__args__
+MANIFOLD_K = 3  # precision/recall: k-nearest-neighbour balls (ADM, Kynkäänniemi et al.)
+FASHION_MNIST_REFERENCE = "fashion-mnist-test"  # the engine's own reference: the bundled models' default
+
+
+def min_images(metrics) -> int:
+    """Images a set needs: 2 for a covariance, k + 1 for the k-NN manifolds of precision/recall."""
+    return MANIFOLD_K + 1 if {"precision", "recall"} & set(metrics) else 2
+
+
 class EvaluationSpec(_Spec):
     num_images: int = Field(
         16,
@@ -57,6 +68,30 @@ class EvaluationSpec(_Spec):
     seed: int = Field(
         10_000, ge=0, le=SEED_MAX, description="Seed of the first evaluation image; image i uses seed + i."
     )
+    metrics: list[InceptionMetric] = Field(
+        default_factory=list,
+        description="Inception metrics of the quantized model's images (FID/sFID/precision/recall against "
+        "the reference, FID/sFID against the FP model's images), each with a bootstrap 95% interval and "
+        "the noise floor of the FP model under other seeds. Costs a third set of images and the Inception "
+        "network per image.",
+    )
+    reference: str | None = Field(
+        None,
+        max_length=4096,
+        description="What fid/sfid/precision/recall measure against: an ADM-format .npz (library, CLI: a "
+        "path; REST: a registered reference's name or sha256). Bundled models default to the "
+        "Fashion-MNIST test split.",
+    )
+    bootstrap: int = Field(50, ge=0, le=1000, description="Bootstrap replicates of each interval (0 = none).")
+
+    @model_validator(mode="after")
+    def _enough_images(self) -> EvaluationSpec:
+        need = min_images(self.metrics)
+        if self.metrics and self.num_images < need:
+            raise ValueError(
+                f"num_images {self.num_images} is too few for {', '.join(self.metrics)}: {need} at least"
+            )
+        return self
 
 
 class JobSpec(_Spec):

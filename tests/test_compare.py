@@ -152,3 +152,22 @@ def test_real_rows_run_the_integer_kernels_and_match_the_simulated_row(tmp_path)
     kl_sim, kl_real = simulated["metrics"]["logit_kl"], real["metrics"]["logit_kl"]
     assert abs(kl_real - kl_sim) <= 0.2 * kl_sim
     assert abs(real["metrics"]["top1_agreement"] - simulated["metrics"]["top1_agreement"]) <= 0.05
+
+
+@have_data
+def test_inception_columns_sit_beside_the_proxies_with_intervals(tmp_path, monkeypatch):
+    monkeypatch.setenv("PTQ4ARVG_CACHE", str(tmp_path / "cache"))
+    args = ["compare", "tiny-llamagen", "--recipes", "fp,rtn", "--bits", "w8a8", "--num-images", "4"]
+    args += ["--calib-samples", "2", "--heldout", "4", "--reference-images", "8", "--batch-size", "4"]
+    proc = run_cli(
+        *args, "--inception", "--bootstrap", "5", "--out", str(tmp_path / "r"), "--json", "--no-progress"
+    )
+    report = json.loads(proc.stdout)
+    assert report["inception_reference"]["name"] == "fashion-mnist-test[:8]"
+    fp, rtn = (row["metrics"] for row in report["rows"])
+    assert {"fid", "fid_ci95", "sfid", "precision", "recall"} <= fp.keys() and "fid_vs_fp" not in fp
+    assert {"fid_vs_fp", "fid_vs_fp_ci95", "sfid_vs_fp", "proxy_fid_test", "proxy_fid_vs_fp"} <= rtn.keys()
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "| FID | sFID | precision | recall | FID vs FP | sFID vs FP |" in md and "proxy-FID test" in md
+    lo, hi = rtn["fid_vs_fp_ci95"]
+    assert f"{rtn['fid_vs_fp']:.2f} [{lo:.2f}, {hi:.2f}]" in md

@@ -12,8 +12,8 @@ from quantcore.api import load_generator
 from quantcore.checkpoint import read_state_dict
 from quantcore.errors import ConfigError, DatasetError
 from quantcore.eval.fidelity import teacher_forced_fidelity, token_agreement, token_agreement_by_position
+from quantcore.eval.frechet import Gaussian, frechet_distance
 from quantcore.eval.proxy import (
-    frechet_distance,
     proxy_class_accuracy,
     proxy_fid,
     proxy_inception_score,
@@ -88,7 +88,9 @@ def test_frechet_distance_matches_the_closed_form_and_grows_with_a_shift():
     # Diagonal covariances: |mu1 - mu2|^2 + sum (sqrt(a) - sqrt(b))^2
     a, b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 1.0])
     mu = np.array([1.0, 0.0, 2.0])
-    got = frechet_distance(np.zeros(3), np.diag(a), mu, np.diag(b))
+    got = frechet_distance(
+        Gaussian.from_moments(np.zeros(3), np.diag(a)), Gaussian.from_moments(mu, np.diag(b))
+    )
     assert got == pytest.approx(5.0 + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum())
 
 

@@ -101,6 +101,21 @@ class Model(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
+class EvalReference(Base):
+    """A reference set for the Inception metrics (an ADM-format .npz the server and workers can read)."""
+
+    __tablename__ = "eval_references"  # REFERENCES is an SQL keyword
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    info: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    registered_by: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (

@@ -23,9 +23,9 @@ SELECTION_BITS = "w6a6"
 OTHER_SELECTIONS = ["dgc-mahalanobis", "random", "uniform"]
 
 
-def rows(recipes: list[str], bits: list[str]) -> list[RowSpec]:
+def rows(recipes: list[str], bits: list[str], selections: bool = True) -> list[RowSpec]:
     planned = plan_rows(recipes, bits)
-    if "ptq4arvg" not in recipes or SELECTION_BITS not in bits:
+    if not selections or "ptq4arvg" not in recipes or SELECTION_BITS not in bits:
         return planned
     return planned + [RowSpec(recipe="ptq4arvg", bits=SELECTION_BITS, selection=s) for s in OTHER_SELECTIONS]
 
@@ -51,6 +51,16 @@ def main() -> None:
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--bits", default=",".join(BITS))
     parser.add_argument("--threads", type=int, default=1, help="1 is fastest on a shared 2-core CPU")
+    parser.add_argument("--inception", action="store_true", help="the Inception columns too")
+    parser.add_argument(
+        "--reference-images", type=int, default=10_000, help="test-split images compared against"
+    )
+    parser.add_argument(
+        "--selections",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ptq4arvg at W6A6 on the other calibration selections",
+    )
     parser.add_argument("--out", type=Path)
     parser.add_argument("--render-only", action="store_true")
     args = parser.parse_args()
@@ -59,13 +69,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         spec = CompareSpec(
             model=args.model,
-            rows=rows(args.recipes.split(","), args.bits.split(",")),
+            rows=rows(args.recipes.split(","), args.bits.split(","), args.selections),
             num_images=args.num_images,
             calib_samples=args.calib_samples,
             calib_batch_size=64,
             batch_size=100,
             heldout=512,
             noise_floor=True,
+            reference_images=args.reference_images,
+            inception=args.inception,
         )
         run_compare(spec, out, log_finished_stages)
     render(out)

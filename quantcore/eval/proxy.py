@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from quantcore.errors import ConfigError
+from quantcore.eval.frechet import fid_of_features
 
 
 @torch.no_grad()
@@ -28,30 +29,9 @@ def proxy_features(
     return torch.cat(feats).numpy(), torch.cat(probs).numpy()
 
 
-def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean (D,) and unbiased covariance (D, D) of features (N, D)."""
-    if features.ndim != 2 or features.shape[0] < 2:
-        raise ConfigError(f"need at least 2 feature rows (N, D) for statistics, got shape {features.shape}")
-    return features.mean(0), np.cov(features, rowvar=False)
-
-
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) between two Gaussians.
-
-    tr((S1 S2)^(1/2)) is the sum of the square roots of the eigenvalues of S1^(1/2) S2 S1^(1/2), a
-    symmetric PSD matrix, so two symmetric eigendecompositions replace the usual (less stable) sqrtm.
-    """
-    w, v = np.linalg.eigh(sigma1)
-    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    inner = np.linalg.eigvalsh(root1 @ sigma2 @ root1)
-    trace_root = np.sqrt(np.clip(inner, 0, None)).sum()
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_root)
-
-
 def proxy_fid(features_a: np.ndarray, features_b: np.ndarray) -> float:
     """Proxy-FID between two feature sets (e.g. generated vs the test split, or quantized vs FP samples)."""
-    return frechet_distance(*feature_stats(features_a), *feature_stats(features_b))
+    return fid_of_features(torch.from_numpy(features_a), torch.from_numpy(features_b))
 
 
 def proxy_inception_score(probs: np.ndarray, splits: int = 1) -> float:

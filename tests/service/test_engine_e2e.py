@@ -209,3 +209,52 @@ def test_cancel_running_job_ends_canceled_within_5s(engine_service, engine_worke
     assert done["state"] == "canceled" and done["artifact_id"] is None
     assert {p.name for p in root.iterdir()} == before
     assert [p for p in (root / ".staging").iterdir()] == []
+
+
+def test_a_job_with_a_registered_reference_records_fid_sfid_precision_recall(
+    engine_service, engine_workers, keys, bundled_model, tmp_path
+):
+    """Over REST: a reference registered like a model, a job that names it, FID/sFID/P/R in its record."""
+    import numpy as np
+
+    from quantcore.eval.inception import InceptionFeatures
+    from quantcore.eval.reference import build_reference
+    from quantcore.zoo.data import load_fashion_mnist, to_rgb32
+
+    svc, token = engine_service, keys["alice"]
+    np.savez(tmp_path / "images.npz", arr_0=to_rgb32(load_fashion_mnist("train")[0][:8]))
+    built = build_reference(tmp_path / "images.npz", tmp_path / "ref.npz", InceptionFeatures("cpu"))
+    r = svc.client.post(
+        "/v1/references",
+        json={"name": "fmnist-train-8", "path": str(tmp_path / "ref.npz")},
+        headers=svc.auth(keys["root"]),
+    )
+    assert r.status_code == 201, r.text
+    engine_workers.ensure()
+    evaluation = {
+        "num_images": 4,
+        "seed": 5,
+        "metrics": ["fid", "sfid", "precision", "recall", "fid_vs_fp"],
+        "reference": "fmnist-train-8",
+        "bootstrap": 5,
+    }
+    spec = {
+        "model": bundled_model,
+        "recipe": "rtn",
+        "w_bits": 8,
+        "a_bits": 8,
+        **QUICK,
+        "evaluation": evaluation,
+    }
+    spec["calibration"] = {**QUICK["calibration"], "num_samples": 4}
+    done = svc.wait_job(submit(svc, token, spec)["id"], token, timeout=600)
+    assert done["state"] == "succeeded", done
+    inception = done["metrics"]["inception"]
+    assert inception["reference"]["sha256"] == built.sha256 == r.json()["sha256"]
+    metrics = inception["metrics"]
+    assert set(metrics) == {"fid", "sfid", "precision", "recall", "fid_vs_fp"}
+    for name, entry in metrics.items():
+        assert {"value", "ci95", "noise_floor"} <= entry.keys(), name
+    assert 0 <= metrics["precision"]["value"] <= 1 and metrics["fid"]["value"] > 0
+    art = svc.client.get(f"/v1/artifacts/{done['artifact_id']}", headers=svc.auth(token)).json()
+    assert art["manifest"]["metrics"]["inception"] == inception
