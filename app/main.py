@@ -45,6 +45,7 @@ def create_app(settings: Settings | None = None, *, run_worker: bool = False) ->
         try:
             yield
         finally:
+            app.state.generators.close()
             if worker is not None:
                 from app.worker_cmd import stop_process
 

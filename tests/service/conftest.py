@@ -34,12 +34,11 @@ from .helpers import (
     cli,
     create_key,
     forget_queue,
-    free_port,
     python_env,
+    running_server,
     start_process,
     stop_process,
     tail,
-    wait_http,
 )
 
 
@@ -106,30 +105,9 @@ def service_env(pg_url, redis_url, run_dir) -> Iterator[dict[str, str]]:
 
 @pytest.fixture(scope="session")
 def service(service_env, run_dir) -> Iterator[Service]:
-    port = free_port()
-    process = start_process(
-        # app.server.serve(embedded=False): settings from the environment, as in production
-        [
-            sys.executable,
-            "-m",
-            "app.server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        service_env,
-        run_dir / "uvicorn.log",
-    )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/healthz", process)
-        svc = Service(f"http://127.0.0.1:{port}", service_env, process)
+    # app.server.serve(embedded=False): settings from the environment, as in production
+    with running_server(service_env, run_dir / "uvicorn.log") as svc:
         yield svc
-        svc.client.close()
-    finally:
-        stop_process(process)
 
 
 class WorkerPool:
