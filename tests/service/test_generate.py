@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import secrets
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -187,3 +189,36 @@ def test_a_full_generate_queue_answers_503_with_retry_after(tight, keys):
     for r in results:
         if r.status_code == 503:
             assert int(r.headers["retry-after"]) >= 1 and "already waiting" in r.json()["detail"]
+
+
+def _artifact(service, keys, workers) -> tuple[str, Path]:
+    workers.ensure()
+    job = submit(service, keys["alice"], model="scripted-fast", calibration={"seed": secrets.randbelow(2**31)})
+    artifact = service.wait_job(job["id"], keys["alice"])["artifact_id"]
+    return artifact, Path(service.env["PTQ4ARVG_ARTIFACT_DIR"]) / artifact
+
+
+def test_a_cached_artifact_truncated_on_disk_is_no_longer_served(service, keys, workers):
+    artifact, folder = _artifact(service, keys, workers)
+    assert generate(service, keys["alice"], artifact_id=artifact, classes=[1]).status_code == 200  # cached
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    r = generate(service, keys["alice"], artifact_id=artifact, classes=[1])
+    assert r.status_code == 409 and "truncated" in r.json()["detail"]
+    assert str(folder) not in r.text  # no server path for a non-admin key
+
+
+def test_an_artifact_rewritten_with_a_matching_manifest_is_refused(service, keys, workers):
+    """The folder's own manifest is not trusted: the hashes the database recorded are."""
+    import hashlib
+    import json
+
+    artifact, folder = _artifact(service, keys, workers)
+    weights = folder / "model.safetensors"
+    forged = bytes(len(weights.read_bytes()))
+    weights.write_bytes(forged)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["model.safetensors"]["sha256"] = hashlib.sha256(forged).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))  # same size, new sha256
+    r = generate(service, keys["alice"], artifact_id=artifact, classes=[1])
+    assert r.status_code == 409 and "no longer matches the sha256" in r.json()["detail"]
