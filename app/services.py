@@ -134,21 +134,18 @@ def submit_job(
             args=[job.id],
             task_id=task_id,
             queue=settings.queue,
+            ignore_result=True,  # nobody reads it; a result backend that is down would stall the call
             retry=True,
-            retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
+            retry_policy={"max_retries": 1, "interval_start": 0.2, "interval_step": 0, "interval_max": 0.2},
         )
     except Exception as e:
-        message = f"the job queue is unavailable ({type(e).__name__}: {e}); submit the job again later"
-        jobs.transition(
-            db,
-            job.id,
-            ("queued",),
-            "failed",
-            error_kind="broker_unavailable",
-            error_message=message,
-            message=message,
-        )
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=message) from e
+        # The job stays queued: the workers' reconciler sends its message once the broker is back.
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            detail=f"the job queue is unreachable ({type(e).__name__}: {e}); job {job.id} is recorded "
+            f"and starts once the queue is back (GET /v1/jobs/{job.id}): do not submit it again",
+            headers={"Location": f"/v1/jobs/{job.id}", "Retry-After": "10"},
+        ) from e
     jobs.set_task_id(db, job.id, task_id)
     return jobs.get_job(db, job.id)
 

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Body, HTTPException, Query, Response, status
 from sqlalchemy.orm import Session
 
 from app import schemas, services
-from app.db import jobs
+from app.db import jobs, recovery
 from app.deps import CeleryDep, SessionDep, SettingsDep
 from app.security import JobsPrincipal, Principal
 
@@ -77,11 +77,17 @@ def get_job(
 def cancel_job(
     job_id: str,
     db: SessionDep,
+    settings: SettingsDep,
     principal: JobsPrincipal,
 ) -> schemas.JobOut:
-    """Cancel a job: a queued job ends at once; a running one stops at its next checkpoint."""
+    """Cancel a job: a queued job ends at once; a running one stops at its next checkpoint (at once if
+    its worker was lost)."""
     job = _get_visible_job(db, job_id, principal)
     if job.state in ("succeeded", "failed", "canceled"):
         raise HTTPException(status.HTTP_409_CONFLICT, detail=f"job {job_id} already ended ({job.state})")
     job = jobs.request_cancel(db, job)
+    if recovery.lease_expired(job, settings.job_lease_seconds) and recovery.cancel_orphaned(
+        db, job, actor=None
+    ):
+        job = jobs.get_job(db, job.id)
     return services.job_out(job)

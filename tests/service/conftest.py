@@ -93,6 +93,7 @@ def service_env(pg_url, redis_url, run_dir) -> Iterator[dict[str, str]]:
             "PTQ4ARVG_ENGINE_MODULE": "scripted_engine",
             "PTQ4ARVG_REGISTRY_MODULE": "scripted_engine",
             "PTQ4ARVG_JOB_LEASE_SECONDS": "2",
+            "PTQ4ARVG_RECONCILE_SECONDS": "1",
             "PTQ4ARVG_VISIBILITY_TIMEOUT": "6",
             "SCRIPTED_ENGINE_LOG": str(run_dir / "engine-runs.jsonl"),
         }
@@ -128,6 +129,7 @@ class WorkerPool:
             {**self.env, **(env or {})},
             self.run_dir / f"worker-{name}.log",
         )
+        process.node_name = name  # type: ignore[attr-defined]
         self.processes.append(process)
         return process
 
@@ -141,13 +143,17 @@ class WorkerPool:
             time.sleep(0.2)
         raise RuntimeError(f"worker not ready after {timeout}s:\n{tail(process)}")
 
-    def ensure(self) -> subprocess.Popen:
+    def ensure(self, count: int = 1) -> subprocess.Popen:
+        """The newest live worker, after starting workers until ``count`` are alive."""
         alive = [p for p in self.processes if p.poll() is None]
-        if alive:
-            return alive[-1]
-        process = self.start()
-        self.wait_ready(process)
-        return process
+        for _ in range(count - len(alive)):
+            alive.append(self.start())
+            self.wait_ready(alive[-1])
+        return alive[-1]
+
+    def by_node(self, node: str) -> subprocess.Popen:
+        """The process whose Celery node name is ``node`` (``name@host``)."""
+        return next(p for p in self.processes if node.startswith(p.node_name + "@"))
 
     def stop_all(self) -> None:
         for process in self.processes:

@@ -193,7 +193,9 @@ def test_a_full_generate_queue_answers_503_with_retry_after(tight, keys):
 
 def _artifact(service, keys, workers) -> tuple[str, Path]:
     workers.ensure()
-    job = submit(service, keys["alice"], model="scripted-fast", calibration={"seed": secrets.randbelow(2**31)})
+    job = submit(
+        service, keys["alice"], model="scripted-fast", calibration={"seed": secrets.randbelow(2**31)}
+    )
     artifact = service.wait_job(job["id"], keys["alice"])["artifact_id"]
     return artifact, Path(service.env["PTQ4ARVG_ARTIFACT_DIR"]) / artifact
 

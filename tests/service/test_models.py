@@ -14,7 +14,7 @@ def test_registry_is_listed(service, keys):
     fast = by_name["scripted-fast"]
     assert fast["source"] == "registry" and fast["bundled"] is True and fast["family"] == "scripted"
     assert fast["parameters"] == 1000
-    assert fast["info"]["sampling"] == {"cfg_scale": 1.5, "temperature": 1.0}
+    assert fast["info"]["sampling"] == {"cfg_scale": 1.5, "temperature": 1.0, "delay_s": 0.0}
     assert fast["info"]["official_checkpoints"] == []
 
 
