@@ -19,7 +19,7 @@ from app.db.session import session_scope
 from worker import disk
 
 from .helpers import running_server, service_settings, submit
-from .test_worker import wait_progress
+from .test_worker import busy_worker
 
 
 def engine_runs(service_env, seed: int) -> int:
@@ -36,19 +36,16 @@ def new_job(service_env, model: str = "scripted-fast", seed: int = 0) -> str:
 
 
 def test_split_brain_a_stopped_worker_that_resumes_does_not_duplicate(service, service_env, keys, workers):
-    workers.ensure(count=2)
     seed = 881_001
-    job = submit(service, keys["alice"], model="scripted-slow", calibration={"num_samples": 30, "seed": seed})
-    seen = wait_progress(service, keys["alice"], job["id"])
-    frozen = workers.by_node(seen["worker"])
+    seen, frozen = busy_worker(service, keys["alice"], workers, seed)
     os.killpg(frozen.pid, signal.SIGSTOP)
     try:
-        done = service.wait_job(job["id"], keys["alice"], timeout=60)
+        done = service.wait_job(seen["id"], keys["alice"], timeout=60)
     finally:
         os.killpg(frozen.pid, signal.SIGCONT)
     assert done["state"] == "succeeded" and done["worker"] != seen["worker"], done
     time.sleep(2)  # the resumed worker finds it lost the job and stops
-    final = service.client.get(f"/v1/jobs/{job['id']}", headers=service.auth(keys["alice"])).json()
+    final = service.client.get(f"/v1/jobs/{seen['id']}", headers=service.auth(keys["alice"])).json()
     assert final["events"] == done["events"] and final["artifact_id"] == done["artifact_id"]
     assert engine_runs(service_env, seed) == 1
     assert frozen.poll() is None  # it lives on, and takes jobs again

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -135,29 +136,29 @@ def test_redelivered_task_for_a_finished_job_does_nothing(service, service_env, 
     assert again["artifact_id"] == done["artifact_id"]
 
 
-def wait_progress(service, token, job_id, percent=5.0, timeout=20.0) -> dict:
-    deadline = time.monotonic() + timeout
+def busy_worker(service, token, workers, seed: int) -> tuple[dict, subprocess.Popen]:
+    """With two workers alive, a slow job past 5 %: the job as seen then, and the worker running it."""
+    workers.ensure(count=2)
+    job = submit(service, token, model="scripted-slow", calibration={"num_samples": 30, "seed": seed})
+    deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        seen = service.client.get(f"/v1/jobs/{job_id}", headers=service.auth(token)).json()
-        if seen["state"] == "running" and seen["progress"]["percent"] > percent:
-            return seen
+        seen = service.client.get(f"/v1/jobs/{job['id']}", headers=service.auth(token)).json()
+        if seen["state"] == "running" and seen["progress"]["percent"] > 5:
+            return seen, workers.by_node(seen["worker"])
         time.sleep(0.1)
-    raise AssertionError(f"job {job_id} not running past {percent}% after {timeout}s: {seen}")
+    raise AssertionError(f"job {job['id']} not running past 5% after 20s: {seen}")
 
 
 def test_kill_9_of_a_busy_worker_the_other_live_worker_completes_it_exactly_once(
     service, service_env, keys, workers, pg_url
 ):
-    workers.ensure(count=2)
     seed = 777_001
-    job = submit(service, keys["alice"], model="scripted-slow", calibration={"num_samples": 30, "seed": seed})
-    seen = wait_progress(service, keys["alice"], job["id"])
-    victim = workers.by_node(seen["worker"])
+    seen, victim = busy_worker(service, keys["alice"], workers, seed)
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait(timeout=10)
     killed_at = time.monotonic()
 
-    done = service.wait_job(job["id"], keys["alice"], timeout=60)
+    done = service.wait_job(seen["id"], keys["alice"], timeout=60)
     lease = float(service_env["PTQ4ARVG_JOB_LEASE_SECONDS"])
     assert done["state"] == "succeeded", done
     assert time.monotonic() - killed_at < lease + 30
@@ -176,19 +177,19 @@ def test_kill_9_of_a_busy_worker_the_other_live_worker_completes_it_exactly_once
     assert sum(1 for r in runs if r["seed"] == seed) == 1  # the engine completed once
     engine = create_engine(pg_url)
     with engine.connect() as c:
-        assert c.scalar(select(func.count()).select_from(Artifact).where(Artifact.job_id == job["id"])) == 1
+        assert c.scalar(select(func.count()).select_from(Artifact).where(Artifact.job_id == seen["id"])) == 1
         succeeded = (
             select(func.count())
             .select_from(JobEvent)
-            .where(JobEvent.job_id == job["id"], JobEvent.to_state == "succeeded")
+            .where(JobEvent.job_id == seen["id"], JobEvent.to_state == "succeeded")
         )
         assert c.scalar(succeeded) == 1
     engine.dispose()
     # the killed attempt's staging folder is gone (removed when the next attempt started)
-    assert [p for p in staging_entries(service) if job["id"] in p.name] == []
+    assert [p for p in staging_entries(service) if seen["id"] in p.name] == []
     # Redis re-delivers the killed worker's message after the visibility timeout: it must be a no-op.
     time.sleep(float(service_env["PTQ4ARVG_VISIBILITY_TIMEOUT"]) + 2)
-    final = service.client.get(f"/v1/jobs/{job['id']}", headers=service.auth(keys["alice"])).json()
+    final = service.client.get(f"/v1/jobs/{seen['id']}", headers=service.auth(keys["alice"])).json()
     assert final["events"] == done["events"]
 
 
