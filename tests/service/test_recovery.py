@@ -32,7 +32,7 @@ def new_job(service_env, model: str = "scripted-fast", seed: int = 0) -> str:
     with session_scope(service_settings(service_env).database_url) as db:
         spec = {"model": model, "recipe": "rtn", "w_bits": 8, "a_bits": 8}
         engine_spec = {**spec, "calibration": {"num_samples": 20, "seed": seed}}
-        return jobs.create_job(db, owner="alice", spec=spec, engine_spec=engine_spec).id
+        return jobs.create_job(db, owner="alice", spec=spec, recipe="rtn", engine_spec=engine_spec).id
 
 
 def test_split_brain_a_stopped_worker_that_resumes_does_not_duplicate(service, service_env, keys, workers):
