@@ -176,6 +176,7 @@ class GeneratorCache:
         self._loaded: collections.OrderedDict[str, _Loaded] = collections.OrderedDict()
         self._cond = threading.Condition()
         self._pending: list[_Request] = []
+        self._running: list[_Request] = []  # the batch on the device
         self._thread: threading.Thread | None = None
         self._closed = False
         self._seconds_per_request = 1.0  # running mean, for Retry-After
@@ -221,10 +222,11 @@ class GeneratorCache:
         return await request.future
 
     def close(self) -> None:
-        """Refuse new requests and fail the waiting ones (SIGTERM); a running batch is abandoned."""
+        """Refuse new requests and fail the waiting and running ones (SIGTERM): their connections close
+        at once; the device thread (a daemon) is abandoned with its batch."""
         with self._cond:
             self._closed = True
-            waiting, self._pending = self._pending, []
+            waiting, self._pending = self._pending + self._running, []
             self._cond.notify_all()
         for r in waiting:
             r.fail(Refused(503, "the server is shutting down", {"Retry-After": "5"}))
@@ -238,7 +240,7 @@ class GeneratorCache:
                     self._cond.wait()
                 if self._closed:
                     return
-                batch = self._take_batch()
+                batch = self._running = self._take_batch()
             if not batch:
                 continue
             started = time.monotonic()

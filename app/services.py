@@ -1,4 +1,4 @@
-"""What the routers do beyond one query: resolve models, submit jobs, register checkpoints, readiness.
+"""What the routers do beyond one query: resolve models, submit jobs, register checkpoints.
 
 The engine's registry (``quantcore.registry``) is imported lazily, never at module import time.
 """
@@ -7,16 +7,12 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
-import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from celery import Celery
 from fastapi import HTTPException, status
-from kombu import Connection
-from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from app import crud, schemas
@@ -178,51 +174,3 @@ def job_out(job: Job, *, events: list | None = None) -> schemas.JobOut:
         finished_at=job.finished_at,
         events=[schemas.JobEventOut.model_validate(e) for e in events] if events is not None else None,
     )
-
-
-# ------------------------------------------------------------------------------------------- ready
-
-
-def _timed(fn) -> schemas.Check:
-    start = time.perf_counter()
-    try:
-        detail = fn()
-        ok = True
-    except Exception as e:
-        detail, ok = f"{type(e).__name__}: {e}", False
-    return schemas.Check(ok=ok, detail=detail, latency_ms=round(1000 * (time.perf_counter() - start), 2))
-
-
-def check_database(db: Session) -> schemas.Check:
-    def probe() -> str:
-        db.execute(text("SELECT 1"))
-        db.rollback()
-        return db.get_bind().dialect.name
-
-    return _timed(probe)
-
-
-def check_broker(settings: Settings) -> schemas.Check:
-    def probe() -> str:
-        with Connection(settings.broker_url, connect_timeout=2, transport_options={"max_retries": 1}) as conn:
-            conn.ensure_connection(max_retries=1, timeout=2)
-            channel = conn.default_channel
-            client = getattr(channel, "client", None)
-            if client is not None and hasattr(client, "ping"):
-                client.ping()  # Redis: a real round trip
-            return conn.transport_cls if isinstance(conn.transport_cls, str) else conn.transport.driver_name
-
-    return _timed(probe)
-
-
-def check_storage(settings: Settings) -> schemas.Check:
-    def probe() -> str:
-        root = Path(settings.artifact_dir)
-        root.mkdir(parents=True, exist_ok=True)
-        probe_file = root / f".ready-{uuid.uuid4().hex}"
-        probe_file.write_bytes(b"ok")
-        probe_file.unlink()
-        free = os.statvfs(root)
-        return f"{root} writable, {free.f_bavail * free.f_frsize / 2**30:.1f} GiB free"
-
-    return _timed(probe)

@@ -99,7 +99,7 @@ class Reconciler:
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=10)
+            self._thread.join(timeout=2)
         try:
             with session_scope(self.settings.database_url) as session:
                 recovery.forget_worker(session, self.name)
