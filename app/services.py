@@ -8,19 +8,17 @@ from __future__ import annotations
 import importlib
 import logging
 import uuid
-from pathlib import Path
 from typing import Any
 
 from celery import Celery
 from fastapi import HTTPException, status
 from sqlalchemy.orm import Session
 
-from app import crud, schemas
+from app import checkpoints, crud, schemas
 from app.config import Settings
 from app.db import jobs
 from app.db.models import Job, Model
 from app.security import Principal
-from app.storage import sha256_file
 from worker.celery_app import TASK_RUN_JOB
 
 log = logging.getLogger(__name__)
@@ -51,7 +49,9 @@ def sync_registry(db: Session, settings: Settings) -> int:
     return len(entries)
 
 
-def register_checkpoint(db: Session, body: schemas.ModelRegister, principal: Principal) -> Model:
+def register_checkpoint(
+    db: Session, settings: Settings, body: schemas.ModelRegister, principal: Principal
+) -> Model:
     if crud.get_model(db, body.name) is not None:
         raise HTTPException(status.HTTP_409_CONFLICT, detail=f"a model named '{body.name}' already exists")
     base = crud.get_model(db, body.base_model)
@@ -59,26 +59,17 @@ def register_checkpoint(db: Session, body: schemas.ModelRegister, principal: Pri
         raise field_error(
             ("body", "base_model"), f"unknown base model '{body.base_model}'; see GET /v1/models"
         )
-    path = Path(body.checkpoint_path)
-    if not path.is_absolute():
-        raise field_error(("body", "checkpoint_path"), "give an absolute path on the server")
     try:
-        if not path.is_file():
-            raise OSError("not a regular file")
-        size = path.stat().st_size
-        digest = sha256_file(path)
-    except OSError as e:
-        raise field_error(
-            ("body", "checkpoint_path"),
-            f"the server cannot read '{path}': {getattr(e, 'strerror', None) or e}",
-        ) from e
+        registered = checkpoints.check_file(body.checkpoint_path, settings.checkpoint_roots, base.name)
+    except checkpoints.Refused as e:
+        raise field_error(("body", "checkpoint_path"), str(e)) from e
     return crud.register_checkpoint(
         db,
         name=body.name,
         base=base,
-        path=str(path),
-        sha256=digest,
-        size=size,
+        path=str(registered.path),
+        sha256=registered.sha256,
+        size=registered.size,
         registered_by=principal.owner,
     )
 

@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body, HTTPException, Query, Response, status
 from sqlalchemy.orm import Session
 
-from app import schemas, services
+from app import redact, schemas, services
 from app.db import jobs, recovery
 from app.deps import CeleryDep, SessionDep, SettingsDep
 from app.security import JobsPrincipal, Principal
@@ -13,6 +13,10 @@ from app.security import JobsPrincipal, Principal
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 NOT_FOUND = {404: {"description": "No such job (or not yours)."}}
+
+
+def _out(db: Session, job, principal: Principal, events=None) -> schemas.JobOut:
+    return redact.job(services.job_out(job, events=events), redact.secrets_of(db, job, principal))
 
 
 def _get_visible_job(db: Session, job_id: str, principal: Principal):
@@ -39,7 +43,7 @@ def create_job(
     """Queue a quantization job. Poll the `Location` for its state."""
     job = services.submit_job(db, celery, settings, spec, principal)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return services.job_out(job)
+    return _out(db, job, principal)
 
 
 @router.get("", response_model=schemas.JobList)
@@ -55,7 +59,9 @@ def list_jobs(
     page, total = jobs.list_jobs(
         db, owner=principal.owner_filter, state=state, model=model, limit=limit, offset=offset
     )
-    return schemas.JobList(items=[services.job_out(j) for j in page], total=total, limit=limit, offset=offset)
+    return schemas.JobList(
+        items=[_out(db, j, principal) for j in page], total=total, limit=limit, offset=offset
+    )
 
 
 @router.get("/{job_id}", response_model=schemas.JobOut, responses=NOT_FOUND)
@@ -65,7 +71,7 @@ def get_job(
     principal: JobsPrincipal,
 ) -> schemas.JobOut:
     job = _get_visible_job(db, job_id, principal)
-    return services.job_out(job, events=jobs.list_events(db, job.id))
+    return _out(db, job, principal, events=jobs.list_events(db, job.id))
 
 
 @router.post(
@@ -90,4 +96,4 @@ def cancel_job(
         db, job, actor=None
     ):
         job = jobs.get_job(db, job.id)
-    return services.job_out(job)
+    return _out(db, job, principal)

@@ -90,6 +90,7 @@ def service_env(pg_url, redis_url, run_dir) -> Iterator[dict[str, str]]:
             "PTQ4ARVG_BROKER_URL": redis_url,
             "PTQ4ARVG_QUEUE": f"ptq4arvg-test-{uuid.uuid4().hex[:8]}",
             "PTQ4ARVG_ARTIFACT_DIR": str(run_dir / "artifacts"),
+            "PTQ4ARVG_CHECKPOINT_ROOTS": str(run_dir / "checkpoints"),
             "PTQ4ARVG_ENGINE_MODULE": "scripted_engine",
             "PTQ4ARVG_REGISTRY_MODULE": "scripted_engine",
             "PTQ4ARVG_JOB_LEASE_SECONDS": "2",
@@ -98,6 +99,7 @@ def service_env(pg_url, redis_url, run_dir) -> Iterator[dict[str, str]]:
             "SCRIPTED_ENGINE_LOG": str(run_dir / "engine-runs.jsonl"),
         }
     )
+    (run_dir / "checkpoints").mkdir()
     result = cli(env, "migrate")
     assert result.returncode == 0, result.stderr
     yield env
