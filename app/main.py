@@ -7,11 +7,12 @@ import contextlib
 import logging
 
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 
 from app import services
-from app.body_limit import BodySizeLimitMiddleware
 from app.config import Settings, get_settings
 from app.db.session import get_sessionmaker, session_scope
+from app.edge import EdgeMiddleware, validation_error
 from app.generation import GeneratorCache
 from app.metrics import HttpMetrics, MetricsMiddleware
 from app.readiness import Readiness
@@ -70,7 +71,8 @@ def create_app(settings: Settings | None = None, *, run_worker: bool = False) ->
     app.state.generators = GeneratorCache(settings)
     app.state.readiness = Readiness(app.state.sessionmaker, settings)
     app.state.metrics = HttpMetrics()
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(EdgeMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_exception_handler(RequestValidationError, validation_error)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     for router in (health.router, jobs.router, artifacts.router, models.router, generate.router):
         app.include_router(router)

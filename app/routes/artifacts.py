@@ -13,7 +13,7 @@ from app.deps import SessionDep, SettingsDep
 from app.security import JobsPrincipal, Principal
 from app.storage import UnsafeName, artifact_file, check_file_name
 
-router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
+router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"], responses=schemas.error_responses(401, 403))
 
 MANIFEST = "manifest.json"
 
@@ -30,9 +30,7 @@ def _redacted_manifest(artifact, hidden: dict[str, str]) -> bytes:
     return json.dumps(redact.scrub(artifact.manifest, hidden), indent=2).encode()
 
 
-@router.get(
-    "/{artifact_id}", response_model=schemas.ArtifactOut, responses=schemas.error_responses(401, 403, 404)
-)
+@router.get("/{artifact_id}", response_model=schemas.ArtifactOut, responses=schemas.error_responses(404))
 def get_artifact(
     artifact_id: str,
     db: SessionDep,
@@ -60,7 +58,7 @@ def get_artifact(
 @router.get(
     "/{artifact_id}/files/{name}",
     response_class=FileResponse,
-    responses=schemas.error_responses(400, 401, 403, 404),
+    responses=schemas.error_responses(400, 404),
 )
 def download_file(
     artifact_id: str,

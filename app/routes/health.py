@@ -31,7 +31,7 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if body.status == "ok" else 503)
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
+@router.get("/metrics", response_class=PlainTextResponse, responses=schemas.error_responses(401, 403))
 def metrics(
     request: Request,
     db: SessionDep,

@@ -10,9 +10,9 @@ from app.db import jobs, recovery
 from app.deps import CeleryDep, SessionDep, SettingsDep
 from app.security import JobsPrincipal, Principal
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=schemas.error_responses(401, 403))
 
-NOT_FOUND = {404: {"description": "No such job (or not yours)."}}
+NOT_FOUND = schemas.error_responses(404)
 
 
 def _out(db: Session, job, principal: Principal, events=None) -> schemas.JobOut:
@@ -30,7 +30,7 @@ def _get_visible_job(db: Session, job_id: str, principal: Principal):
     "",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=schemas.JobOut,
-    responses={422: {"description": "Invalid spec; `loc` names the field."}},
+    responses=schemas.error_responses(413, 422, 503),
 )
 def create_job(
     response: Response,
@@ -53,7 +53,7 @@ def list_jobs(
     state: Annotated[schemas.JobState | None, Query(description="Only jobs in this state.")] = None,
     model: Annotated[str | None, Query(max_length=128, description="Only jobs of this model.")] = None,
     limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 20,
-    offset: Annotated[int, Query(ge=0, description="Jobs to skip.")] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**63 - 1, description="Jobs to skip.")] = 0,
 ) -> schemas.JobList:
     """Your jobs (all jobs for admins), newest first."""
     page, total = jobs.list_jobs(
@@ -78,7 +78,7 @@ def get_job(
     "/{job_id}/cancel",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=schemas.JobOut,
-    responses={**NOT_FOUND, 409: {"description": "The job already ended."}},
+    responses=schemas.error_responses(404, 409),
 )
 def cancel_job(
     job_id: str,

@@ -6,7 +6,7 @@ from app import crud, schemas, services
 from app.deps import SessionDep, SettingsDep
 from app.security import AdminPrincipal, CurrentPrincipal
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=schemas.error_responses(401, 403))
 
 
 @router.get("", response_model=schemas.ModelList)
@@ -26,7 +26,7 @@ def list_models(
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=schemas.ModelOut,
-    responses={409: {"description": "The name is taken."}, 422: {"description": "Bad base model or path."}},
+    responses=schemas.error_responses(409, 413, 422),
 )
 def register_model(
     body: schemas.ModelRegister,
