@@ -76,3 +76,19 @@ def test_a_chunked_body_over_the_limit_is_413(service, keys):
         headers={**service.auth(keys["alice"]), "Content-Type": "application/json"},
     )
     assert r.status_code == 413 and "larger than" in r.json()["detail"]
+
+
+def test_openapi_refs_resolve_and_error_statuses_are_documented(service):
+    import json
+    import re
+
+    spec = service.client.get("/openapi.json").json()
+    for ref in set(re.findall(r'"\$ref": "#/([^"]+)"', json.dumps(spec))):
+        node = spec
+        for part in ref.split("/"):
+            node = node[part]  # KeyError = a reference nothing resolves
+    paths = spec["paths"]
+    assert {"401", "403", "413", "422", "503"} <= set(paths["/v1/jobs"]["post"]["responses"])
+    assert {"401", "403", "404", "409", "413", "422", "503"} <= set(paths["/v1/generate"]["post"]["responses"])
+    assert "409" in paths["/v1/jobs/{job_id}/cancel"]["post"]["responses"]
+    assert "503" in paths["/readyz"]["get"]["responses"]
