@@ -4,7 +4,7 @@
 - Text no database column can hold: a NUL character or a lone surrogate, in the path, the query or
   any JSON string; and numbers JSON cannot carry (NaN, Infinity, 1e999): 422 naming where.
 - Validation errors are encoded whatever their input was (bytes, non-finite floats, surrogates),
-  so a 422 can never turn into a 500.
+  so a 422 can never turn into a 500; a database that cannot be reached is a 503.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
@@ -143,3 +144,9 @@ def _encodable(value: Any) -> Any:
 
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     return JSONResponse({"detail": _encodable(exc.errors())}, status_code=422)
+
+
+async def database_unavailable(request: Request, exc: OperationalError) -> JSONResponse:
+    """The database cannot be reached (restarting, network): 503 and when to try again, not a 500."""
+    detail = f"the database is unavailable ({type(exc.orig).__name__}); try again shortly"
+    return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": "5"})

@@ -8,11 +8,12 @@ import logging
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import OperationalError
 
 from app import services
 from app.config import Settings, get_settings
 from app.db.session import get_sessionmaker, session_scope
-from app.edge import EdgeMiddleware, validation_error
+from app.edge import EdgeMiddleware, database_unavailable, validation_error
 from app.generation import GeneratorCache
 from app.metrics import HttpMetrics, MetricsMiddleware
 from app.readiness import Readiness
@@ -73,6 +74,7 @@ def create_app(settings: Settings | None = None, *, run_worker: bool = False) ->
     app.state.metrics = HttpMetrics()
     app.add_middleware(EdgeMiddleware, max_bytes=settings.max_request_bytes)
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(OperationalError, database_unavailable)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     for router in (health.router, jobs.router, artifacts.router, models.router, generate.router):
         app.include_router(router)

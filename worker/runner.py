@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from app.config import Settings
 from app.db import jobs
 from app.db.models import TERMINAL_STATES, utcnow
@@ -146,17 +148,21 @@ class _Execution:
             self._last_progress_write, self.overall = now, overall
             elapsed = time.monotonic() - self.started
             eta = elapsed * (1.0 - overall) / overall if overall > 0 else None
-            with session_scope(self.url) as session:
-                owned = jobs.update_progress(
-                    session,
-                    self.job_id,
-                    self.attempt,
-                    stage=stage[:64],
-                    stage_progress=fraction,
-                    progress=overall,
-                    eta_seconds=eta,
-                    stage_started_at=self.stage_started,
-                )
+            try:
+                with session_scope(self.url) as session:
+                    owned = jobs.update_progress(
+                        session,
+                        self.job_id,
+                        self.attempt,
+                        stage=stage[:64],
+                        stage_progress=fraction,
+                        progress=overall,
+                        eta_seconds=eta,
+                        stage_started_at=self.stage_started,
+                    )
+            except SQLAlchemyError as e:  # the database is away: keep working, the lease decides
+                log.warning("job %s: progress not recorded (%s)", self.job_id, type(e).__name__)
+                return
         if not owned:
             self.lost.set()
 
@@ -167,8 +173,11 @@ class _Execution:
         if now - self._last_cancel_check < CANCEL_CHECK_INTERVAL_S:
             return False
         self._last_cancel_check = now
-        with session_scope(self.url) as session:
-            self._cancel_seen = jobs.should_stop(session, self.job_id, self.attempt)
+        try:
+            with session_scope(self.url) as session:
+                self._cancel_seen = jobs.should_stop(session, self.job_id, self.attempt)
+        except SQLAlchemyError as e:  # the database is away: keep working, the lease decides
+            log.warning("job %s: cancel flag not read (%s)", self.job_id, type(e).__name__)
         return self._cancel_seen
 
     def _heartbeat_loop(self, stop: threading.Event) -> None:

@@ -89,6 +89,8 @@ def test_openapi_refs_resolve_and_error_statuses_are_documented(service):
             node = node[part]  # KeyError = a reference nothing resolves
     paths = spec["paths"]
     assert {"401", "403", "413", "422", "503"} <= set(paths["/v1/jobs"]["post"]["responses"])
-    assert {"401", "403", "404", "409", "413", "422", "503"} <= set(paths["/v1/generate"]["post"]["responses"])
+    assert {"401", "403", "404", "409", "413", "422", "503"} <= set(
+        paths["/v1/generate"]["post"]["responses"]
+    )
     assert "409" in paths["/v1/jobs/{job_id}/cancel"]["post"]["responses"]
     assert "503" in paths["/readyz"]["get"]["responses"]

@@ -102,6 +102,9 @@ def test_readyz_is_503_when_dependencies_are_down(service_env, run_dir):
         assert body["status"] == "unavailable"
         assert not any(c["ok"] for c in body["checks"].values()), body
         assert "OperationalError" in body["checks"]["database"]["detail"]
+        # a route that needs the database says it is unavailable, not a 500
+        r = httpx.get(f"http://127.0.0.1:{port}/v1/jobs", headers={"Authorization": "Bearer x"}, timeout=30)
+        assert r.status_code == 503 and "database is unavailable" in r.json()["detail"], r.text
     finally:
         stop_process(process)
 
