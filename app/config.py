@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from quantcore.spec import DEVICE_PATTERN  # pydantic only: no torch in the API process
 
@@ -55,9 +57,45 @@ class Settings(BaseSettings):
     register_models_at_startup: bool = Field(
         True, description="Sync the engine's model registry into the models table when the API starts."
     )
-    generator_cache_size: int = Field(2, ge=0, description="Generators kept loaded by /v1/generate.")
+    generator_memory_bytes: int = Field(
+        4 << 30,
+        ge=1,
+        description="Bytes of weights that /v1/generate keeps loaded (least recently used dropped first); "
+        "a model larger than this is refused with 503.",
+    )
+    generate_random_weights: bool = Field(
+        False,
+        description="Let /v1/generate load models that have no weights here (random init: noise images).",
+    )
+    max_generate_queue: int = Field(
+        64, ge=1, description="Generate requests allowed to wait for the device; more get 503 + Retry-After."
+    )
+    checkpoint_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Folders (os.pathsep-separated in the environment) that POST /v1/models may register "
+        "checkpoints from; empty = registration refused.",
+    )
+    reconcile_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="How often each worker beats, requeues jobs of lost workers, re-sends lost messages "
+        "and removes dead staging folders.",
+    )
+    broker_timeout_seconds: float = Field(
+        1.5, gt=0, description="Longest wait for the broker when a job is submitted (then 503)."
+    )
+    shutdown_seconds: float = Field(
+        5.0, gt=0, description="Grace for in-flight requests on SIGTERM; running jobs are left to the lease."
+    )
     max_generate_images: int = Field(64, ge=1, description="Most images one /v1/generate call may ask for.")
     max_request_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted (413 above).")
+
+    @field_validator("checkpoint_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value):
+        if isinstance(value, str):
+            return [part for part in value.split(os.pathsep) if part]
+        return value
 
     def derived_result_backend(self) -> str:
         if self.result_backend:
@@ -75,6 +113,7 @@ class Settings(BaseSettings):
             "broker_url": f"sqla+sqlite:///{var / 'broker.db'}",
             "result_backend": f"db+sqlite:///{var / 'results.db'}",
             "artifact_dir": var / "artifacts",
+            "checkpoint_roots": [var / "checkpoints"],
         }
         values.update(overrides)
         return cls(**values)
@@ -85,6 +124,8 @@ class Settings(BaseSettings):
         for name, value in self.model_dump().items():
             if value is None:
                 continue
+            if isinstance(value, list):
+                value = os.pathsep.join(map(str, value))
             env[ENV_PREFIX + name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
         return env
 

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import OperationalError
 
 from app import services
-from app.body_limit import BodySizeLimitMiddleware
 from app.config import Settings, get_settings
 from app.db.session import get_sessionmaker, session_scope
+from app.edge import EdgeMiddleware, database_unavailable, validation_error
 from app.generation import GeneratorCache
 from app.metrics import HttpMetrics, MetricsMiddleware
+from app.readiness import Readiness
 from app.routes import artifacts, generate, health, jobs, models, references
 from worker.celery_app import make_celery
 
 log = logging.getLogger(__name__)
+
+WORKER_STOP_S = 2.0  # SIGTERM to exit stays under 10 s: request grace + this + the KILL
 
 
 def create_app(settings: Settings | None = None, *, run_worker: bool = False) -> FastAPI:
@@ -36,19 +42,22 @@ def create_app(settings: Settings | None = None, *, run_worker: bool = False) ->
                 log.info("registered %d registry models", n)
             except Exception:
                 log.exception("could not sync the model registry; GET /v1/models may be incomplete")
-        worker = None
+        worker, watcher = None, None
         if run_worker:
-            from app.worker_cmd import start_worker_process
+            from app.worker_cmd import SupervisedWorker
 
-            worker = start_worker_process(settings, hostname="embedded@%h", exit_with_parent=True)
-            app.state.worker_process = worker
+            worker = SupervisedWorker(settings, hostname="embedded@%h")
+            worker.start()
+            watcher = asyncio.create_task(worker.watch())
+            app.state.worker = worker
         try:
             yield
         finally:
-            if worker is not None:
-                from app.worker_cmd import stop_process
-
-                stop_process(worker)
+            app.state.generators.close()
+            if watcher is not None:
+                watcher.cancel()
+                # a job it runs is left to its lease: the next worker's reconciler takes it over
+                worker.stop(timeout=WORKER_STOP_S)
 
     app = FastAPI(
         title="ptq4arvg",
@@ -61,8 +70,11 @@ def create_app(settings: Settings | None = None, *, run_worker: bool = False) ->
     app.state.sessionmaker = get_sessionmaker(settings.database_url)
     app.state.celery = make_celery(settings)
     app.state.generators = GeneratorCache(settings)
+    app.state.readiness = Readiness(app.state.sessionmaker, settings)
     app.state.metrics = HttpMetrics()
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(EdgeMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(OperationalError, database_unavailable)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     for router in (
         health.router,

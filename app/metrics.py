@@ -122,4 +122,13 @@ def render_generation(generators) -> list[str]:
         "# HELP ptq4arvg_generate_batches_total Engine calls that served them (requests batched together).",
         "# TYPE ptq4arvg_generate_batches_total counter",
         f"ptq4arvg_generate_batches_total {generators.batches_served}",
+        "# HELP ptq4arvg_generate_queued /v1/generate requests waiting for the device.",
+        "# TYPE ptq4arvg_generate_queued gauge",
+        f"ptq4arvg_generate_queued {generators.queued}",
+        "# HELP ptq4arvg_generators_loaded Generators kept loaded for /v1/generate.",
+        "# TYPE ptq4arvg_generators_loaded gauge",
+        f"ptq4arvg_generators_loaded {generators.loaded_count}",
+        "# HELP ptq4arvg_generator_bytes Bytes of weights of the loaded generators.",
+        "# TYPE ptq4arvg_generator_bytes gauge",
+        f"ptq4arvg_generator_bytes {generators.loaded_bytes}",
     ]

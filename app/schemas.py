@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from quantcore import spec as engine  # pydantic and yaml only: importing it keeps torch out of the API
 
@@ -233,6 +233,9 @@ class ReferenceList(BaseModel):
 
 # ---------------------------------------------------------------------------------------- generate
 
+ClassLabel = Annotated[int, Field(ge=0, le=2**31 - 1)]
+Seed = Annotated[int, Field(ge=0, le=2**31 - 1)]
+
 
 class GenerateRequest(_Strict):
     model_config = ConfigDict(
@@ -247,11 +250,14 @@ class GenerateRequest(_Strict):
 
     model: str | None = Field(None, max_length=128, description="A model name (FP weights).")
     artifact_id: str | None = Field(None, max_length=36, description="A quantized artifact you own.")
-    classes: list[int] = Field(..., min_length=1, description="Class labels, one image each.")
-    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of the first image; image i uses seed + i.")
-    seeds: list[int] | None = Field(None, description="One seed per image (overrides `seed`).")
-    sampling: dict[str, float | int | bool | str] = Field(
-        default_factory=dict, description="Sampling parameters (cfg_scale, temperature, top_k, top_p, ...)."
+    classes: list[ClassLabel] = Field(..., min_length=1, description="Class labels, one image each.")
+    seed: Seed = Field(0, description="Seed of the first image; image i uses seed + i.")
+    seeds: list[Seed] | None = Field(None, description="One seed per image (overrides `seed`).")
+    sampling: dict[Annotated[str, StringConstraints(max_length=64)], bool | int | float | str] = Field(
+        default_factory=dict,
+        max_length=32,
+        description="Sampling parameters of the model (GET /v1/models lists each model's `sampling` "
+        "defaults): cfg_scale, temperature, top_k, top_p, ... Each value has the type of its default.",
     )
     format: Literal["png", "json"] | None = Field(
         None,
@@ -261,6 +267,8 @@ class GenerateRequest(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> GenerateRequest:
+        if self.seeds is None and self.seed + len(self.classes) - 1 > 2**31 - 1:
+            raise ValueError("`seed` + number of images must stay below 2^31")
         if (self.model is None) == (self.artifact_id is None):
             raise ValueError("give exactly one of `model` and `artifact_id`")
         if self.seeds is not None and len(self.seeds) != len(self.classes):
@@ -306,3 +314,29 @@ class Check(BaseModel):
 class Readiness(BaseModel):
     status: Literal["ok", "unavailable"]
     checks: dict[str, Check]
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+class ErrorOut(BaseModel):
+    """Every error: a message, or (422) a list of problems, each naming its field in `loc`."""
+
+    detail: str | list[dict[str, Any]]
+
+
+ERROR_DESCRIPTIONS = {
+    400: "Malformed request (e.g. not a plain file name).",
+    401: "Missing, invalid or revoked API key.",
+    403: "The API key lacks the scope this route needs.",
+    404: "No such resource (or not yours).",
+    409: "Conflicts with the resource's state (already ended, changed on disk, name taken).",
+    413: "Request body larger than the server accepts.",
+    422: "Invalid input; `loc` names the field.",
+    503: "A dependency (broker, device, memory) cannot take the request now; see Retry-After.",
+}
+
+
+def error_responses(*codes: int) -> dict[int, dict]:
+    """OpenAPI entries of the error statuses a route can answer."""
+    return {code: {"model": ErrorOut, "description": ERROR_DESCRIPTIONS[code]} for code in codes}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import threading
 from pathlib import Path
 
 import uvicorn
@@ -37,6 +38,8 @@ def prepare_embedded(var_dir: str | Path = "./var") -> Settings:
     var = Path(var_dir).resolve()
     var.mkdir(parents=True, exist_ok=True)
     settings.artifact_dir.mkdir(parents=True, exist_ok=True)
+    for root in settings.checkpoint_roots:
+        root.mkdir(parents=True, exist_ok=True)
     os.environ.update(settings.to_env())  # the worker child and anything reading get_settings() agree
     get_settings.cache_clear()
     migrate.upgrade(settings.database_url)
@@ -53,6 +56,29 @@ def prepare_embedded(var_dir: str | Path = "./var") -> Settings:
     return settings
 
 
+class _Server(uvicorn.Server):
+    """uvicorn that, on SIGTERM/SIGINT, also fails the generate requests waiting for the device (503),
+    so that their connections close at once instead of holding the shutdown."""
+
+    def handle_exit(self, sig, frame) -> None:
+        generators = getattr(getattr(self.config.app, "state", None), "generators", None)
+        if generators is not None:
+            generators.close()
+        super().handle_exit(sig, frame)
+
+
+def _run(app, settings: Settings, host: str, port: int, log_level: str) -> None:
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=settings.shutdown_seconds
+    )
+    _Server(config).run()
+    # Every request ended or was dropped; a thread still blocked in a handler (a database call
+    # that hangs) would keep the interpreter alive past the shutdown budget: leave without it.
+    exit_anyway = threading.Timer(1.0, os._exit, args=(0,))
+    exit_anyway.daemon = True
+    exit_anyway.start()
+
+
 def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
@@ -61,17 +87,19 @@ def serve(
     var_dir: str | Path | None = None,
     log_level: str = "info",
 ) -> None:
-    """Run the API until interrupted; in embedded mode also run (and finally stop) a worker child."""
+    """Run the API until SIGTERM (stopped within 10 s: requests get ``shutdown_seconds``, running jobs
+    are left to the lease); in embedded mode also run (and finally stop) a supervised worker child."""
     from app.main import create_app
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     if not embedded:
-        uvicorn.run(create_app(get_settings()), host=host, port=port, log_level=log_level)
+        settings = get_settings()
+        _run(create_app(settings), settings, host, port, log_level)
         return
     var = Path(var_dir or os.environ.get("PTQ4ARVG_VAR_DIR", "./var")).resolve()
     settings = prepare_embedded(var)
     app = create_app(settings, run_worker=True)  # the app's lifespan starts and stops the worker
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    _run(app, settings, host, port, log_level)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,4 @@
-"""What the routers do beyond one query: resolve models, submit jobs, register checkpoints, readiness.
+"""What the routers do beyond one query: resolve models, submit jobs, register checkpoints.
 
 The engine's registry (``quantcore.registry``) is imported lazily, never at module import time.
 """
@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
-import time
 import uuid
 import zipfile
 from pathlib import Path
@@ -17,11 +15,9 @@ from typing import Any
 import numpy as np
 from celery import Celery
 from fastapi import HTTPException, status
-from kombu import Connection
-from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from app import crud, schemas
+from app import checkpoints, crud, schemas
 from app.config import Settings
 from app.db import jobs
 from app.db.models import EvalReference, Job, Model
@@ -71,7 +67,9 @@ def server_file(text: str, loc: tuple[str, ...]) -> tuple[Path, int, str]:
         raise field_error(loc, f"the server cannot read '{path}': {getattr(e, 'strerror', None) or e}") from e
 
 
-def register_checkpoint(db: Session, body: schemas.ModelRegister, principal: Principal) -> Model:
+def register_checkpoint(
+    db: Session, settings: Settings, body: schemas.ModelRegister, principal: Principal
+) -> Model:
     if crud.get_model(db, body.name) is not None:
         raise HTTPException(status.HTTP_409_CONFLICT, detail=f"a model named '{body.name}' already exists")
     base = crud.get_model(db, body.base_model)
@@ -79,14 +77,17 @@ def register_checkpoint(db: Session, body: schemas.ModelRegister, principal: Pri
         raise field_error(
             ("body", "base_model"), f"unknown base model '{body.base_model}'; see GET /v1/models"
         )
-    path, size, digest = server_file(body.checkpoint_path, ("body", "checkpoint_path"))
+    try:
+        registered = checkpoints.check_file(body.checkpoint_path, settings.checkpoint_roots, base.name)
+    except checkpoints.Refused as e:
+        raise field_error(("body", "checkpoint_path"), str(e)) from e
     return crud.register_checkpoint(
         db,
         name=body.name,
         base=base,
-        path=str(path),
-        sha256=digest,
-        size=size,
+        path=str(registered.path),
+        sha256=registered.sha256,
+        size=registered.size,
         registered_by=principal.owner,
     )
 
@@ -198,21 +199,18 @@ def submit_job(
             args=[job.id],
             task_id=task_id,
             queue=settings.queue,
+            ignore_result=True,  # nobody reads it; a result backend that is down would stall the call
             retry=True,
-            retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
+            retry_policy={"max_retries": 1, "interval_start": 0.2, "interval_step": 0, "interval_max": 0.2},
         )
     except Exception as e:
-        message = f"the job queue is unavailable ({type(e).__name__}: {e}); submit the job again later"
-        jobs.transition(
-            db,
-            job.id,
-            ("queued",),
-            "failed",
-            error_kind="broker_unavailable",
-            error_message=message,
-            message=message,
-        )
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=message) from e
+        # The job stays queued: the workers' reconciler sends its message once the broker is back.
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            detail=f"the job queue is unreachable ({type(e).__name__}: {e}); job {job.id} is recorded "
+            f"and starts once the queue is back (GET /v1/jobs/{job.id}): do not submit it again",
+            headers={"Location": f"/v1/jobs/{job.id}", "Retry-After": "10"},
+        ) from e
     jobs.set_task_id(db, job.id, task_id)
     return jobs.get_job(db, job.id)
 
@@ -245,51 +243,3 @@ def job_out(job: Job, *, events: list | None = None) -> schemas.JobOut:
         finished_at=job.finished_at,
         events=[schemas.JobEventOut.model_validate(e) for e in events] if events is not None else None,
     )
-
-
-# ------------------------------------------------------------------------------------------- ready
-
-
-def _timed(fn) -> schemas.Check:
-    start = time.perf_counter()
-    try:
-        detail = fn()
-        ok = True
-    except Exception as e:
-        detail, ok = f"{type(e).__name__}: {e}", False
-    return schemas.Check(ok=ok, detail=detail, latency_ms=round(1000 * (time.perf_counter() - start), 2))
-
-
-def check_database(db: Session) -> schemas.Check:
-    def probe() -> str:
-        db.execute(text("SELECT 1"))
-        db.rollback()
-        return db.get_bind().dialect.name
-
-    return _timed(probe)
-
-
-def check_broker(settings: Settings) -> schemas.Check:
-    def probe() -> str:
-        with Connection(settings.broker_url, connect_timeout=2, transport_options={"max_retries": 1}) as conn:
-            conn.ensure_connection(max_retries=1, timeout=2)
-            channel = conn.default_channel
-            client = getattr(channel, "client", None)
-            if client is not None and hasattr(client, "ping"):
-                client.ping()  # Redis: a real round trip
-            return conn.transport_cls if isinstance(conn.transport_cls, str) else conn.transport.driver_name
-
-    return _timed(probe)
-
-
-def check_storage(settings: Settings) -> schemas.Check:
-    def probe() -> str:
-        root = Path(settings.artifact_dir)
-        root.mkdir(parents=True, exist_ok=True)
-        probe_file = root / f".ready-{uuid.uuid4().hex}"
-        probe_file.write_bytes(b"ok")
-        probe_file.unlink()
-        free = os.statvfs(root)
-        return f"{root} writable, {free.f_bavail * free.f_frsize / 2**30:.1f} GiB free"
-
-    return _timed(probe)

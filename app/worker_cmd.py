@@ -6,6 +6,8 @@ python -m app.worker_cmd [--queue Q] [--hostname NAME] [--loglevel info]
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -14,6 +16,8 @@ import threading
 import time
 
 from app.config import Settings, get_settings
+
+log = logging.getLogger(__name__)
 
 
 def worker_argv(settings: Settings, *, hostname: str | None = None, loglevel: str = "info") -> list[str]:
@@ -140,6 +144,50 @@ def stop_process(process: subprocess.Popen, timeout: float = 10.0) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+class SupervisedWorker:
+    """The embedded server's worker child: restarted when it dies, stopped with the server.
+
+    A job the dead child was running is taken over through its lease by the new child's reconciler.
+    """
+
+    HEALTHY_AFTER_S = 60.0  # a child that lived this long restarts at once; faster deaths back off
+
+    def __init__(self, settings: Settings, hostname: str):
+        self.settings = settings
+        self.hostname = hostname
+        self.process: subprocess.Popen | None = None
+        self.restarts = 0
+        self._started = 0.0
+
+    def start(self) -> subprocess.Popen:
+        self.process = start_worker_process(self.settings, hostname=self.hostname, exit_with_parent=True)
+        self._started = time.monotonic()
+        return self.process
+
+    async def watch(self, interval: float = 1.0) -> None:
+        backoff = 1.0
+        while True:
+            await asyncio.sleep(interval)
+            code = self.process.poll()
+            if code is None:
+                continue
+            lived = time.monotonic() - self._started
+            backoff = 1.0 if lived > self.HEALTHY_AFTER_S else min(2 * backoff, 30.0)
+            log.error(
+                "the worker child (pid %d) exited with %s after %.0fs; restarting",
+                self.process.pid,
+                code,
+                lived,
+            )
+            await asyncio.sleep(backoff)
+            self.start()
+            self.restarts += 1
+
+    def stop(self, timeout: float) -> None:
+        if self.process is not None:
+            stop_process(self.process, timeout=timeout)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -30,22 +31,31 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def read_state_dict(
-    path: str | Path, wrapper_keys: tuple[str, ...] = WRAPPER_KEYS
+    path: str | Path, wrapper_keys: tuple[str, ...] = WRAPPER_KEYS, *, lazy: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Return the flat tensor dict stored in `path` (.safetensors, or a .pt/.pth/.bin torch file)."""
+    """Return the flat tensor dict stored in `path` (.safetensors, or a .pt/.pth/.bin torch file).
+
+    `lazy` reads no tensor data (to check a file's keys and shapes cheaply): safetensors entries come
+    back as meta tensors of their shape, a torch (zip) file is memory-mapped.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path))
+            if not lazy:
+                return load_file(str(path))
+            with safe_open(str(path), "pt") as f:
+                return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"checkpoint {path} is not a valid safetensors file: {exc}") from exc
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # only torch's zip format can be memory-mapped; a legacy file is read (still weights-only)
+        mmap = lazy and zipfile.is_zipfile(path)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(

@@ -20,7 +20,10 @@ TASK_PING = "ptq4arvg.ping"
 
 def make_celery(settings: Settings) -> Celery:
     celery = Celery("ptq4arvg", include=["worker.tasks"])
-    transport_options: dict = {"visibility_timeout": settings.visibility_timeout}
+    transport_options: dict = {
+        "visibility_timeout": settings.visibility_timeout,
+        "socket_connect_timeout": settings.broker_timeout_seconds,  # an unreachable broker fails fast
+    }
     if settings.broker_url.startswith("sqla+"):
         # kombu's SQLAlchemy transport hands its options to create_engine and never re-delivers
         # (a dead worker's job is re-enqueued by the recovery sweep at worker start instead).
@@ -34,6 +37,7 @@ def make_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
+        broker_connection_timeout=settings.broker_timeout_seconds,
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],

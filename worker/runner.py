@@ -3,9 +3,11 @@
 Everything here is safe under duplicate delivery:
 - the claim is a compare-and-set (queued -> running, or running -> running when the previous
   attempt's heartbeat is older than the lease), and every later write checks the attempt number;
-- the engine writes into a private staging folder, which is moved into place with one os.replace
-  and recorded in the same transaction that marks the job succeeded;
-- a delivery for a finished job does nothing.
+- the engine writes into a private staging folder; the transaction that marks the job succeeded
+  records the artifact, then one os.replace moves the folder into place (worker/disk.py: a kill in
+  between is finished by the next worker's sweep);
+- a delivery for a finished job, or for a job another live worker holds, does nothing (if that
+  worker dies, the reconciler of a live one queues the job again: worker/reconciler.py).
 
 The engine (worker.engine: ``quantcore.api`` unless settings say otherwise) is imported lazily,
 inside the task, so no torch code runs in a process before the worker forks. Jobs run on the device
@@ -17,33 +19,26 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from app.config import Settings
 from app.db import jobs
 from app.db.models import TERMINAL_STATES, utcnow
 from app.db.session import session_scope
 from app.storage import sha256_file
+from worker import disk
 from worker.engine import EngineUnavailable, load_engine
 
 log = logging.getLogger(__name__)
 
-STAGING = ".staging"
 PROGRESS_MIN_INTERVAL_S = 0.5
 CANCEL_CHECK_INTERVAL_S = 0.2
-
-
-@dataclasses.dataclass
-class Busy:
-    """The job is held by another live worker; look again in ``retry_in`` seconds."""
-
-    retry_in: float
 
 
 class _JobFailed(Exception):
@@ -53,7 +48,7 @@ class _JobFailed(Exception):
         self.message = message
 
 
-def run_job(job_id: str, *, settings: Settings, worker_name: str) -> str | Busy:
+def run_job(job_id: str, *, settings: Settings, worker_name: str) -> str:
     url = settings.database_url
     with session_scope(url) as session:
         job = jobs.get_job(session, job_id)
@@ -78,7 +73,8 @@ def run_job(job_id: str, *, settings: Settings, worker_name: str) -> str | Busy:
         else:
             age = (utcnow() - (job.heartbeat_at or job.updated_at)).total_seconds()
             if age < settings.job_lease_seconds:
-                return Busy(retry_in=max(1.0, settings.job_lease_seconds - age + 1.0))
+                log.info("job %s is held by %s (heartbeat %.0fs ago); nothing to do", job_id, job.worker, age)
+                return f"busy:{job.worker}"
             attempt = jobs.claim_job(
                 session,
                 job_id,
@@ -90,8 +86,8 @@ def run_job(job_id: str, *, settings: Settings, worker_name: str) -> str | Busy:
                     "(worker lost); restarting from the beginning"
                 ),
             )
-        if attempt is None:  # another delivery won the race; look again shortly
-            return Busy(retry_in=1.0)
+        if attempt is None:  # another delivery won the race
+            return "busy"
         engine_spec = dict(job.engine_spec)
         owner = job.owner
         checkpoint_sha256 = job.checkpoint_sha256
@@ -117,16 +113,6 @@ def fail_unclaimed(settings: Settings, job_id: str, error: Exception) -> None:
             )
     except Exception:
         log.exception("could not record the failure of job %s", job_id)
-
-
-def jobs_to_recover(settings: Settings) -> list[tuple[str, float]]:
-    """Running jobs and when to look at them: at once if their heartbeat is stale, else when it would be."""
-    out = []
-    with session_scope(settings.database_url) as session:
-        for job in jobs.stale_running_jobs(session, lease_seconds=0):
-            age = (utcnow() - (job.heartbeat_at or job.updated_at)).total_seconds()
-            out.append((job.id, max(0.0, settings.job_lease_seconds - age + 1.0)))
-    return out
 
 
 class _Execution:
@@ -162,17 +148,21 @@ class _Execution:
             self._last_progress_write, self.overall = now, overall
             elapsed = time.monotonic() - self.started
             eta = elapsed * (1.0 - overall) / overall if overall > 0 else None
-            with session_scope(self.url) as session:
-                owned = jobs.update_progress(
-                    session,
-                    self.job_id,
-                    self.attempt,
-                    stage=stage[:64],
-                    stage_progress=fraction,
-                    progress=overall,
-                    eta_seconds=eta,
-                    stage_started_at=self.stage_started,
-                )
+            try:
+                with session_scope(self.url) as session:
+                    owned = jobs.update_progress(
+                        session,
+                        self.job_id,
+                        self.attempt,
+                        stage=stage[:64],
+                        stage_progress=fraction,
+                        progress=overall,
+                        eta_seconds=eta,
+                        stage_started_at=self.stage_started,
+                    )
+            except SQLAlchemyError as e:  # the database is away: keep working, the lease decides
+                log.warning("job %s: progress not recorded (%s)", self.job_id, type(e).__name__)
+                return
         if not owned:
             self.lost.set()
 
@@ -183,8 +173,11 @@ class _Execution:
         if now - self._last_cancel_check < CANCEL_CHECK_INTERVAL_S:
             return False
         self._last_cancel_check = now
-        with session_scope(self.url) as session:
-            self._cancel_seen = jobs.should_stop(session, self.job_id, self.attempt)
+        try:
+            with session_scope(self.url) as session:
+                self._cancel_seen = jobs.should_stop(session, self.job_id, self.attempt)
+        except SQLAlchemyError as e:  # the database is away: keep working, the lease decides
+            log.warning("job %s: cancel flag not read (%s)", self.job_id, type(e).__name__)
         return self._cancel_seen
 
     def _heartbeat_loop(self, stop: threading.Event) -> None:
@@ -202,11 +195,9 @@ class _Execution:
 
     def run(self, engine_spec: dict[str, Any], owner: str, checkpoint_sha256: str | None) -> str:
         root = Path(self.settings.artifact_dir)
-        staging_root = root / STAGING
-        staging_root.mkdir(parents=True, exist_ok=True)
-        for leftover in staging_root.glob(f"{self.job_id}.*"):  # from attempts that died
-            shutil.rmtree(leftover, ignore_errors=True)
-        staging = staging_root / f"{self.job_id}.{self.attempt}"
+        staging = disk.staging_folder(root, self.job_id, self.attempt)
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        disk.clear_staging(root, self.job_id)  # from attempts that died
 
         stop = threading.Event()
         beat = threading.Thread(target=self._heartbeat_loop, args=(stop,), daemon=True)
@@ -275,10 +266,7 @@ class _Execution:
 
         files = _list_files(staging)
         manifest = json.loads(json.dumps(manifest or {}, default=str))
-        artifact_id = str(uuid.uuid4())
-        final = root / artifact_id
-        os.replace(staging, final)  # atomic: the artifact appears complete or not at all
-        _fsync_dir(root)
+        artifact_id = disk.artifact_id_for(self.job_id, self.attempt)
         with session_scope(self.url) as session:
             ok = jobs.finish_succeeded(
                 session,
@@ -292,9 +280,9 @@ class _Execution:
                 files=files,
                 metrics={**(manifest.get("metrics") or {}), "timings": self._timings(manifest)},
             )
-        if not ok:  # someone else owns the job now: our copy is not referenced by anything
-            shutil.rmtree(final, ignore_errors=True)
+        if not ok:  # someone else owns the job now: our staging folder is removed on the way out
             return "lost"
+        disk.publish(staging, root, artifact_id)
         return "succeeded"
 
     def _timings(self, manifest: dict[str, Any]) -> dict[str, float] | None:
@@ -379,11 +367,3 @@ def _list_files(folder: Path) -> list[dict[str, Any]]:
         else:
             log.warning("artifact entry %s is not a plain file; it will not be downloadable", entry)
     return files
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

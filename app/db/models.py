@@ -186,3 +186,15 @@ class JobEvent(Base):
     message: Mapped[str | None] = mapped_column(Text)
 
     job: Mapped[Job] = relationship(back_populates="events")
+
+
+class Worker(Base):
+    """A live worker process: it beats every ``reconcile_seconds``; /readyz counts the recent ones."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    pid: Mapped[int] = mapped_column(Integer)
+    queue: Mapped[str] = mapped_column(String(255))
+    started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)

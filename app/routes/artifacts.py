@@ -1,16 +1,21 @@
 from __future__ import annotations
 
+import hashlib
+import json
+
 from fastapi import APIRouter, HTTPException, status
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 from sqlalchemy.orm import Session
 
-from app import schemas
+from app import redact, schemas
 from app.db import jobs
 from app.deps import SessionDep, SettingsDep
 from app.security import JobsPrincipal, Principal
 from app.storage import UnsafeName, artifact_file, check_file_name
 
-router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
+router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"], responses=schemas.error_responses(401, 403))
+
+MANIFEST = "manifest.json"
 
 
 def _get_visible_artifact(db: Session, artifact_id: str, principal: Principal):
@@ -20,7 +25,12 @@ def _get_visible_artifact(db: Session, artifact_id: str, principal: Principal):
     return artifact
 
 
-@router.get("/{artifact_id}", response_model=schemas.ArtifactOut)
+def _redacted_manifest(artifact, hidden: dict[str, str]) -> bytes:
+    """manifest.json as a key that may not see checkpoint paths and hashes downloads it."""
+    return json.dumps(redact.scrub(artifact.manifest, hidden), indent=2).encode()
+
+
+@router.get("/{artifact_id}", response_model=schemas.ArtifactOut, responses=schemas.error_responses(404))
 def get_artifact(
     artifact_id: str,
     db: SessionDep,
@@ -28,24 +38,27 @@ def get_artifact(
 ) -> schemas.ArtifactOut:
     """The artifact's manifest and its files (name, size, sha256, download URL)."""
     artifact = _get_visible_artifact(db, artifact_id, principal)
-    files = [
-        schemas.ArtifactFile(**f, url=f"/v1/artifacts/{artifact.id}/files/{f['name']}")
-        for f in artifact.files
-    ]
+    hidden = redact.secrets_of(db, artifact.job, principal)
+    files = []
+    for f in artifact.files:
+        if hidden and f["name"] == MANIFEST:
+            content = _redacted_manifest(artifact, hidden)
+            f = {**f, "size": len(content), "sha256": hashlib.sha256(content).hexdigest()}
+        files.append(schemas.ArtifactFile(**f, url=f"/v1/artifacts/{artifact.id}/files/{f['name']}"))
     return schemas.ArtifactOut(
         id=artifact.id,
         job_id=artifact.job_id,
         created_at=artifact.created_at,
         total_bytes=artifact.total_bytes,
         files=files,
-        manifest=artifact.manifest,
+        manifest=redact.scrub(artifact.manifest, hidden),
     )
 
 
 @router.get(
     "/{artifact_id}/files/{name}",
     response_class=FileResponse,
-    responses={400: {"description": "Not a plain file name."}, 404: {"description": "No such file."}},
+    responses=schemas.error_responses(400, 404),
 )
 def download_file(
     artifact_id: str,
@@ -53,7 +66,7 @@ def download_file(
     db: SessionDep,
     settings: SettingsDep,
     principal: JobsPrincipal,
-) -> FileResponse:
+) -> Response:
     try:
         check_file_name(name)
     except UnsafeName as e:
@@ -62,6 +75,14 @@ def download_file(
     entry = next((f for f in artifact.files if f["name"] == name), None)
     if entry is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"artifact {artifact_id} has no file '{name}'")
+    hidden = redact.secrets_of(db, artifact.job, principal)
+    if hidden and name == MANIFEST:
+        content = _redacted_manifest(artifact, hidden)
+        headers = {
+            "X-Content-SHA256": hashlib.sha256(content).hexdigest(),
+            "Content-Disposition": f'attachment; filename="{name}"',
+        }
+        return Response(content, media_type="application/json", headers=headers)
     try:
         path = artifact_file(settings.artifact_dir, artifact.path, name)
     except UnsafeName as e:

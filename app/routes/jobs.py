@@ -5,14 +5,18 @@ from typing import Annotated
 from fastapi import APIRouter, Body, HTTPException, Query, Response, status
 from sqlalchemy.orm import Session
 
-from app import schemas, services
-from app.db import jobs
+from app import redact, schemas, services
+from app.db import jobs, recovery
 from app.deps import CeleryDep, SessionDep, SettingsDep
 from app.security import JobsPrincipal, Principal
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=schemas.error_responses(401, 403))
 
-NOT_FOUND = {404: {"description": "No such job (or not yours)."}}
+NOT_FOUND = schemas.error_responses(404)
+
+
+def _out(db: Session, job, principal: Principal, events=None) -> schemas.JobOut:
+    return redact.job(services.job_out(job, events=events), redact.secrets_of(db, job, principal))
 
 
 def _get_visible_job(db: Session, job_id: str, principal: Principal):
@@ -26,7 +30,7 @@ def _get_visible_job(db: Session, job_id: str, principal: Principal):
     "",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=schemas.JobOut,
-    responses={422: {"description": "Invalid spec; `loc` names the field."}},
+    responses=schemas.error_responses(413, 422, 503),
 )
 def create_job(
     response: Response,
@@ -39,7 +43,7 @@ def create_job(
     """Queue a quantization job. Poll the `Location` for its state."""
     job = services.submit_job(db, celery, settings, spec, principal)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return services.job_out(job)
+    return _out(db, job, principal)
 
 
 @router.get("", response_model=schemas.JobList)
@@ -49,13 +53,15 @@ def list_jobs(
     state: Annotated[schemas.JobState | None, Query(description="Only jobs in this state.")] = None,
     model: Annotated[str | None, Query(max_length=128, description="Only jobs of this model.")] = None,
     limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 20,
-    offset: Annotated[int, Query(ge=0, description="Jobs to skip.")] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**63 - 1, description="Jobs to skip.")] = 0,
 ) -> schemas.JobList:
     """Your jobs (all jobs for admins), newest first."""
     page, total = jobs.list_jobs(
         db, owner=principal.owner_filter, state=state, model=model, limit=limit, offset=offset
     )
-    return schemas.JobList(items=[services.job_out(j) for j in page], total=total, limit=limit, offset=offset)
+    return schemas.JobList(
+        items=[_out(db, j, principal) for j in page], total=total, limit=limit, offset=offset
+    )
 
 
 @router.get("/{job_id}", response_model=schemas.JobOut, responses=NOT_FOUND)
@@ -65,23 +71,29 @@ def get_job(
     principal: JobsPrincipal,
 ) -> schemas.JobOut:
     job = _get_visible_job(db, job_id, principal)
-    return services.job_out(job, events=jobs.list_events(db, job.id))
+    return _out(db, job, principal, events=jobs.list_events(db, job.id))
 
 
 @router.post(
     "/{job_id}/cancel",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=schemas.JobOut,
-    responses={**NOT_FOUND, 409: {"description": "The job already ended."}},
+    responses=schemas.error_responses(404, 409),
 )
 def cancel_job(
     job_id: str,
     db: SessionDep,
+    settings: SettingsDep,
     principal: JobsPrincipal,
 ) -> schemas.JobOut:
-    """Cancel a job: a queued job ends at once; a running one stops at its next checkpoint."""
+    """Cancel a job: a queued job ends at once; a running one stops at its next checkpoint (at once if
+    its worker was lost)."""
     job = _get_visible_job(db, job_id, principal)
     if job.state in ("succeeded", "failed", "canceled"):
         raise HTTPException(status.HTTP_409_CONFLICT, detail=f"job {job_id} already ended ({job.state})")
     job = jobs.request_cancel(db, job)
-    return services.job_out(job)
+    if recovery.lease_expired(job, settings.job_lease_seconds) and recovery.cancel_orphaned(
+        db, job, actor=None
+    ):
+        job = jobs.get_job(db, job.id)
+    return _out(db, job, principal)

@@ -34,12 +34,11 @@ from .helpers import (
     cli,
     create_key,
     forget_queue,
-    free_port,
     python_env,
+    running_server,
     start_process,
     stop_process,
     tail,
-    wait_http,
 )
 
 
@@ -91,13 +90,16 @@ def service_env(pg_url, redis_url, run_dir) -> Iterator[dict[str, str]]:
             "PTQ4ARVG_BROKER_URL": redis_url,
             "PTQ4ARVG_QUEUE": f"ptq4arvg-test-{uuid.uuid4().hex[:8]}",
             "PTQ4ARVG_ARTIFACT_DIR": str(run_dir / "artifacts"),
+            "PTQ4ARVG_CHECKPOINT_ROOTS": str(run_dir / "checkpoints"),
             "PTQ4ARVG_ENGINE_MODULE": "scripted_engine",
             "PTQ4ARVG_REGISTRY_MODULE": "scripted_engine",
             "PTQ4ARVG_JOB_LEASE_SECONDS": "2",
+            "PTQ4ARVG_RECONCILE_SECONDS": "1",
             "PTQ4ARVG_VISIBILITY_TIMEOUT": "6",
             "SCRIPTED_ENGINE_LOG": str(run_dir / "engine-runs.jsonl"),
         }
     )
+    (run_dir / "checkpoints").mkdir()
     result = cli(env, "migrate")
     assert result.returncode == 0, result.stderr
     yield env
@@ -106,30 +108,9 @@ def service_env(pg_url, redis_url, run_dir) -> Iterator[dict[str, str]]:
 
 @pytest.fixture(scope="session")
 def service(service_env, run_dir) -> Iterator[Service]:
-    port = free_port()
-    process = start_process(
-        # app.server.serve(embedded=False): settings from the environment, as in production
-        [
-            sys.executable,
-            "-m",
-            "app.server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        service_env,
-        run_dir / "uvicorn.log",
-    )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/healthz", process)
-        svc = Service(f"http://127.0.0.1:{port}", service_env, process)
+    # app.server.serve(embedded=False): settings from the environment, as in production
+    with running_server(service_env, run_dir / "uvicorn.log") as svc:
         yield svc
-        svc.client.close()
-    finally:
-        stop_process(process)
 
 
 class WorkerPool:
@@ -150,6 +131,7 @@ class WorkerPool:
             {**self.env, **(env or {})},
             self.run_dir / f"worker-{name}.log",
         )
+        process.node_name = name  # type: ignore[attr-defined]
         self.processes.append(process)
         return process
 
@@ -163,13 +145,17 @@ class WorkerPool:
             time.sleep(0.2)
         raise RuntimeError(f"worker not ready after {timeout}s:\n{tail(process)}")
 
-    def ensure(self) -> subprocess.Popen:
+    def ensure(self, count: int = 1) -> subprocess.Popen:
+        """The newest live worker, after starting workers until ``count`` are alive."""
         alive = [p for p in self.processes if p.poll() is None]
-        if alive:
-            return alive[-1]
-        process = self.start()
-        self.wait_ready(process)
-        return process
+        for _ in range(count - len(alive)):
+            alive.append(self.start())
+            self.wait_ready(alive[-1])
+        return alive[-1]
+
+    def by_node(self, node: str) -> subprocess.Popen:
+        """The process whose Celery node name is ``node`` (``name@host``)."""
+        return next(p for p in self.processes if node.startswith(p.node_name + "@"))
 
     def stop_all(self) -> None:
         for process in self.processes:

@@ -107,6 +107,21 @@ def create_key(env: dict[str, str], owner: str, scopes: str) -> str:
     return json.loads(result.stdout)["token"]
 
 
+@contextlib.contextmanager
+def running_server(env: dict[str, str], log_path: Path, timeout: float = 30.0):
+    """A real API server (``python -m app.server``, settings from ``env``) on a free port, as a Service."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "app.server", "--host", "127.0.0.1", "--port", str(port)]
+    process = start_process([*cmd, "--log-level", "warning"], env, log_path)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", process, timeout=timeout)
+        service = Service(f"http://127.0.0.1:{port}", env, process)
+        yield service
+        service.client.close()
+    finally:
+        stop_process(process)
+
+
 class Service:
     """A running API server (and its settings) plus helpers for the tests."""
 

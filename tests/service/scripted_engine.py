@@ -7,7 +7,9 @@ being written; the end-to-end tests in test_engine_e2e.py use the real engine. B
 - scripted-fast:  5 quick steps, then an artifact (a weights file + manifest.json);
 - scripted-slow:  calibration.num_samples steps of 0.1 s each, checking should_cancel between steps;
 - scripted-usererror: raises quantcore.errors.ConfigError (a user error);
-- scripted-crash: raises RuntimeError (an internal failure).
+- scripted-crash: raises RuntimeError (an internal failure);
+- scripted-random: like scripted-fast, but not bundled (no weights: generation refuses it);
+- scripted-big, scripted-huge: like scripted-fast, with 4 and 8 MB of weights when loaded to generate.
 
 Every completed run appends one line to $SCRIPTED_ENGINE_LOG, so tests can count completions.
 """
@@ -22,17 +24,28 @@ from pathlib import Path
 
 from quantcore.errors import Canceled, ConfigError
 
+SAMPLING = {"cfg_scale": 1.5, "temperature": 1.0, "delay_s": 0.0}  # delay_s: a slow device, for queueing
 MODELS = [
     {
         "name": name,
         "family": "scripted",
-        "bundled": True,
-        "parameters": 1000,
+        "bundled": bundled,
+        "parameters": parameters,
         "official_checkpoints": [],
-        "sampling": {"cfg_scale": 1.5, "temperature": 1.0},
+        "sampling": SAMPLING,
+        "config": {"num_classes": 10},
     }
-    for name in ("scripted-fast", "scripted-slow", "scripted-usererror", "scripted-crash")
+    for name, bundled, parameters in (
+        ("scripted-fast", True, 1000),
+        ("scripted-slow", True, 1000),
+        ("scripted-usererror", True, 1000),
+        ("scripted-crash", True, 1000),
+        ("scripted-random", False, 1000),  # no weights anywhere: generation refuses it by default
+        ("scripted-big", True, 1_000_000),  # 4 MB of float32 weights once loaded
+        ("scripted-huge", True, 2_000_000),  # 8 MB
+    )
 ]
+PARAMETERS = {m["name"]: m["parameters"] for m in MODELS}
 
 
 def list_models() -> list[dict]:
@@ -49,7 +62,7 @@ def quantize_job(spec: dict, out_dir: Path, progress, should_cancel, device: str
         raise ConfigError(f"w_bits={spec['w_bits']} is not supported by {model}: use w_bits=8")
     if model == "scripted-crash":
         raise RuntimeError("scripted crash in the middle of calibration")
-    steps, delay = (5, 0.02) if model == "scripted-fast" else (int(spec["calibration"]["num_samples"]), 0.1)
+    steps, delay = (5, 0.02) if model != "scripted-slow" else (int(spec["calibration"]["num_samples"]), 0.1)
     for i in range(steps):
         if should_cancel():
             raise Canceled("canceled between calibration batches")
@@ -82,17 +95,19 @@ def quantize_job(spec: dict, out_dir: Path, progress, should_cancel, device: str
 
 
 class _Generator:
-    default_sampling = {"cfg_scale": 1.5, "temperature": 1.0}
+    default_sampling = dict(SAMPLING)
 
-    def __init__(self, source: str):
-        self.source = source
-
-    def generate(self, classes: list[int], seeds: list[int], **sampling):
-        import time
-
+    def __init__(self, source: str, parameters: int):
         import torch
 
-        time.sleep(float(sampling.get("delay_s", 0)))  # a slow device, so concurrent requests queue up
+        self.source = source
+        self.model = torch.nn.Module()  # weights of the declared size: the service measures them
+        self.model.weight = torch.nn.Parameter(torch.zeros(parameters))
+
+    def generate(self, classes: list[int], seeds: list[int], **sampling):
+        import torch
+
+        time.sleep(float(sampling.get("delay_s", 0)))
         images = []
         for c, s in zip(classes, seeds, strict=True):
             g = torch.Generator().manual_seed(int(s) * 1000 + int(c))
@@ -101,6 +116,9 @@ class _Generator:
 
 
 def load_generator(source: str, checkpoint: str | None = None, device: str = "auto"):
-    if not (source.startswith("scripted-") or (Path(source) / "manifest.json").is_file()):
+    if source in PARAMETERS:
+        return _Generator(source, PARAMETERS[source])
+    manifest = Path(source) / "manifest.json"
+    if not manifest.is_file():
         raise ConfigError(f"unknown model or artifact '{source}'")
-    return _Generator(source)
+    return _Generator(source, PARAMETERS[json.loads(manifest.read_text())["model"]])

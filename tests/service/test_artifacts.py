@@ -26,7 +26,7 @@ def artifact(service, keys, workers):
         ("a..b", (400,)),
         (".staging", (400,)),
         ("sub%2Fmanifest.json", (400, 404)),
-        ("manifest.json%00.txt", (400,)),
+        ("manifest.json%00.txt", (422,)),  # NUL: refused at the edge
         ("not-there.bin", (404,)),
     ],
 )

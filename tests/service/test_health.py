@@ -2,23 +2,82 @@
 
 from __future__ import annotations
 
+import collections
 import re
 import sys
+import time
 
 import httpx
 
-from .helpers import free_port, start_process, stop_process, wait_http
+from .helpers import cli, free_port, running_server, start_process, stop_process, wait_http
 
 
-def test_readyz_checks_database_broker_and_storage(service):
+def test_readyz_checks_database_broker_storage_and_workers(service, worker):
     r = service.client.get("/readyz")
     assert r.status_code == 200, r.text
     checks = r.json()["checks"]
-    assert set(checks) == {"database", "broker", "storage"}
+    assert set(checks) == {"database", "broker", "storage", "workers"}
     assert all(c["ok"] for c in checks.values())
     assert checks["database"]["detail"] == "postgresql"
     assert checks["broker"]["detail"] == "redis"
     assert "writable" in checks["storage"]["detail"]
+    assert checks["workers"]["detail"].startswith(("1 alive", "2 alive", "3 alive"))
+    assert worker.node_name + "@" in checks["workers"]["detail"]
+
+
+def test_readyz_is_503_without_a_live_worker(service_env, run_dir, tmp_path):
+    url = f"sqlite:///{tmp_path / 'empty.db'}"  # a database no worker ever beat into
+    env = {**service_env, "PTQ4ARVG_DATABASE_URL": url, "PTQ4ARVG_REGISTER_MODELS_AT_STARTUP": "false"}
+    assert cli(env, "migrate").returncode == 0
+    with running_server(env, run_dir / "uvicorn-noworker.log") as alone:
+        r = alone.client.get("/readyz")
+    assert r.status_code == 503
+    checks = r.json()["checks"]
+    assert checks["database"]["ok"] and checks["broker"]["ok"] and checks["storage"]["ok"]
+    assert not checks["workers"]["ok"] and "no worker beat" in checks["workers"]["detail"]
+
+
+def test_health_answers_in_milliseconds_while_50_clients_generate(service, keys):
+    """Every client asks for its own sampling settings, so nothing batches: the device stays busy."""
+    import threading
+
+    stop = threading.Event()
+    answered = []
+
+    def client(i: int) -> None:
+        body = {
+            "model": "scripted-fast",
+            "classes": [1],
+            "sampling": {"delay_s": 0.05, "temperature": 1 + i / 100},
+        }
+        with httpx.Client(base_url=service.base_url, timeout=60) as c:
+            while not stop.is_set():
+                r = c.post("/v1/generate", json=body, headers=service.auth(keys["alice"]))
+                answered.append(r.status_code)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(50)]
+    for t in threads:
+        t.start()
+    latencies = {"/healthz": [], "/readyz": []}
+    try:
+        time.sleep(1.0)  # let the queue fill
+        with httpx.Client(base_url=service.base_url, timeout=30) as probe:
+            for _ in range(40):
+                for path, seen in latencies.items():
+                    t0 = time.perf_counter()
+                    assert probe.get(path).status_code in (200, 503)
+                    seen.append(time.perf_counter() - t0)
+                time.sleep(0.05)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    codes = collections.Counter(answered)
+    assert codes[200] > 50 and set(codes) <= {200, 503}, codes  # the device was serving meanwhile
+    healthz = sorted(latencies["/healthz"])
+    # the budget of /readyz is its probes' timeout; /healthz does no I/O at all
+    assert healthz[len(healthz) // 2] < 0.05 and healthz[-1] < 0.5, healthz
+    assert max(latencies["/readyz"]) < 2.5, latencies["/readyz"]
 
 
 def test_readyz_is_503_when_dependencies_are_down(service_env, run_dir):
@@ -43,6 +102,9 @@ def test_readyz_is_503_when_dependencies_are_down(service_env, run_dir):
         assert body["status"] == "unavailable"
         assert not any(c["ok"] for c in body["checks"].values()), body
         assert "OperationalError" in body["checks"]["database"]["detail"]
+        # a route that needs the database says it is unavailable, not a 500
+        r = httpx.get(f"http://127.0.0.1:{port}/v1/jobs", headers={"Authorization": "Bearer x"}, timeout=30)
+        assert r.status_code == 503 and "database is unavailable" in r.json()["detail"], r.text
     finally:
         stop_process(process)
 

@@ -12,7 +12,16 @@ from sqlalchemy import create_engine, inspect, text
 from app.db import migrate
 from app.db.models import Base
 
-TABLES = {"api_keys", "models", "eval_references", "jobs", "artifacts", "job_events", "alembic_version"}
+TABLES = {
+    "api_keys",
+    "models",
+    "eval_references",
+    "jobs",
+    "artifacts",
+    "job_events",
+    "workers",
+    "alembic_version",
+}
 
 
 def schema_diff(url: str) -> list:

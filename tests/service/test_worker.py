@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -135,52 +136,60 @@ def test_redelivered_task_for_a_finished_job_does_nothing(service, service_env, 
     assert again["artifact_id"] == done["artifact_id"]
 
 
-def test_kill_9_mid_job_then_a_new_worker_completes_it_exactly_once(
-    service, service_env, keys, workers, pg_url
-):
-    victim = workers.ensure()
-    seed = 777_001
-    job = submit(service, keys["alice"], model="scripted-slow", calibration={"num_samples": 50, "seed": seed})
+def busy_worker(service, token, workers, seed: int) -> tuple[dict, subprocess.Popen]:
+    """With two workers alive, a slow job past 5 %: the job as seen then, and the worker running it."""
+    workers.ensure(count=2)
+    job = submit(service, token, model="scripted-slow", calibration={"num_samples": 30, "seed": seed})
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        seen = service.client.get(f"/v1/jobs/{job['id']}", headers=service.auth(keys["alice"])).json()
+        seen = service.client.get(f"/v1/jobs/{job['id']}", headers=service.auth(token)).json()
         if seen["state"] == "running" and seen["progress"]["percent"] > 5:
-            break
+            return seen, workers.by_node(seen["worker"])
         time.sleep(0.1)
-    assert seen["state"] == "running", seen
+    raise AssertionError(f"job {job['id']} not running past 5% after 20s: {seen}")
+
+
+def test_kill_9_of_a_busy_worker_the_other_live_worker_completes_it_exactly_once(
+    service, service_env, keys, workers, pg_url
+):
+    seed = 777_001
+    seen, victim = busy_worker(service, keys["alice"], workers, seed)
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait(timeout=10)
+    killed_at = time.monotonic()
 
-    rescuer = workers.start("rescuer")
-    workers.wait_ready(rescuer)
-    done = service.wait_job(job["id"], keys["alice"], timeout=60)
+    done = service.wait_job(seen["id"], keys["alice"], timeout=60)
+    lease = float(service_env["PTQ4ARVG_JOB_LEASE_SECONDS"])
     assert done["state"] == "succeeded", done
-    assert done["attempt"] == 2 and done["worker"].startswith("rescuer@")
+    assert time.monotonic() - killed_at < lease + 30
+    assert done["attempt"] == 2 and done["worker"] != seen["worker"]
     transitions = [(e["from_state"], e["to_state"]) for e in done["events"]]
     assert transitions == [
         (None, "queued"),
         ("queued", "running"),
-        ("running", "running"),
+        ("running", "queued"),
+        ("queued", "running"),
         ("running", "succeeded"),
     ]
-    assert "taken over" in done["events"][2]["message"]
+    assert "lease expired" in done["events"][2]["message"] and seen["worker"] in done["events"][2]["message"]
 
     runs = [json.loads(line) for line in Path(service_env["SCRIPTED_ENGINE_LOG"]).read_text().splitlines()]
     assert sum(1 for r in runs if r["seed"] == seed) == 1  # the engine completed once
     engine = create_engine(pg_url)
     with engine.connect() as c:
-        assert c.scalar(select(func.count()).select_from(Artifact).where(Artifact.job_id == job["id"])) == 1
+        assert c.scalar(select(func.count()).select_from(Artifact).where(Artifact.job_id == seen["id"])) == 1
         succeeded = (
             select(func.count())
             .select_from(JobEvent)
-            .where(JobEvent.job_id == job["id"], JobEvent.to_state == "succeeded")
+            .where(JobEvent.job_id == seen["id"], JobEvent.to_state == "succeeded")
         )
         assert c.scalar(succeeded) == 1
     engine.dispose()
-    assert staging_entries(service) == []
+    # the killed attempt's staging folder is gone (removed when the next attempt started)
+    assert [p for p in staging_entries(service) if seen["id"] in p.name] == []
     # Redis re-delivers the killed worker's message after the visibility timeout: it must be a no-op.
     time.sleep(float(service_env["PTQ4ARVG_VISIBILITY_TIMEOUT"]) + 2)
-    final = service.client.get(f"/v1/jobs/{job['id']}", headers=service.auth(keys["alice"])).json()
+    final = service.client.get(f"/v1/jobs/{seen['id']}", headers=service.auth(keys["alice"])).json()
     assert final["events"] == done["events"]
 
 
