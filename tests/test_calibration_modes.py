@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import random_llamagen
-from quantcore.calib import CalibrationSet
+from quantcore.calib import CalibrationSet, CalibrationSpec, build_calibration_set
 from quantcore.methods import gps
 from quantcore.models import rar
 from quantcore.pipeline import layout_of, quantize
@@ -221,3 +221,11 @@ def test_official_batches_follow_the_family(monkeypatch):
         quantize(model, official("rtn"), calibration_set(model, rows=100))
         assert calls == expected  # PAR: batches of 64 (EMA), RAR: the whole set in one forward
         assert layout_of(model).official.batch_size == (64 if model is par else None)
+
+
+def test_official_rar_calibration_labels_exclude_the_last_class():
+    model = random_rar()
+    spec = CalibrationSpec(num_samples=24, batch_size=24, selection="random")
+    calib = build_calibration_set(model, spec, rar.MODELS["rar-tiny"].sampling.to_dict())
+    cond = calib.classes[calib.classes != model.null_class]
+    assert cond.numel() and int(cond.max()) < model.config.num_classes - 1

@@ -85,12 +85,14 @@ def build_calibration_set(
     """Generate spec.num_samples images with the FP model (CFG on), pool both halves, select."""
     from quantcore.models import family_module
 
-    generate_tokens = family_module(model.family).generate_tokens
+    family = family_module(model.family)
+    generate_tokens = family.generate_tokens
     cfg = model.config
+    official = family.quant_layout(model).official
     device = next(model.parameters()).device
-    labels = torch.randint(
-        0, cfg.num_classes, (spec.num_samples,), generator=torch.Generator().manual_seed(spec.seed)
-    )
+    # the official VAR/RAR scripts draw randint(0, 999): never the last class
+    high = cfg.num_classes - 1 if official.exclude_last_class else cfg.num_classes
+    labels = torch.randint(0, high, (spec.num_samples,), generator=torch.Generator().manual_seed(spec.seed))
     seeds = [spec.seed * 1_000_003 + i for i in range(spec.num_samples)]
     chunks = []
     # cancel checks at every decoding step too: one batch of a large model takes a while
@@ -114,7 +116,11 @@ def build_calibration_set(
             model, pool_classes.to(device), pool_tokens.to(device), spec.batch_size
         )
     indices, info = select_calibration(
-        spec.selection, features=features, num_pool=pool_classes.numel(), seed=spec.seed
+        spec.selection,
+        features=features,
+        num_pool=pool_classes.numel(),
+        seed=spec.seed,
+        generation_batch=official.dgc_batch,
     )
     indices = indices.sort().values
     return CalibrationSet(
