@@ -1,11 +1,14 @@
 """Reading checkpoint files safely and loading them into models with a strict, explained check.
 
 Nothing from a file is ever executed: `.safetensors` files are read by safetensors, everything else by
-`torch.load(weights_only=True)`, which refuses any pickle that is more than tensors and containers.
+`torch.load(weights_only=True)`, which refuses any pickle that is more than tensors and containers. The
+one class let through is `argparse.Namespace`: the official training scripts save their arguments beside
+the weights (`{"model", "optimizer", "steps", "args"}`); only the model's tensors are kept.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import pickle
 import zipfile
@@ -20,6 +23,9 @@ from quantcore.errors import CheckpointError
 # Official training scripts wrap the weights under one of these keys (LlamaGen/PAR: model; DDP: module).
 WRAPPER_KEYS = ("model", "module", "state_dict", "model_ema", "ema")
 SHOWN = 5  # how many offending keys an error message lists
+# Globals a torch file may name besides tensors and containers: the training scripts' `args`. A
+# Namespace unpickles into attributes only (no constructor or method of the file's choosing runs).
+SAFE_GLOBALS = (argparse.Namespace,)
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -53,9 +59,10 @@ def read_state_dict(
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"checkpoint {path} is not a valid safetensors file: {exc}") from exc
     try:
-        # only torch's zip format can be memory-mapped; a legacy file is read (still weights-only)
-        mmap = lazy and zipfile.is_zipfile(path)
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        # memory-mapped where the format allows (zip files): an optimizer state beside the weights is
+        # then never read from disk; `lazy` reads no tensor data at all
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(

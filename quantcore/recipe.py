@@ -1,66 +1,89 @@
-"""Recipes: a validated, serialisable list of passes plus bit-widths (configuration is data).
+"""Recipes: a validated, serialisable list of passes plus bit-widths and the calibration procedure.
 
     Recipe.preset("ptq4arvg", w_bits=6, a_bits=6)
     Recipe.model_validate_json(text)  /  recipe.model_dump_json()  /  Recipe.from_yaml(text)
 
-The `ptq4arvg` preset runs the official order: SmoothQuant (alpha 0.5) -> symmetric shift -> GPS ->
-static token-wise activation tables.
+A recipe entry is any registered pass configuration (`quantcore.methods.registry`), told apart by its
+`kind`. The `ptq4arvg` preset runs the official order: SmoothQuant (alpha 0.5) -> symmetric shift ->
+GPS -> static token-wise activation tables. `calibration` says how every range is observed:
+- "official" does what the official code does: quantizers set themselves inside quantized forwards, so
+  each layer is calibrated on the quantized outputs of the layers before it, with the family's batches
+  and running averages (VAR/PAR), RAR's zero-including ranges, and so on (`QuantLayout.official`);
+- "staged" observes every range on the float model with whole-set statistics, then quantizes.
+Each option left unset follows the mode; setting one overrides it (for ablations).
+pydantic and yaml only: no torch.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from quantcore.errors import RecipeError
+from quantcore.methods import registry
+from quantcore.methods.dynamic_token import DynamicToken
+from quantcore.methods.gps import GPS
+from quantcore.methods.shift import Shift
+from quantcore.methods.smoothquant import SmoothQuant
+from quantcore.methods.stwq import STWQ
+
+__all__ = ["GPS", "STWQ", "Calibration", "DynamicToken", "Recipe", "Shift", "SmoothQuant", "parse_bits"]
+
+Pass = registry.config_union()
+CALIBRATION_MODES = ("official", "staged")
+DEFAULT_CALIBRATION = "official"
+_PTQ4ARVG = [{"kind": "smoothquant"}, {"kind": "shift"}, {"kind": "gps"}, {"kind": "stwq"}]
+# name -> recipe fields besides the bits (passes, and a calibration where it is not the default)
+PRESETS: dict[str, dict] = {
+    "rtn": {"passes": []},
+    "smoothquant": {"passes": [{"kind": "smoothquant"}]},
+    "os+": {"passes": [{"kind": "shift"}, {"kind": "smoothquant"}]},
+    "gps": {"passes": [{"kind": "gps"}]},
+    "stwq": {"passes": [{"kind": "stwq"}]},
+    "sq+stwq": {"passes": [{"kind": "smoothquant"}, {"kind": "stwq"}]},
+    "ptq4arvg": {"passes": _PTQ4ARVG},
+    "ptq4arvg-staged": {"passes": _PTQ4ARVG, "calibration": {"mode": "staged"}},
+    "dtwq": {
+        "passes": [{"kind": "smoothquant"}, {"kind": "shift"}, {"kind": "gps"}, {"kind": "dynamic_token"}]
+    },
+}
 
 
-class _Pass(BaseModel):
+class Calibration(BaseModel):
+    """How the passes and the final step observe activation ranges; None follows `mode`."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    mode: Literal["official", "staged"] = DEFAULT_CALIBRATION
+    include_zero: bool | None = Field(
+        None, description="every per-tensor/channel/row range contains 0 (official RAR)"
+    )
+    sink_aware_heads: bool | None = Field(
+        None, description="the LM head leaves sink tokens out of its statistics (staged; official: no)"
+    )
+    causal_mask: bool | None = Field(
+        None, description="calibration forwards use the causal mask (official VAR runs unmasked)"
+    )
+    ema: bool | None = Field(
+        None, description="official mode: batches of the family's size averaged by an EMA (VAR/PAR)"
+    )
+    recalibrate_all: bool | None = Field(
+        None, description="official mode: the last forward resets every activation quantizer (not RAR)"
+    )
+    head_second_shift: bool | None = Field(
+        None, description="GPS centres a head that has no GPS once more (official RAR)"
+    )
 
-class SmoothQuant(_Pass):
-    kind: Literal["smoothquant"] = "smoothquant"
-    alpha: float = Field(0.5, ge=0.0, le=1.0)
-
-
-class Shift(_Pass):
-    """Per-channel centring (OS+-style), from the per-channel quantizer's zero-points (reference §5.3)."""
-
-    kind: Literal["shift"] = "shift"
-
-
-class GPS(_Pass):
-    kind: Literal["gps"] = "gps"
-    shared: Literal["first", "concat"] = "first"  # linears sharing an input: official uses the first
-
-
-class STWQ(_Pass):
-    kind: Literal["stwq"] = "stwq"
-    mode: Literal["groups", "per_position"] = "groups"
-
-
-class DynamicToken(_Pass):
-    """Dynamic per-token activation ranges (the DTWQ ablation): nothing static, min/max at run time."""
-
-    kind: Literal["dynamic_token"] = "dynamic_token"
-
-
-Pass = Annotated[SmoothQuant | Shift | GPS | STWQ | DynamicToken, Field(discriminator="kind")]
-SMOOTHING = ("smoothquant", "shift", "gps")
-GRANULARITY = ("stwq", "dynamic_token")
-PRESETS: dict[str, list[dict]] = {
-    "rtn": [],
-    "smoothquant": [{"kind": "smoothquant"}],
-    "os+": [{"kind": "shift"}, {"kind": "smoothquant"}],
-    "gps": [{"kind": "gps"}],
-    "stwq": [{"kind": "stwq"}],
-    "sq+stwq": [{"kind": "smoothquant"}, {"kind": "stwq"}],
-    "ptq4arvg": [{"kind": "smoothquant"}, {"kind": "shift"}, {"kind": "gps"}, {"kind": "stwq"}],
-    "dtwq": [{"kind": "smoothquant"}, {"kind": "shift"}, {"kind": "gps"}, {"kind": "dynamic_token"}],
-}
+    @model_validator(mode="after")
+    def _check(self) -> Calibration:
+        for name in ("ema", "recalibrate_all"):
+            if getattr(self, name) is not None and self.mode != "official":
+                raise ValueError(
+                    f"{name} describes the official mode's sequential calibration; set mode official"
+                )
+        return self
 
 
 class Recipe(BaseModel):
@@ -72,21 +95,24 @@ class Recipe(BaseModel):
     passes: list[Pass] = Field(default_factory=list)
     quantize_attention: bool = Field(True, description="quantize both attention matmuls (Q·K^T, P·V)")
     percentiles: tuple[float, ...] = Field((0.999, 0.9999, 0.99999), min_length=1)
+    calibration: Calibration = Field(default_factory=Calibration)
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
         kinds = [p.kind for p in self.passes]
-        for i, kind in enumerate(kinds):
-            if kinds.index(kind) != i:
-                raise ValueError(f"passes[{i}]: {kind!r} appears twice")
-            if self.a_bits is None and kind != "smoothquant":
+        for i, p in enumerate(self.passes):
+            if kinds.index(p.kind) != i:
+                raise ValueError(f"passes[{i}]: {p.kind!r} appears twice")
+            if self.a_bits is None and not p.weight_only:
                 raise ValueError(
-                    f"passes[{i}]: {kind!r} needs activation quantization; set a_bits or drop it"
+                    f"passes[{i}]: {p.kind!r} needs activation quantization; set a_bits or drop it"
                 )
-            if kind in SMOOTHING and any(k in GRANULARITY for k in kinds[:i]):
-                raise ValueError(f"passes[{i}]: {kind!r} must come before stwq/dynamic_token")
-        if "stwq" in kinds and "dynamic_token" in kinds:
-            raise ValueError("passes: stwq and dynamic_token are alternatives; keep one")
+            if p.role == "transform" and any(q.role == "granularity" for q in self.passes[:i]):
+                granularity = ", ".join(q.kind for q in self.passes[:i] if q.role == "granularity")
+                raise ValueError(f"passes[{i}]: {p.kind!r} must come before {granularity}")
+        granularity = [p.kind for p in self.passes if p.role == "granularity"]
+        if len(granularity) > 1:
+            raise ValueError(f"passes: {' and '.join(granularity)} are alternatives; keep one")
         for i, p in enumerate(self.percentiles):
             if not 0.5 < p < 1.0:
                 raise ValueError(f"percentiles[{i}]: {p} must be in (0.5, 1)")
@@ -103,12 +129,19 @@ class Recipe(BaseModel):
     def has(self, kind: str):
         return next((p for p in self.passes if p.kind == kind), None)
 
+    @property
+    def granularity(self):
+        """The pass that chooses the final activation quantizers, or None (per-tensor)."""
+        return next((p for p in self.passes if p.role == "granularity"), None)
+
     @classmethod
     def preset(cls, name: str, w_bits: int = 8, a_bits: int | None = 8) -> Recipe:
         if name not in PRESETS:
             raise RecipeError(f"recipe: unknown preset {name!r}; presets are {', '.join(PRESETS)}")
-        passes = PRESETS[name] if a_bits is not None else []
-        return cls.parse({"name": name, "w_bits": w_bits, "a_bits": a_bits, "passes": passes})
+        fields = dict(PRESETS[name])
+        if a_bits is None:
+            fields["passes"] = []
+        return cls.parse({"name": name, "w_bits": w_bits, "a_bits": a_bits, **fields})
 
     @classmethod
     def parse(cls, data: dict | str) -> Recipe:

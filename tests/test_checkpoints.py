@@ -1,3 +1,4 @@
+import argparse
 import os
 import pickle
 
@@ -68,6 +69,63 @@ def test_malicious_pickle_is_refused_and_not_executed(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
         pickle.dump({"model": _Payload()}, f)
+    with pytest.raises(CheckpointError, match="not a plain tensor dict"):
+        read_state_dict(path)
+    assert not os.path.exists(marker)
+
+
+def _training_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--gpt-model", default="GPT-B")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--mixed-precision", choices=["none", "bf16"], default="bf16")
+    parser.add_argument("--results-dir", default=None)
+    return parser.parse_args(["--lr", "3e-4"])
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_official_training_checkpoint_loads_weights_only(tmp_path, zip_format):
+    # what LlamaGen/PAR's train_c2i.py writes: model, AdamW state after a step, steps, argparse args
+    model = random_llamagen("par-tiny", seed=5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.sequence_logits(torch.tensor([1]), torch.zeros(1, 16, dtype=torch.long)).sum().backward()
+    optimizer.step()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    path = tmp_path / "0010000.pt"
+    checkpoint = {
+        "model": state,
+        "optimizer": optimizer.state_dict(),
+        "steps": 10000,
+        "args": _training_args(),
+    }
+    torch.save(checkpoint, path, _use_new_zipfile_serialization=zip_format)
+    assert read_state_dict(path).keys() == state.keys()  # the optimizer's tensors are not among them
+    loaded = load_model("par-tiny", path)
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, state[k])
+
+
+class _ArgsWithHook(argparse.Namespace):
+    """A Namespace subclass whose unpickling would run os.system: a different global, so refused."""
+
+    def __setstate__(self, state):
+        os.system("touch /tmp/ptq4arvg_pwned")
+
+
+class _Args:
+    def __init__(self):
+        self.lr = 1e-4
+
+
+@pytest.mark.parametrize(
+    "args", [_Payload(), _ArgsWithHook(lr=1e-4), _Args()], ids=["reduce", "subclass", "plain"]
+)
+def test_only_namespace_is_let_through(tmp_path, official_state, args):
+    marker = "/tmp/ptq4arvg_pwned"
+    if os.path.exists(marker):
+        os.remove(marker)
+    path = tmp_path / "c.pt"
+    torch.save({"model": official_state, "steps": 1, "args": args}, path)
     with pytest.raises(CheckpointError, match="not a plain tensor dict"):
         read_state_dict(path)
     assert not os.path.exists(marker)

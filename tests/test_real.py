@@ -59,7 +59,9 @@ def test_int8_layers_equal_simulation_and_tokens_agree(calibrated, name, bits):
     classes, seeds = torch.arange(8) % 10, list(range(8))
     ref = generate_tokens(sim, classes, seeds, cfg_scale=2.0)
     got = generate_tokens(real, classes, seeds, cfg_scale=2.0)
-    assert float((ref == got).float().mean()) >= 0.99
+    # Inputs agree to ~6e-7, so a value within that of a rounding midpoint (about one in 10^4) takes the
+    # next code and its image diverges from that token on; a wrong kernel agrees on ~1/vocab of them.
+    assert float((ref == got).float().mean()) >= 0.9
 
 
 def test_static_group_tables_are_indexed_by_position(calibrated):

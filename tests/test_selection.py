@@ -110,3 +110,21 @@ def test_dispatch_errors():
         cond_mask(24, 5)
     with pytest.raises(ConfigError, match="half"):
         select_calibration("dgc-official", features=_pool("diverse"), k=3)
+
+
+@pytest.mark.parametrize("uncond", ["diverse", "collapsed"])
+def test_official_within_generation_batches_of_a_halves_pool_equals_the_interleaved_pool(uncond):
+    # VAR/PAR generate 32 images a batch and select within each; our pool is [cond N | uncond N]
+    b, pool = 8, _pool(uncond)
+    halves, info = dgc_official(pool, generation_batch=b)
+    interleaved, _ = dgc_official(_interleave(pool, b), batch_size=b)
+    row = torch.arange(2 * N)
+    to_halves = torch.where(
+        (row // b) % 2 == 0, (row // (2 * b)) * b + row % b, N + (row // (2 * b)) * b + row % b
+    )
+    assert sorted(halves.tolist()) == sorted(to_halves[interleaved].tolist())
+    assert info["batch_size"] == b and info["counts"]["cond"] + info["counts"]["uncond"] == N
+    if uncond == "diverse":  # pct 0.5: the first half of every batch, both halves of the pool
+        assert halves[:4].tolist() == [0, 1, 2, 3] and halves[4:8].tolist() == [N, N + 1, N + 2, N + 3]
+    same, _ = select_calibration("dgc-official", features=pool, generation_batch=b)
+    assert torch.equal(same, halves)

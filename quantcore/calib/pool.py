@@ -15,6 +15,7 @@ import torch
 from quantcore.errors import Canceled
 from quantcore.fastgen import TokenSampler
 from quantcore.methods.selection import select_calibration
+from quantcore.models import family_module
 from quantcore.spec import CalibrationSpec
 
 Progress = Callable[[str, float], None]
@@ -48,7 +49,6 @@ def check_cancel(should_cancel: CancelCheck | None, where: str) -> None:
 @torch.no_grad()
 def last_block_features(model, classes: torch.Tensor, tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Token 0's output of the last transformer block (the feature the official DGC ranks)."""
-    from quantcore.models import family_module
 
     captured: list[torch.Tensor] = []
     block = model.get_submodule(family_module(model.family).quant_layout(model).feature_module)
@@ -70,12 +70,13 @@ def build_calibration_set(
     should_cancel: CancelCheck | None = None,
 ) -> CalibrationSet:
     """Generate spec.num_samples images with the FP model (CFG on), pool both halves, select."""
-
+    family = family_module(model.family)
     cfg = model.config
+    official = family.quant_layout(model).official
     device = next(model.parameters()).device
-    labels = torch.randint(
-        0, cfg.num_classes, (spec.num_samples,), generator=torch.Generator().manual_seed(spec.seed)
-    )
+    # the official VAR/RAR scripts draw randint(0, 999): never the last class
+    high = cfg.num_classes - 1 if official.exclude_last_class else cfg.num_classes
+    labels = torch.randint(0, high, (spec.num_samples,), generator=torch.Generator().manual_seed(spec.seed))
     seeds = [spec.seed * 1_000_003 + i for i in range(spec.num_samples)]
     sampler = TokenSampler(model, min(spec.batch_size, spec.num_samples))
     total = sampler.progress_total(spec.num_samples)
@@ -98,7 +99,11 @@ def build_calibration_set(
             model, pool_classes.to(device), pool_tokens.to(device), spec.batch_size
         )
     indices, info = select_calibration(
-        spec.selection, features=features, num_pool=pool_classes.numel(), seed=spec.seed
+        spec.selection,
+        features=features,
+        num_pool=pool_classes.numel(),
+        seed=spec.seed,
+        generation_batch=official.dgc_batch,
     )
     indices = indices.sort().values
     return CalibrationSet(

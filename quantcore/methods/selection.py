@@ -53,16 +53,22 @@ def mahalanobis_pinv(samples: torch.Tensor) -> torch.Tensor:
     return d2.clamp(min=0).sqrt()
 
 
-def dgc_official(features: torch.Tensor, batch_size: int | None = None) -> tuple[torch.Tensor, dict]:
+def dgc_official(
+    features: torch.Tensor, batch_size: int | None = None, generation_batch: int | None = None
+) -> tuple[torch.Tensor, dict]:
     """DGC as the official code does it: the distances only set the cond share.
 
     Distances are computed within the cond group and within the uncond group. If they agree
     (allclose, atol 1e-3) pct = 0.5, else pct = share of cond among the top-N distances. Each
     generation batch of b then keeps its first round(pct*b) cond and first b - round(pct*b) uncond rows.
+    A pool in halves ([cond N | uncond N]) is one batch, or `generation_batch` images at a time (the
+    official VAR/PAR select within their batches of 32).
     """
     num_pool = features.shape[0]
     is_cond = cond_mask(num_pool, batch_size)
     n = num_pool // 2
+    if batch_size is None and generation_batch is not None and generation_batch < n:
+        return _dgc_official_halves(features, is_cond, generation_batch)
     b = batch_size or n
     d_cond = mahalanobis_pinv(features[is_cond])
     d_uncond = mahalanobis_pinv(features[~is_cond])
@@ -88,6 +94,23 @@ def dgc_official(features: torch.Tensor, batch_size: int | None = None) -> tuple
         "dist_uncond": _summary(d_uncond),
     }
     return idx, info
+
+
+def _dgc_official_halves(features: torch.Tensor, is_cond: torch.Tensor, g: int) -> tuple[torch.Tensor, dict]:
+    """dgc_official on a [cond N | uncond N] pool, selecting within batches of g images (the last may be
+    smaller): the first round(pct*size) cond rows of the batch and the first size - that uncond rows."""
+    idx, info = dgc_official(features)
+    n = features.shape[0] // 2
+    chunks = []
+    for start in range(0, n, g):
+        size = min(g, n - start)
+        num_cond = round(info["pct"] * size)
+        chunks += [
+            torch.arange(start, start + num_cond),
+            torch.arange(n + start, n + start + size - num_cond),
+        ]
+    idx = torch.cat(chunks)
+    return idx, {**info, "batch_size": g, "counts": _group_counts(idx, is_cond)}
 
 
 def pca_mahalanobis(features: torch.Tensor, max_dim: int, rtol: float = 1e-9) -> tuple[torch.Tensor, dict]:
@@ -173,8 +196,10 @@ def select_calibration(
     batch_size: int | None = None,
     seed: int = 0,
     max_dim: int = 32,
+    generation_batch: int | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """Dispatch by name. DGC methods need `features` (2N, D); random/uniform need only the pool size."""
+    """Dispatch by name. DGC methods need `features` (2N, D); random/uniform need only the pool size.
+    `generation_batch`: dgc-official selects within batches of that many images (see dgc_official)."""
     if method not in SELECTIONS:
         raise ConfigError(f"unknown calibration selection {method!r}; expected one of {SELECTIONS}")
     if method.startswith("dgc"):
@@ -183,7 +208,7 @@ def select_calibration(
         if method == "dgc-official":
             if k is not None and k != features.shape[0] // 2:
                 raise ConfigError("dgc-official always keeps half of the pool; leave k unset")
-            return dgc_official(features, batch_size)
+            return dgc_official(features, batch_size, generation_batch)
         return dgc_mahalanobis(features, k, max_dim, batch_size)
     if num_pool is None:
         if features is None:

@@ -39,7 +39,7 @@ from quantcore.errors import ConfigError
 from quantcore.models import common
 from quantcore.models.common import ModelEntry
 from quantcore.nn import Linear, MatMul, allocate_kv_caches, free_kv_caches, read_kv, write_kv
-from quantcore.quant.layout import FoldSite, QuantLayout
+from quantcore.quant.layout import FoldSite, OfficialCalibration, QuantLayout
 
 
 def _round_up(n: int, k: int) -> int:
@@ -436,6 +436,8 @@ def quant_layout(model: LlamaGen) -> QuantLayout:
         seq_len=cfg.seq_len,
         log_sqrt2_probs=bool(r),
         feature_module=f"layers.{cfg.n_layer - 1}",
+        # the official code quantizes PAR only; plain LlamaGen follows it
+        official=OfficialCalibration(batch_size=64, ema=0.9, dgc_batch=32),
     )
 
 

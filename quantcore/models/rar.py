@@ -47,7 +47,7 @@ from quantcore.errors import ConfigError
 from quantcore.models import common
 from quantcore.models.common import ModelEntry, modulate
 from quantcore.nn import Linear, MatMul, allocate_kv_caches, free_kv_caches, read_kv, write_kv
-from quantcore.quant.layout import AdaLNRows, FoldSite, QuantLayout
+from quantcore.quant.layout import AdaLNRows, FoldSite, OfficialCalibration, QuantLayout
 
 PREFIX = 2  # cls token and class token in front of the image tokens
 
@@ -365,6 +365,9 @@ def quant_layout(model: RAR) -> QuantLayout:
         feature_module=f"blocks.{cfg.n_layer - 1}",
         linear_groups=per_position,
         per_position_groups={final: per_position[final]},
+        official=OfficialCalibration(
+            include_zero=True, recalibrate_all=False, head_second_shift=True, exclude_last_class=True
+        ),
     )
 
 

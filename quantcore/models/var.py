@@ -60,7 +60,7 @@ from quantcore.errors import ConfigError
 from quantcore.models import common
 from quantcore.models.common import ModelEntry, modulate
 from quantcore.nn import Linear, MatMul, allocate_kv_caches, free_kv_caches, read_kv, write_kv
-from quantcore.quant.layout import AdaLNRows, FoldSite, QuantLayout
+from quantcore.quant.layout import AdaLNRows, FoldSite, OfficialCalibration, QuantLayout
 from quantcore.tokenizers.var_vqvae import OFFICIAL_PATCH_NUMS
 
 # Row order of the AdaLN linears' outputs (official `unbind(2)` orders).
@@ -484,6 +484,10 @@ def quant_layout(model: VAR) -> QuantLayout:
         seq_len=cfg.seq_len,
         feature_module=f"blocks.{cfg.depth - 1}",
         linear_groups=linear_groups,
+        official=OfficialCalibration(
+            batch_size=64, ema=0.9, causal_mask=False, dgc_batch=32, exclude_last_class=True
+        ),
+        unmasked_forward=True,
     )
 
 

@@ -36,6 +36,21 @@ class FoldSite:
 
 
 @dataclass(frozen=True)
+class OfficialCalibration:
+    """How the official PTQ4ARVG code calibrates this family, where the families differ (reference §3, §8,
+    pitfalls 8, 17, 19). The recipe's official calibration mode follows it; its options can override."""
+
+    batch_size: int | None = None  # rows per calibration forward; None: the whole set in one (RAR)
+    ema: float | None = None  # running average of parameters and scales over those batches (VAR/PAR 0.9)
+    include_zero: bool = False  # RAR clamps every uniform (non-token-wise) range to contain 0
+    causal_mask: bool = True  # VAR's calibration forward runs without the block-causal mask
+    recalibrate_all: bool = True  # RAR's last forward sets only the quantizers its passes reset
+    head_second_shift: bool = False  # RAR centres its head (no GPS) once more when GPS is absorbed
+    dgc_batch: int | None = None  # VAR/PAR pick cond/uncond within generation batches of 32 images
+    exclude_last_class: bool = False  # VAR/RAR draw calibration labels with randint(0, 999)
+
+
+@dataclass(frozen=True)
 class QuantLayout:
     fold_sites: tuple[FoldSite, ...]
     plain_linears: tuple[str, ...]  # quantized, never scaled (wo, w2, proj, fc2)
@@ -52,6 +67,8 @@ class QuantLayout:
     # per-linear tables for per-position STWQ where plain arange(seq_len) does not fit (RAR's final
     # AdaLN sees positions 1.. only)
     per_position_groups: dict[str, torch.Tensor] = field(default_factory=dict)
+    official: OfficialCalibration = OfficialCalibration()
+    unmasked_forward: bool = False  # sequence_logits(..., masked=False) exists (VAR)
 
     @property
     def all_linears(self) -> tuple[str, ...]:

@@ -1,8 +1,12 @@
 """Quantizers: asymmetric uniform (per tensor, row, channel, position group, dynamic token) and log-sqrt2.
 
 Every quantizer has a mode: "off" passes x through, "calibrate" observes x (streaming, bounded memory)
-and passes it through, "on" fake-quantizes. Calibration keeps, per parameter slot, the exact running
-min/max and a seeded reservoir sample; `finalize()` runs the percentile+MSE range search on the sample.
+and passes it through, "on" fake-quantizes, and "init" (the official code's sequential calibration)
+takes its parameters from the input of the forward it is in, then fake-quantizes that input, so later
+layers see quantized inputs; with `ema` set, each later forward moves the parameters by
+p <- ema * p + (1 - ema) * p_batch (zero-points rounded back to integers), else the first forward fixes
+them. Calibration keeps, per parameter slot, the exact running min/max and a seeded reservoir sample;
+`finalize()` runs the percentile+MSE range search on the sample.
 Parameters are plain buffers, so a state_dict of a quantizer loads into a fresh one built from
 `describe()`.
 """
@@ -21,7 +25,7 @@ from quantcore.errors import ConfigError, QuantcoreError
 
 DEFAULT_PCTS: tuple[float, ...] = (0.999, 0.9999, 0.99999)
 GRANULARITIES = ("tensor", "row", "channel", "group", "dynamic_token")
-MODES = ("off", "calibrate", "on")
+MODES = ("off", "calibrate", "on", "init")
 
 # Reservoir budget: values kept per calibration slot, and in total over the slots of one quantizer.
 SAMPLE_PER_SLOT = 2**16
@@ -248,6 +252,7 @@ class _ObservingQuantizer(nn.Module, ABC):
     Subclasses say how a mini-batch is observed, how calibration ends and how a tensor is quantized."""
 
     kind = "base"
+    param_names: tuple[str, ...] = ()  # the calibrated buffers ("init" mode averages them)
 
     def __init__(self, n_bits: int, granularity: str, num_params: int, sample_size: int | None, seed: int):
         super().__init__()
@@ -264,13 +269,36 @@ class _ObservingQuantizer(nn.Module, ABC):
         self.sample_size = sample_size
         self._stats: _Stats | None = None
         self.register_buffer("initialized", torch.tensor(False))
+        self.ema: float | None = None  # "init" mode: momentum of the running average over forwards
+        self._init_forwards = 0
 
     def set_mode(self, mode: str) -> None:
         if mode not in MODES:
             raise ConfigError(f"unknown quantizer mode {mode!r}; expected one of {MODES}")
         if mode == "calibrate" and self.mode != "calibrate":
             self.reset_stats()
+        if mode == "init":
+            self._init_forwards = 0
         self.mode = mode
+
+    def invalidate(self) -> None:
+        """Mark the parameters stale (a pass changed what this quantizer sees): "init" sets them again."""
+        self.initialized.fill_(False)
+
+    def _init_from(self, x: torch.Tensor, pos: torch.Tensor | None) -> None:
+        """Parameters from this forward's input, blended into the earlier forwards' with `ema`."""
+        if self._init_forwards and self.ema is None:
+            return  # the first forward fixed them
+        previous = [getattr(self, name).clone() for name in self.param_names] if self._init_forwards else None
+        self.reset_stats()
+        self.observe(x, pos)
+        self.finalize()
+        if previous is not None:
+            for name, old in zip(self.param_names, previous, strict=True):
+                new = getattr(self, name)
+                blended = self.ema * old.double() + (1 - self.ema) * new.double()
+                new.copy_(blended.round() if not new.is_floating_point() else blended)
+        self._init_forwards += 1
 
     def set_passthrough(self, positions: Sequence[int] | torch.Tensor | None) -> None:
         """Leave tokens at these absolute positions in FP and out of the statistics (None clears)."""
@@ -309,6 +337,8 @@ class _ObservingQuantizer(nn.Module, ABC):
         if self.mode == "calibrate":
             self.observe(x, pos)
             return x
+        if self.mode == "init":
+            self._init_from(x, pos)
         if not tracing_or_capturing() and not bool(self.initialized):
             raise QuantcoreError(f"{self.kind} quantizer is on but not calibrated; call finalize() first")
         kept = self._kept_tokens(x, pos)
@@ -349,6 +379,7 @@ class UniformQuantizer(_ObservingQuantizer):
     """
 
     kind = "uniform"
+    param_names = ("scale", "zero_point")
 
     def __init__(
         self,
@@ -377,6 +408,10 @@ class UniformQuantizer(_ObservingQuantizer):
     @property
     def num_params(self) -> int:
         return self.scale.numel()
+
+    def invalidate(self) -> None:
+        if self.granularity != "dynamic_token":  # nothing calibrated, nothing to go stale
+            super().invalidate()
 
     def describe(self) -> dict:
         desc = {
@@ -523,6 +558,7 @@ class LogSqrt2Quantizer(_ObservingQuantizer):
     """Per-tensor log-sqrt2 quantizer for post-softmax probabilities (RepQ-ViT style, used by PAR)."""
 
     kind = "log_sqrt2"
+    param_names = ("scale",)
 
     def __init__(
         self,
