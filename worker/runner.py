@@ -38,6 +38,7 @@ from worker.engine import EngineUnavailable, load_engine
 log = logging.getLogger(__name__)
 
 PROGRESS_MIN_INTERVAL_S = 0.5
+PROGRESS_REFRESH_S = 1.0
 CANCEL_CHECK_INTERVAL_S = 0.2
 
 
@@ -127,6 +128,7 @@ class _Execution:
         self.stage_started = utcnow()
         self.started = time.monotonic()
         self.overall = 0.0
+        self.stage_fraction = 0.0
         self._last_progress_write = 0.0
         self._last_cancel_check = 0.0
         self._cancel_seen = False
@@ -145,7 +147,7 @@ class _Execution:
                 self.stage, self.stage_started = stage, utcnow()
             if not changed and now - self._last_progress_write < PROGRESS_MIN_INTERVAL_S and fraction < 1.0:
                 return
-            self._last_progress_write, self.overall = now, overall
+            self._last_progress_write, self.overall, self.stage_fraction = now, overall, fraction
             elapsed = time.monotonic() - self.started
             eta = elapsed * (1.0 - overall) / overall if overall > 0 else None
             try:
@@ -181,8 +183,18 @@ class _Execution:
         return self._cancel_seen
 
     def _heartbeat_loop(self, stop: threading.Event) -> None:
+        """Every second the record's progress (and so its ETA and heartbeat) is refreshed, also while
+        one engine step runs long between its reports; the bare heartbeat covers a database hiccup."""
         interval = max(0.2, self.settings.job_lease_seconds / 3.0)
-        while not stop.wait(interval):
+        last_beat = time.monotonic()
+        while not stop.wait(PROGRESS_REFRESH_S):
+            if time.monotonic() - self._last_progress_write >= PROGRESS_REFRESH_S:
+                self.progress(self.stage, self.stage_fraction)
+            if self.lost.is_set():
+                return
+            if time.monotonic() - last_beat < interval:
+                continue
+            last_beat = time.monotonic()
             try:
                 with session_scope(self.url) as session:
                     if not jobs.heartbeat(session, self.job_id, self.attempt):
