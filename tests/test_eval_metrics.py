@@ -170,7 +170,7 @@ def test_bootstrap_counts_draw_n_with_replacement_and_the_interval_brackets_the_
     assert counts.shape == (20, 50) and torch.all(counts.sum(1) == 50) and counts.max() > 1
     assert torch.equal(counts, bootstrap_counts(50, 20, seed=0))
     values = torch.linspace(0, 1, 50, dtype=torch.float64)
-    lo, hi = interval(lambda w: float(w @ values / w.sum()), counts, 0.5)
+    lo, hi = interval(lambda w: float(w @ values / w.sum()), counts, 0.5, (0.0, 1.0))
     assert lo < 0.5 < hi and hi - lo < 0.4
 
 

@@ -2,8 +2,8 @@
 # The GPU run of bench/eval, in two device calls: the fp16 network is carried in two parts (each fits
 # the carry limit beside the tree), the first part kept in var/ (git-ignored, so it stays on the machine).
 #   call 1: carry .inception/fid-inception-fp16.safetensors.part-1          -> bash bench/eval/device.sh stage
-#   call 2: carry .inception/fid-inception-fp16.safetensors.part-2 and
-#           .inception/fashion-mnist (+ the pydantic wheels, if not there)   -> bash bench/eval/device.sh run
+#   call 2: carry .inception/fid-inception-fp16.safetensors.part-2, .inception/fashion-mnist and the
+#           pydantic wheels under .whl/ (the device image lacks pydantic)    -> bash bench/eval/device.sh run
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 NET=fid-inception-fp16.safetensors
@@ -17,6 +17,7 @@ case "${1:-}" in
   run)
     OUT=${OUT:-var/eval-out}
     mkdir -p "$OUT"
+    python -c "import pydantic" 2>/dev/null || python -m pip install -q --no-deps --no-index .whl/*.whl
     cat "$KEEP/$NET.part-1" ".inception/$NET.part-2" > "$KEEP/$NET"  # its sha256 is checked on load
     export PTQ4ARVG_INCEPTION="$KEEP/$NET" FASHION_MNIST_DIR=.inception/fashion-mnist PTQ4ARVG_CACHE=var/cache
     shift

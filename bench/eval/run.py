@@ -198,7 +198,7 @@ def report(args) -> None:
     drift_run = json.loads(drift_path.read_text()) if drift_path.exists() else None
     lines = ["# Inception evaluation: speed", ""]
     lines += [
-        "| machine | model | images | reference | batch | bootstrap | reference s | samples s | "
+        "| machine | model | images | reference | batch | bootstrap | load + reference s | samples s | "
         "noise floor s | metrics s | total s | images/s | peak GPU GiB | date |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]

@@ -32,7 +32,7 @@ def interval(
     metric: Callable[[torch.Tensor], float],
     counts: torch.Tensor,
     value: float,
-    bounds: tuple[float, float] = (0.0, float("inf")),
+    bounds: tuple[float, float],
 ) -> list[float]:
     """value +- Z * (sd of `metric(weights)` over the rows of `counts`), clipped to the metric's range."""
     spread = Z * torch.tensor([metric(row) for row in counts], dtype=torch.float64).std().item()

@@ -35,7 +35,8 @@ METRICS = INCEPTION_METRICS
 VS_REFERENCE = METRICS[:4]  # fid, sfid, precision, recall
 VS_FP = METRICS[4:]  # fid_vs_fp, sfid_vs_fp
 BOOTSTRAP_REPLICATES = 50
-FRACTION = (0.0, 1.0)
+FRACTION = (0.0, 1.0)  # the range of precision and recall
+DISTANCE = (0.0, float("inf"))  # of FID and sFID
 NO_INCEPTION_SCORE = "not offered: the FID Inception weights have no logits layer"
 Progress = Callable[[float], None]
 
@@ -104,7 +105,7 @@ class _Figures:
         out = {"value": value}
         if self.replicates > 1:
             draws = self.counts if counts is None else counts
-            out["ci95"] = interval(resampled, draws, value, *([bounds] if bounds else []))
+            out["ci95"] = interval(resampled, draws, value, bounds or DISTANCE)
         return {**out, **{k: v for k, v in extra.items() if v is not None}}
 
 
