@@ -158,7 +158,6 @@ class SupervisedWorker:
         self.settings = settings
         self.hostname = hostname
         self.process: subprocess.Popen | None = None
-        self.restarts = 0
         self._started = 0.0
 
     def start(self) -> subprocess.Popen:
@@ -183,7 +182,6 @@ class SupervisedWorker:
             )
             await asyncio.sleep(backoff)
             self.start()
-            self.restarts += 1
 
     def stop(self, timeout: float) -> None:
         if self.process is not None:
