@@ -104,7 +104,7 @@ class FastSampler:
         """Tokens (batch, num_tokens) in the family's generation order.
 
         `progress`, if given, is called with the number of tokens produced so far after every step
-        (VAR's one step reports once, at the end)."""
+        (and, run step by step, after each of VAR's scales; replayed from a graph, once at the end)."""
         if classes.shape != (self.batch,) or len(seeds) != self.batch:
             raise ConfigError(
                 f"this sampler was built for batch {self.batch}: got {tuple(classes.shape)} classes and "
@@ -116,10 +116,14 @@ class FastSampler:
         plan.prologue()
         if progress is not None and plan.prologue_tokens:
             progress(plan.prologue_tokens)
-        for i in range(plan.steps):
-            self.graph.replay() if self.graph is not None else plan.step()
-            if progress is not None:
-                progress(plan.tokens_after(i))
+        plan.report = progress if self.graph is None else None
+        try:
+            for i in range(plan.steps):
+                self.graph.replay() if self.graph is not None else plan.step()
+                if progress is not None:
+                    progress(plan.tokens_after(i))
+        finally:
+            plan.report = None
         return plan.tokens.clone()
 
     def close(self) -> None:

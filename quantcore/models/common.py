@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -93,6 +94,8 @@ class DecodePlan(ABC):
     model: nn.Module
     capturable = True
     prologue_tokens = 0  # tokens the prologue draws (RAR's prefix step draws the first)
+    # progress within a long step (VAR's scales), set only when the step runs eagerly
+    report: Callable[[int], None] | None = None
 
     def set_sampling(self, sampling: dict, guided: bool) -> None:
         """Temperature and filtering, and the rows per step (cond + uncond halves when guided)."""

@@ -570,6 +570,8 @@ class DecodePlan(common.DecodePlan):
                 x = block(x, self.cond, pos, bias, True)
             idx = self.head(x, pos, self.cfg_scale * si / last, self.u[:, start:end])
             self.tokens[:, start:end] = idx
+            if self.report is not None:  # step by step only (never inside a captured graph)
+                self.report(end)
             if si != last:
                 pn = cfg.patch_nums[si]
                 h = vq.embedding(idx).transpose(1, 2).reshape(self.batch, cfg.cvae, pn, pn)
