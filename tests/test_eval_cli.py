@@ -15,6 +15,15 @@ have_data = pytest.mark.skipif(
 pytestmark = have_data
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Every CLI run here on one OpenMP thread: on this shared 2-core machine two threads per process run
+    several times slower under load (oversubscription), past run_cli's timeout."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        yield
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("eval")
