@@ -119,6 +119,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _given(values: dict) -> dict:
+    """The flags the user set: the others take JobSpec's defaults (one place for them)."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from quantcore.api import JobSpec, quantize_job
     from quantcore.recipe import Recipe
@@ -127,7 +132,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.recipe_file:
         recipe = Recipe.parse(args.recipe_file.read_text())
     a_bits = None if args.a_bits == 0 else args.a_bits
-    given = lambda values: {k: v for k, v in values.items() if v is not None}  # noqa: E731  (defaults: JobSpec)
     spec = {
         "model": args.model,
         "checkpoint": str(args.checkpoint) if args.checkpoint else None,
@@ -135,7 +139,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         "recipe": recipe,
         "w_bits": args.w_bits,
         "a_bits": a_bits,
-        "calibration": given(
+        "calibration": _given(
             {
                 "num_samples": args.calib_samples,
                 "selection": args.selection,
@@ -143,7 +147,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 "batch_size": args.batch_size,
             }
         ),
-        "evaluation": given(
+        "evaluation": _given(
             {
                 "num_images": args.eval_images,
                 "metrics": _names(args.eval_metrics) or None,

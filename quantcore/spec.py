@@ -15,7 +15,7 @@ from quantcore.errors import ConfigError
 from quantcore.recipe import PRESETS, Recipe
 
 SELECTIONS = ("dgc-official", "dgc-mahalanobis", "random", "uniform")
-Selection = Literal["dgc-official", "dgc-mahalanobis", "random", "uniform"]
+Selection = Literal[SELECTIONS]  # the tuple above, as a type
 SEED_MAX = 2**32 - 1
 # where jobs and generators run: auto = the first visible CUDA device, else the CPU
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"

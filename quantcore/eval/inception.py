@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from abc import ABC, abstractmethod
 from collections import OrderedDict
 from functools import lru_cache
 from importlib import metadata
@@ -85,11 +86,11 @@ def _avg_pool_same(x: torch.Tensor) -> torch.Tensor:
     return F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)  # TF SAME: padding not counted
 
 
-class _Block(nn.Module):
+class _Block(nn.Module, ABC):
     """An Inception block: parallel branches concatenated on channels."""
 
-    def branches(self, x: torch.Tensor) -> list[torch.Tensor]:
-        raise NotImplementedError
+    @abstractmethod
+    def branches(self, x: torch.Tensor) -> list[torch.Tensor]: ...
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat(self.branches(x), 1)

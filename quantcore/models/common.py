@@ -103,6 +103,23 @@ class DecodePlan(ABC):
         self.top_k, self.top_p = int(sampling["top_k"]), float(sampling["top_p"])
         self.guided, self.rows = guided, 2 * self.batch if guided else self.batch
 
+    def allocate(self, dtype: torch.dtype, device: torch.device) -> None:
+        """The model's KV caches for `rows` (kept by this plan), and the token and uniform buffers."""
+        self.model.setup_caches(self.rows, dtype)
+        self.own_caches()
+        n = self.model.config.num_tokens
+        self.tokens = torch.zeros(self.batch, n, dtype=torch.long, device=device)
+        self.u = torch.zeros(self.batch, n, dtype=torch.float64, device=device)
+
+    def load_request(self, classes: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        """Each image's uniforms from its seed and cleared tokens; returns the CFG rows' class ids
+        (cond, then the null class for uncond when guided)."""
+        self.u.copy_(seed_uniforms(seeds, self.tokens.shape[1], self.u.device))
+        self.tokens.zero_()
+        return (
+            torch.cat([classes, torch.full_like(classes, self.model.null_class)]) if self.guided else classes
+        )
+
     def own_caches(self) -> None:
         """Keep the KV caches `setup_caches` just made: a captured graph writes to their addresses, and
         another plan of the same model may set up or clear the model's caches in between."""
@@ -119,7 +136,8 @@ class DecodePlan(ABC):
         return self.tokens.shape[1] - (self.steps - 1 - step)
 
     @abstractmethod
-    def reset(self, classes: torch.Tensor, seeds: list[int]) -> None: ...
+    def reset(self, classes: torch.Tensor, seeds: list[int]) -> None:
+        """Load a request into the buffers (`load_request` and the family's own inputs)."""
 
     def prologue(self) -> None:  # noqa: B027  (optional hook: most plans need none)
         """Work before the first step, outside the captured graph."""

@@ -462,10 +462,7 @@ class DecodePlan(common.DecodePlan):
         self.cfg_interval = int(sampling["cfg_interval"])
         self.set_sampling(sampling, guided=self.cfg_scale > 1.0)
         dev, dtype = model.rope.device, model.tok_embeddings.weight.dtype
-        model.setup_caches(self.rows, dtype)
-        self.own_caches()
-        self.tokens = torch.zeros(batch, cfg.num_tokens, dtype=torch.long, device=dev)
-        self.u = torch.zeros(batch, cfg.num_tokens, dtype=torch.float64, device=dev)
+        self.allocate(dtype, dev)
         self.blocks = [common.compiled(layer, compile) for layer in model.layers]
         self.head = common.compiled(self._head, compile)
         self.cond = torch.zeros(self.rows, dtype=torch.long, device=dev)
@@ -484,10 +481,7 @@ class DecodePlan(common.DecodePlan):
 
     def reset(self, classes, seeds):
         m = self.model
-        cond = torch.cat([classes, torch.full_like(classes, m.null_class)]) if self.guided else classes
-        self.cond.copy_(cond)
-        self.u.copy_(common.seed_uniforms(seeds, self.tokens.shape[1], self.u.device))
-        self.tokens.zero_()
+        self.cond.copy_(self.load_request(classes, seeds))
         self.index = 0
         if self.capturable:
             self.h.copy_(m.cls_embedding.embedding_table(self.cond)[:, None])

@@ -393,8 +393,7 @@ class DecodePlan(common.DecodePlan):
         cfg_scale = float(sampling["cfg_scale"])
         self.set_sampling(sampling, guided=cfg_scale != 0)
         dev = model.embeddings.weight.device
-        model.setup_caches(self.rows, model.embeddings.weight.dtype)
-        self.own_caches()
+        self.allocate(model.embeddings.weight.dtype, dev)
         n = cfg.num_tokens
         self.steps = n - 1
         self.cfg_table = torch.tensor(
@@ -403,18 +402,12 @@ class DecodePlan(common.DecodePlan):
         self.prefix_pos = torch.arange(PREFIX, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.cond = torch.zeros(self.rows, dtype=torch.long, device=dev)
-        self.tokens = torch.zeros(batch, n, dtype=torch.long, device=dev)
-        self.u = torch.zeros(batch, n, dtype=torch.float64, device=dev)
         self.eager_blocks = list(model.blocks)  # the 2-token prefix: once per image, not worth a compile
         self.blocks = [common.compiled(block, compile) for block in model.blocks]
         self.head = common.compiled(self._head, compile)
 
     def reset(self, classes, seeds):
-        m = self.model
-        cond = torch.cat([classes, torch.full_like(classes, m.null_class)]) if self.guided else classes
-        self.cond.copy_(cond)
-        self.u.copy_(common.seed_uniforms(seeds, self.tokens.shape[1], self.u.device))
-        self.tokens.zero_()
+        self.cond.copy_(self.load_request(classes, seeds))
 
     def _head(self, x, c, pos):
         logits = self.model.lm_head(self.model.adaln_before_head(x, c, pos), pos).float()

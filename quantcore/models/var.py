@@ -526,8 +526,7 @@ class DecodePlan(common.DecodePlan):
             )
         self.set_sampling(sampling, guided=self.cfg_scale != 0)
         dev = model.pos_1LC.device
-        model.setup_caches(self.rows, model.pos_1LC.dtype)
-        self.own_caches()
+        self.allocate(model.pos_1LC.dtype, dev)
         self.steps = 1
         table = model.attn_bias_for_masking[0, 0]
         self.scales = [
@@ -535,8 +534,6 @@ class DecodePlan(common.DecodePlan):
             for start, end in cfg.scale_bounds
         ]
         self.cond = torch.zeros(self.rows, cfg.embed_dim, dtype=model.pos_1LC.dtype, device=dev)
-        self.tokens = torch.zeros(batch, cfg.num_tokens, dtype=torch.long, device=dev)
-        self.u = torch.zeros(batch, cfg.num_tokens, dtype=torch.float64, device=dev)
         vq = model.quantizer
         self.f_hat = vq.embedding.weight.new_zeros(batch, cfg.cvae, cfg.grid_size, cfg.grid_size)
         # ten scales of different lengths: per batch size the blocks compile three times (the 1-token
@@ -546,10 +543,8 @@ class DecodePlan(common.DecodePlan):
         self.head = self._head
 
     def reset(self, classes, seeds):
-        m = self.model
-        rows = torch.cat([classes, torch.full_like(classes, m.null_class)]) if self.guided else classes
-        self.cond.copy_(m.class_emb(rows.to(self.cond.device)))
-        self.u.copy_(common.seed_uniforms(seeds, self.tokens.shape[1], self.u.device))
+        rows = self.load_request(classes.to(self.cond.device), seeds)
+        self.cond.copy_(self.model.class_emb(rows))
 
     def _head(self, x, pos, t: float, u):
         logits = self.model.head(self.model.head_nm(x, self.cond), pos).float()
