@@ -31,7 +31,11 @@ def test_ping_task_runs_in_a_real_worker(service_env, worker):
     answer = result.get(timeout=30)
     assert answer["pong"] is True
     assert answer["torch_imported"] is False  # nothing imported torch in the worker
-    assert answer["pid"] == worker.pid  # solo pool: the task runs in the worker process itself
+    # solo pool: the task runs in a worker process itself, not in a pool child forked from one (another
+    # worker of this test session may be the one that answered)
+    parent = Path(f"/proc/{answer['pid']}/stat").read_text().rsplit(")", 1)[1].split()[1]
+    assert b"app.worker_cmd" in Path(f"/proc/{answer['pid']}/cmdline").read_bytes()
+    assert b"app.worker_cmd" not in Path(f"/proc/{parent}/cmdline").read_bytes()
 
 
 def test_job_succeeds_with_progress_events_and_a_verified_artifact(service, keys, worker):
