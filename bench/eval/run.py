@@ -110,6 +110,7 @@ def speed(args) -> None:
                 f.write(f"{time.strftime('%H:%M:%S')} {stage} {fraction:.2f}\n")
 
     if device.type == "cuda":
+        torch.cuda.init()  # the allocator's peak counters exist only once CUDA is initialised
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     result = evaluate(
