@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime as dt
 
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from app.db.models import Job, WebhookDelivery, utcnow
 
@@ -33,15 +33,26 @@ def enqueue(session: Session, job_id: str, event: str) -> None:
 
 
 def due(session: Session, *, limit: int) -> list[WebhookDelivery]:
-    """Calls whose next attempt is due, oldest first."""
+    """Calls whose next attempt is due, oldest first; a job's calls go in order (one waits while an
+    earlier call of its job is still to be delivered)."""
+    earlier = aliased(WebhookDelivery)
+    pending_before = (
+        select(earlier.id)
+        .where(
+            earlier.job_id == WebhookDelivery.job_id,
+            earlier.id < WebhookDelivery.id,
+            earlier.next_attempt_at.is_not(None),
+        )
+        .exists()
+    )
     query = (
         select(WebhookDelivery)
-        .where(WebhookDelivery.next_attempt_at <= utcnow())
+        .where(WebhookDelivery.next_attempt_at <= utcnow(), ~pending_before)
         .order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.id)
         .limit(limit)
     )
     rows = list(session.scalars(query))
-    session.rollback()  # end the read: the claims below are their own transactions
+    session.expunge_all()  # the caller uses them after this session ends
     return rows
 
 
