@@ -1,4 +1,4 @@
-"""Administration commands: `python -m app.cli create-key --owner alice --scopes jobs,generate`.
+"""Administration commands: `ptq4arvg admin create-key --owner alice --scopes jobs,generate`.
 
 Commands: create-key, list-keys, revoke-key, migrate, sync-models.
 """
@@ -25,7 +25,7 @@ def _scopes(value: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m app.cli", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="ptq4arvg admin", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     create = sub.add_parser("create-key", help="create an API key and print its token (shown once)")

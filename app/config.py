@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import secrets
 from pathlib import Path
 from typing import Annotated
 
@@ -89,6 +91,25 @@ class Settings(BaseSettings):
     )
     max_generate_images: int = Field(64, ge=1, description="Most images one /v1/generate call may ask for.")
     max_request_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted (413 above).")
+    artifact_retention_days: float | None = Field(
+        None,
+        gt=0,
+        description="Artifacts older than this are deleted (files and records) by the workers' reconciler; "
+        "unset = kept until deleted. The job record stays.",
+    )
+    webhook_secret: str | None = Field(
+        None,
+        min_length=16,
+        description="The deployment's webhook secret: each owner's signing key is derived from it (GET "
+        "/v1/webhooks/default/secret). Unset = jobs with a `webhook` are refused.",
+    )
+    webhook_max_attempts: int = Field(
+        8, ge=1, description="Tries of one webhook call before it is given up (then logged)."
+    )
+    webhook_retry_seconds: float = Field(
+        2.0, gt=0, description="Wait before the first retry of a failed webhook call; doubled each time."
+    )
+    webhook_timeout_seconds: float = Field(5.0, gt=0, description="Longest wait for a webhook receiver.")
 
     @field_validator("checkpoint_roots", mode="before")
     @classmethod
@@ -114,6 +135,7 @@ class Settings(BaseSettings):
             "result_backend": f"db+sqlite:///{var / 'results.db'}",
             "artifact_dir": var / "artifacts",
             "checkpoint_roots": [var / "checkpoints"],
+            "webhook_secret": _embedded_webhook_secret(var),
         }
         values.update(overrides)
         return cls(**values)
@@ -128,6 +150,18 @@ class Settings(BaseSettings):
                 value = os.pathsep.join(map(str, value))
             env[ENV_PREFIX + name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
         return env
+
+
+def _embedded_webhook_secret(var: Path) -> str:
+    """The embedded setup's webhook secret: made on first use, kept in <var>/webhook.secret (0600)."""
+    path = var / "webhook.secret"
+    if not path.exists():
+        var.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32) + "\n")
+    return path.read_text().strip()
 
 
 @functools.lru_cache

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from app.artifacts_cli import add_artifacts_command
 from quantcore.cli import main as engine_main
 
 
@@ -64,6 +65,7 @@ def _admin(args: argparse.Namespace) -> int:
 
 
 def add_service_commands(sub) -> None:
+    add_artifacts_command(sub)
     p = sub.add_parser(
         "serve",
         help="run the REST API; with no PTQ4ARVG_DATABASE_URL it is the embedded single-machine setup",

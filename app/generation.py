@@ -28,6 +28,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,8 +181,8 @@ class GeneratorCache:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._seconds_per_request = 1.0  # running mean, for Retry-After
-        self.batches_served = 0  # engine calls, and the requests they served (/metrics)
-        self.requests_served = 0
+        # (requests, images, seconds) of each engine call: /metrics sets it
+        self.on_batch: Callable[[int, int, float], None] | None = None
 
     # ------------------------------------------------------------------------------ the caller side
 
@@ -285,10 +286,11 @@ class GeneratorCache:
         generator = self._generator(first.source)
         classes = [c for r in batch for c in r.classes]
         seeds = [s for r in batch for s in r.seeds]
+        started = time.perf_counter()
         images = to_uint8_images(generator.generate(classes, seeds, **first.sampling))
+        if self.on_batch is not None:
+            self.on_batch(len(batch), len(classes), time.perf_counter() - started)
         used = {**dict(getattr(generator, "default_sampling", {}) or {}), **first.sampling}
-        self.batches_served += 1
-        self.requests_served += len(batch)
         start = 0
         for r in batch:
             r.resolve((images[start : start + len(r.classes)], used))

@@ -15,9 +15,9 @@ from app.config import Settings, get_settings
 from app.db.session import get_sessionmaker, session_scope
 from app.edge import EdgeMiddleware, database_unavailable, validation_error
 from app.generation import GeneratorCache
-from app.metrics import HttpMetrics, MetricsMiddleware
+from app.metrics import Metrics, MetricsMiddleware
 from app.readiness import Readiness
-from app.routes import artifacts, generate, health, jobs, models, references
+from app.routes import artifacts, docs, generate, health, jobs, models, references, webhooks
 from worker.celery_app import make_celery
 
 log = logging.getLogger(__name__)
@@ -65,13 +65,16 @@ def create_app(settings: Settings | None = None, *, run_worker: bool = False) ->
         description="Post-training quantization jobs, artifacts and generation for autoregressive image "
         "generators (PTQ4ARVG). Every route but /healthz and /readyz needs `Authorization: Bearer <key>`.",
         lifespan=lifespan,
+        docs_url=None,  # served from local assets by app.routes.docs
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.sessionmaker = get_sessionmaker(settings.database_url)
     app.state.celery = make_celery(settings)
     app.state.generators = GeneratorCache(settings)
     app.state.readiness = Readiness(app.state.sessionmaker, settings)
-    app.state.metrics = HttpMetrics()
+    app.state.metrics = Metrics(app.state.sessionmaker, app.state.generators)
+    app.state.generators.on_batch = app.state.metrics.observe_batch
     app.add_middleware(EdgeMiddleware, max_bytes=settings.max_request_bytes)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(OperationalError, database_unavailable)
@@ -83,6 +86,9 @@ def create_app(settings: Settings | None = None, *, run_worker: bool = False) ->
         models.router,
         references.router,
         generate.router,
+        webhooks.router,
+        docs.router,
     ):
         app.include_router(router)
+    app.mount(docs.STATIC_URL, docs.static_files(), name="static")
     return app

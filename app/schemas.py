@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import urllib.parse
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
@@ -52,10 +53,41 @@ JOB_SPEC_EXAMPLES = {
 }
 
 
+WebhookEvent = Literal["start", "output", "logs", "completed"]
+SERVICE_FIELDS = frozenset({"webhook", "webhook_events_filter"})  # the service's, not the engine's
+
+
 class JobSpec(engine.JobSpec):
     """What to quantize and how: the engine's job spec (quantcore.spec), as the REST API takes it."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [JOB_SPEC_EXAMPLE]})
+
+    webhook: str | None = Field(
+        None,
+        max_length=2048,
+        description="An http(s) URL that gets a signed POST on the events of `webhook_events_filter` "
+        "(README: Webhooks).",
+        examples=["https://example.com/hooks/ptq4arvg"],
+    )
+    webhook_events_filter: list[WebhookEvent] | None = Field(
+        None,
+        min_length=1,
+        description="Which events call the webhook: start, output (a new stage), logs (other state "
+        "changes), completed. Default: all of them.",
+    )
+
+    @field_validator("webhook")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urllib.parse.urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("must be an http:// or https:// URL with a host")
+        return value
+
+    def engine_dict(self) -> dict[str, Any]:
+        """The spec as the engine takes it (without the service's own fields)."""
+        return self.model_dump(mode="json", exclude=set(SERVICE_FIELDS))
 
     @field_validator("tokenizer_checkpoint")
     @classmethod
@@ -137,13 +169,39 @@ class ArtifactFile(BaseModel):
     url: str
 
 
-class ArtifactOut(BaseModel):
+class ArtifactSummary(BaseModel):
     id: str
     job_id: str
+    owner: str
+    model: str = Field(..., description="The model its job named.")
+    recipe: str = Field(..., description="The recipe its job ran (preset or recipe name).")
+    w_bits: int
+    a_bits: int | None
     created_at: dt.datetime
     total_bytes: int
+
+
+class ArtifactOut(ArtifactSummary):
     files: list[ArtifactFile]
     manifest: dict[str, Any]
+
+
+class ArtifactList(BaseModel):
+    items: list[ArtifactSummary]
+    total: int
+    limit: int
+    offset: int
+
+
+# ---------------------------------------------------------------------------------------- webhooks
+
+
+class WebhookSecret(BaseModel):
+    key: str = Field(
+        ...,
+        description="Your signing secret (`whsec_` + base64 key): verify `webhook-signature` with it.",
+        examples=["whsec_MfKQ9r8GKYqrTz2UTYZx4TvYlv1SdE3tcGiPcK2ZRm0="],
+    )
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -243,7 +301,7 @@ class GenerateRequest(_Strict):
         json_schema_extra={
             "examples": [
                 {"artifact_id": "0b7f…", "classes": [1, 2, 3], "seed": 0, "format": "png"},
-                {"model": "llamagen-fmnist-tiny", "classes": [7], "seed": 3, "sampling": {"cfg_scale": 2.0}},
+                {"model": "tiny-llamagen", "classes": [7], "seed": 3, "sampling": {"cfg_scale": 2.0}},
             ]
         },
     )

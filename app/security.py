@@ -11,7 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from app import crud
 from app.deps import SessionDep
 
-bearer = HTTPBearer(auto_error=False, description="An API key made by `python -m app.cli create-key`.")
+bearer = HTTPBearer(auto_error=False, description="An API key made by `ptq4arvg admin create-key`.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,7 @@ worker started as a child process (solo pool, SQLAlchemy broker). The first star
 admin key and writes its token to ``<var_dir>/admin.token`` (mode 0600).
 
 Production: settings come from the environment (PTQ4ARVG_DATABASE_URL, PTQ4ARVG_BROKER_URL, ...);
-run `python -m app.cli migrate` before, and workers separately (app.worker_cmd).
+run `ptq4arvg admin migrate` before, and workers separately (app.worker_cmd).
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ The engine's registry (``quantcore.registry``) is imported lazily, never at modu
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import logging
 import uuid
 import zipfile
@@ -15,6 +17,7 @@ from typing import Any
 import numpy as np
 from celery import Celery
 from fastapi import HTTPException, status
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app import checkpoints, crud, schemas
@@ -175,23 +178,60 @@ def build_engine_spec(db: Session, spec: schemas.JobSpec) -> tuple[dict[str, Any
                 f"checkpoint '{ckpt.name}' is for model '{ckpt.base_model}', not '{base_name}'",
             )
         checkpoint, sha = ckpt.checkpoint_path, ckpt.checkpoint_sha256
-    job = {**spec.model_dump(mode="json"), "model": base_name, "checkpoint": checkpoint}
+    job = {**spec.engine_dict(), "model": base_name, "checkpoint": checkpoint}
     job["evaluation"]["reference"] = resolve_reference(db, spec.evaluation.reference)
     return job, sha
 
 
+def _replayed(db: Session, owner: str, key: str, request_sha256: str) -> Job | None:
+    """The job an earlier request with this Idempotency-Key made; 409 if that request's body differed."""
+    job = jobs.find_by_idempotency_key(db, owner, key)
+    if job is not None and job.request_sha256 != request_sha256:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            detail=f"Idempotency-Key '{key}' was already used with another body (job {job.id}); "
+            "use a new key for a new job",
+        )
+    return job
+
+
 def submit_job(
-    db: Session, celery: Celery, settings: Settings, spec: schemas.JobSpec, principal: Principal
-) -> Job:
+    db: Session,
+    celery: Celery,
+    settings: Settings,
+    spec: schemas.JobSpec,
+    principal: Principal,
+    idempotency_key: str | None = None,
+) -> tuple[Job, bool]:
+    """Record and queue a job; (the job, whether it was made by an earlier request with the same key)."""
+    if spec.webhook is not None and not settings.webhook_secret:
+        raise field_error(
+            ("body", "webhook"), "this server signs no webhooks (PTQ4ARVG_WEBHOOK_SECRET is not set)"
+        )
+    body = spec.model_dump(mode="json")
+    request_sha256 = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    if idempotency_key is not None:
+        earlier = _replayed(db, principal.owner, idempotency_key, request_sha256)
+        if earlier is not None:
+            return earlier, True
     engine_spec, sha = build_engine_spec(db, spec)
-    job = jobs.create_job(
-        db,
-        owner=principal.owner,
-        spec=spec.model_dump(mode="json"),
-        recipe=spec.recipe_name,
-        engine_spec=engine_spec,
-        checkpoint_sha256=sha,
-    )
+    try:
+        job = jobs.create_job(
+            db,
+            owner=principal.owner,
+            spec=body,
+            recipe=spec.recipe_name,
+            engine_spec=engine_spec,
+            checkpoint_sha256=sha,
+            idempotency_key=idempotency_key,
+            request_sha256=request_sha256 if idempotency_key is not None else None,
+        )
+    except IntegrityError:  # a concurrent request with the same key won the insert
+        db.rollback()
+        earlier = _replayed(db, principal.owner, idempotency_key, request_sha256)
+        if earlier is None:
+            raise
+        return earlier, True
     task_id = str(uuid.uuid4())
     try:
         celery.send_task(
@@ -212,7 +252,7 @@ def submit_job(
             headers={"Location": f"/v1/jobs/{job.id}", "Retry-After": "10"},
         ) from e
     jobs.set_task_id(db, job.id, task_id)
-    return jobs.get_job(db, job.id)
+    return jobs.get_job(db, job.id), False
 
 
 def job_out(job: Job, *, events: list | None = None) -> schemas.JobOut:

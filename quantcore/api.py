@@ -25,7 +25,7 @@ from quantcore.generation import ImageGenerator
 from quantcore.pipeline import quantize
 from quantcore.quant.modules import iter_quant_modules
 from quantcore.quant.real import plan_execution, to_real
-from quantcore.registry import get_spec, load_model_and_tokenizer
+from quantcore.registry import get_spec, load_model_and_tokenizer, tokenizer_file
 from quantcore.spec import EvaluationSpec, JobSpec
 
 
@@ -309,6 +309,8 @@ def quantize_job(
         # per layer, the path a loader on this kind of device runs (the loader records its own)
         "execution": {**devices.describe_device(device), "layers": plan_execution(quantized, device)},
     }
-    manifest = save_artifact(out_dir, quantized, tokenizer, manifest)
+    manifest = save_artifact(
+        out_dir, quantized, tokenizer, manifest, tokenizer_file(job.model, job.tokenizer_checkpoint)
+    )
     report_progress("done", 1.0)
     return manifest

@@ -4,7 +4,10 @@
                             codes (4- and 6-bit packed, else one byte each) beside their per-row
                             scale and zero-point; everything else (biases, norms, embeddings,
                             quantizer tables) as is
-    tokenizer.safetensors   the tokenizer's weights, so the artifact generates images on its own
+    tokenizer.safetensors   only for a tokenizer with random weights (nothing else could reproduce it);
+                            a tokenizer loaded from a file is referenced instead: the manifest's
+                            `tokenizer_weights` names the file (bundled: by name in the zoo; else its
+                            path) with its sha256 and size, and loading checks that hash
     manifest.json           model id + checkpoint hash, recipe, per-layer quantization, calibration
                             selection, metrics, library versions, and sha256 + size of every file
 
@@ -32,8 +35,8 @@ from quantcore import __version__
 from quantcore.checkpoint import file_sha256
 from quantcore.errors import ArtifactError
 
-FORMAT = "ptq4arvg-artifact/2"
-READABLE_FORMATS = ("ptq4arvg-artifact/1", FORMAT)
+FORMAT = "ptq4arvg-artifact/3"  # 3: the tokenizer is referenced, not copied
+READABLE_FORMATS = ("ptq4arvg-artifact/1", "ptq4arvg-artifact/2", FORMAT)
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.safetensors"
@@ -88,10 +91,52 @@ def versions() -> dict:
     return {"ptq4arvg": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
 
+def _tokenizer_reference(path: Path) -> dict:
+    from quantcore.zoo import WEIGHTS_DIR
+
+    path = Path(path).resolve()
+    bundled = path.parent == WEIGHTS_DIR.resolve()  # named, not located: the install may move
+    return {
+        "source": "bundled" if bundled else "file",
+        "path": path.name if bundled else str(path),
+        "sha256": file_sha256(path),
+        "size": path.stat().st_size,
+    }
+
+
+def tokenizer_weights_path(reference: dict) -> Path:
+    """Where a manifest's `tokenizer_weights` reference points on this machine."""
+    from quantcore.zoo import WEIGHTS_DIR
+
+    if reference.get("source") == "bundled":
+        name = str(reference.get("path", ""))
+        if not name or "/" in name or "\\" in name or name.startswith("."):
+            raise ArtifactError(f"unsafe bundled tokenizer name {name!r} in the manifest")
+        return WEIGHTS_DIR / name
+    return Path(reference["path"])
+
+
+def _verify_tokenizer_reference(artifact_dir: Path, reference: dict) -> None:
+    path = tokenizer_weights_path(reference)
+    if not path.is_file():
+        raise ArtifactError(f"{artifact_dir}: its tokenizer weights {path} are missing on this machine")
+    if path.stat().st_size != reference["size"] or file_sha256(path) != reference["sha256"]:
+        raise ArtifactError(
+            f"{artifact_dir}: tokenizer weights {path} are not the file the artifact was made with "
+            f"(sha256 {reference['sha256'][:12]}…)"
+        )
+
+
 def save_artifact(
-    out_dir: str | Path, model: torch.nn.Module, tokenizer: torch.nn.Module, manifest: dict
+    out_dir: str | Path,
+    model: torch.nn.Module,
+    tokenizer: torch.nn.Module,
+    manifest: dict,
+    tokenizer_checkpoint: str | Path | None = None,
 ) -> dict:
-    """Write the artifact to `out_dir` (which must not exist or be empty); returns the full manifest."""
+    """Write the artifact to `out_dir` (which must not exist or be empty); returns the full manifest.
+    `tokenizer_checkpoint`: the file the tokenizer was loaded from (referenced, not copied); None = its
+    weights are random and are stored."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ArtifactError(f"artifact folder {out_dir} is not empty; choose a new folder")
@@ -100,14 +145,20 @@ def save_artifact(
     try:
         state, storage = _packed_model_state(model)
         save_file(state, str(tmp / MODEL_FILE))
-        save_file(_tensors(tokenizer), str(tmp / TOKENIZER_FILE))
+        names = [MODEL_FILE]
+        reference = {}
+        if tokenizer_checkpoint is None:
+            save_file(_tensors(tokenizer), str(tmp / TOKENIZER_FILE))
+            names.append(TOKENIZER_FILE)
+        else:
+            reference = {"tokenizer_weights": _tokenizer_reference(Path(tokenizer_checkpoint))}
         files = {
-            name: {"sha256": file_sha256(tmp / name), "size": (tmp / name).stat().st_size}
-            for name in (MODEL_FILE, TOKENIZER_FILE)
+            name: {"sha256": file_sha256(tmp / name), "size": (tmp / name).stat().st_size} for name in names
         }
         full = {
             "format": FORMAT,
             **manifest,
+            **reference,
             "weight_storage": storage,
             "versions": versions(),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -147,9 +198,12 @@ def verify_artifact(artifact_dir: str | Path) -> dict:
     artifact_dir = Path(artifact_dir)
     manifest = read_manifest(artifact_dir)
     files = manifest.get("files") or {}
-    for name in (MODEL_FILE, TOKENIZER_FILE):
+    reference = manifest.get("tokenizer_weights")
+    for name in (MODEL_FILE,) if reference else (MODEL_FILE, TOKENIZER_FILE):
         if name not in files:
             raise ArtifactError(f"{artifact_dir}: manifest does not list {name}")
+    if reference:
+        _verify_tokenizer_reference(artifact_dir, reference)
     for name, meta in files.items():
         if "/" in name or "\\" in name or name.startswith("."):
             raise ArtifactError(f"{artifact_dir}: manifest lists an unsafe file name {name!r}")
@@ -174,7 +228,7 @@ def load_artifact(artifact_dir: str | Path, device: str | torch.device = "cpu"):
     from quantcore.pipeline import rebuild_structure
     from quantcore.quant.modules import set_quant_mode
     from quantcore.registry import get_spec
-    from quantcore.tokenizers import build_tokenizer
+    from quantcore.tokenizers import build_tokenizer, load_tokenizer
 
     artifact_dir = Path(artifact_dir)
     manifest = verify_artifact(artifact_dir)
@@ -187,8 +241,12 @@ def load_artifact(artifact_dir: str | Path, device: str | torch.device = "cpu"):
     model = rebuild_structure(spec.build("cpu"), manifest["layers"], state)
     try:
         model.load_state_dict(state, strict=True)
-        tokenizer = build_tokenizer(manifest["model"]["tokenizer"])
-        tokenizer.load_state_dict(load_file(str(artifact_dir / TOKENIZER_FILE)), strict=True)
+        if "tokenizer_weights" in manifest:
+            path = tokenizer_weights_path(manifest["tokenizer_weights"])
+            tokenizer = load_tokenizer(manifest["model"]["tokenizer"], path)
+        else:
+            tokenizer = build_tokenizer(manifest["model"]["tokenizer"])
+            tokenizer.load_state_dict(load_file(str(artifact_dir / TOKENIZER_FILE)), strict=True)
     except RuntimeError as exc:
         raise ArtifactError(f"{artifact_dir}: weights do not fit the recorded structure: {exc}") from None
     bind_tokenizer(model, tokenizer)

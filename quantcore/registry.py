@@ -126,6 +126,13 @@ def load_model(
     return model.eval()
 
 
+def tokenizer_file(name: str, tokenizer_checkpoint: str | Path | None = None) -> Path | None:
+    """The file a model's tokenizer loads from: the one given, a bundled model's own, or None (random)."""
+    if tokenizer_checkpoint is None and name in zoo.BUNDLED:
+        return zoo.BUNDLED[name].tokenizer_checkpoint
+    return None if tokenizer_checkpoint is None else Path(tokenizer_checkpoint)
+
+
 def load_model_and_tokenizer(
     name: str,
     checkpoint: str | Path | None = None,
@@ -134,8 +141,7 @@ def load_model_and_tokenizer(
 ) -> tuple[torch.nn.Module, torch.nn.Module]:
     """A registered model and its tokenizer, bound together; bundled models default to their weights."""
     model = load_model(name, checkpoint, device)
-    if tokenizer_checkpoint is None and name in zoo.BUNDLED:
-        tokenizer_checkpoint = zoo.BUNDLED[name].tokenizer_checkpoint
+    tokenizer_checkpoint = tokenizer_file(name, tokenizer_checkpoint)
     tokenizer = load_tokenizer(get_spec(name).config.tokenizer, tokenizer_checkpoint, device)
     bind_tokenizer(model, tokenizer)
     return model, tokenizer

@@ -6,6 +6,10 @@ An attempt writes into ``.staging/<job>.<attempt>`` (the engine makes its own te
 first, under an id derived from job and attempt, and then renames the folder into the root. So a kill
 at any instant leaves either nothing referenced (the staging folder, removed by the next sweep) or a
 committed artifact whose folder the next sweep finishes moving into place.
+
+Deleting goes the other way: the folder is renamed into ``.trash/<artifact id>``, then the record is
+deleted, then the folder removed. A kill in between leaves a ``.trash`` entry, which the next sweep
+finishes (record and folder); nothing outside ``.staging`` and ``.trash`` is ever removed by a sweep.
 """
 
 from __future__ import annotations
@@ -18,11 +22,12 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from app.db import recovery
+from app.db import jobs, recovery
 
 log = logging.getLogger(__name__)
 
 STAGING = ".staging"
+TRASH = ".trash"
 _ARTIFACTS = uuid.UUID("5d6c1b1e-2f0a-4a8e-9a57-3f1d2c4b7a10")  # namespace of artifact ids
 
 
@@ -51,6 +56,47 @@ def publish(staging: Path, root: Path, artifact_id: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _to_trash(root: Path, artifact_id: str, path: str) -> None:
+    trash = Path(root) / TRASH
+    trash.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(Path(root) / path, trash / artifact_id)
+    except FileNotFoundError:
+        pass  # never published, or already moved by a concurrent delete
+
+
+def delete_artifact(session: Session, root: Path, artifact_id: str, path: str) -> bool:
+    """Delete an ended job's artifact, record and files; False if its record was already gone."""
+    _to_trash(root, artifact_id, path)
+    deleted = jobs.delete_artifact_row(session, artifact_id)
+    shutil.rmtree(Path(root) / TRASH / artifact_id, ignore_errors=True)
+    return deleted
+
+
+def delete_job(session: Session, root: Path, job_id: str) -> bool:
+    """Delete an ended job with its events and its artifact (record and files); False if it was gone."""
+    _, artifact = recovery.job_and_artifact(session, job_id)
+    if artifact is not None:
+        _to_trash(root, artifact.id, artifact.path)
+    deleted = jobs.delete_job_row(session, job_id)
+    if artifact is not None:
+        shutil.rmtree(Path(root) / TRASH / artifact.id, ignore_errors=True)
+    return deleted
+
+
+def empty_trash(session: Session, root: Path) -> list[str]:
+    """Finish the deletions a kill interrupted: delete the record (if left) and the folder."""
+    trash = Path(root) / TRASH
+    if not trash.is_dir():
+        return []
+    finished = []
+    for entry in sorted(trash.iterdir()):
+        jobs.delete_artifact_row(session, entry.name)
+        shutil.rmtree(entry, ignore_errors=True)
+        finished.append(entry.name)
+    return finished
 
 
 def _parse(name: str) -> tuple[str, int, bool] | None:

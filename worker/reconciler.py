@@ -6,7 +6,9 @@
 3. re-send: a job queued for longer than one period whose task id the broker does not hold (a Redis
    restart without persistence, a submission while the broker was down) gets a new message;
 4. sweep: staging folders of attempts that no longer run are removed (or, for a committed artifact,
-   moved into place).
+   moved into place), and deletions a kill interrupted are finished;
+5. expire: with ``artifact_retention_days`` set, artifacts older than that are deleted (never one of
+   a job that has not ended).
 
 Every step is a compare-and-set in the database, so the sweeps of many workers never double a job;
 a duplicate message is harmless anyway (the task is idempotent on the job id). A step that fails
@@ -112,7 +114,7 @@ class Reconciler:
             self._stop.wait(self.settings.reconcile_seconds)
 
     def tick(self) -> None:
-        for step in (self.beat, self.reap, self.resend, self.sweep):
+        for step in (self.beat, self.reap, self.resend, self.sweep, self.expire):
             try:
                 step()
             except Exception as e:  # the database or broker is down: the next tick tries again
@@ -158,7 +160,27 @@ class Reconciler:
 
     def sweep(self) -> list[str]:
         with session_scope(self.settings.database_url) as session:
-            return disk.sweep(session, self.settings.artifact_dir)
+            return disk.sweep(session, self.settings.artifact_dir) + disk.empty_trash(
+                session, self.settings.artifact_dir
+            )
+
+    def expire(self) -> list[str]:
+        """Delete the artifacts past the retention period; their ids."""
+        days = self.settings.artifact_retention_days
+        if days is None:
+            return []
+        expired = []
+        with session_scope(self.settings.database_url) as session:
+            for artifact in jobs.expired_artifacts(session, older_than_days=days):
+                if disk.delete_artifact(session, self.settings.artifact_dir, artifact.id, artifact.path):
+                    log.info(
+                        "artifact %s of job %s expired (older than %g days)",
+                        artifact.id,
+                        artifact.job_id,
+                        days,
+                    )
+                    expired.append(artifact.id)
+        return expired
 
     def _send(self, job_id: str, old_task_id: str | None) -> None:
         new = str(uuid.uuid4())

@@ -161,6 +161,7 @@ class _Execution:
                         progress=overall,
                         eta_seconds=eta,
                         stage_started_at=self.stage_started,
+                        stage_changed=changed,
                     )
             except SQLAlchemyError as e:  # the database is away: keep working, the lease decides
                 log.warning("job %s: progress not recorded (%s)", self.job_id, type(e).__name__)

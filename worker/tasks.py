@@ -12,6 +12,7 @@ from app.config import get_settings
 from worker import runner
 from worker.celery_app import TASK_PING, TASK_RUN_JOB, celery_app
 from worker.reconciler import Reconciler
+from worker.webhooks import WebhookSender
 
 
 @celery_app.task(name=TASK_PING)
@@ -42,17 +43,23 @@ def run_job(self, job_id: str) -> str:
 
 
 _reconciler: Reconciler | None = None
+_webhooks: WebhookSender | None = None
 
 
 @worker_ready.connect
 def _start_reconciler(sender=None, **_kwargs) -> None:
-    """Beat, reap lost workers' jobs, re-send lost messages and sweep staging, now and on a timer."""
-    global _reconciler
+    """Beat, reap lost workers' jobs, re-send lost messages, sweep staging and expire artifacts, now and
+    on a timer; and deliver webhook calls, beside whatever job runs."""
+    global _reconciler, _webhooks
     _reconciler = Reconciler(get_settings(), celery_app, sender.hostname if sender else socket.gethostname())
     _reconciler.start()
+    _webhooks = WebhookSender(get_settings())
+    _webhooks.start()
 
 
 @worker_shutdown.connect
 def _stop_reconciler(**_kwargs) -> None:
+    if _webhooks is not None:
+        _webhooks.stop()
     if _reconciler is not None:
         _reconciler.stop()

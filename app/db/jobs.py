@@ -11,9 +11,10 @@ import datetime as dt
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
+from app.db import webhooks
 from app.db.models import TERMINAL_STATES, Artifact, Job, JobEvent, utcnow
 
 # -------------------------------------------------------------------------------------------- jobs
@@ -49,9 +50,14 @@ def create_job(
     recipe: str,
     engine_spec: dict[str, Any],
     checkpoint_sha256: str | None = None,
+    idempotency_key: str | None = None,
+    request_sha256: str | None = None,
 ) -> Job:
+    """Insert a queued job; raises IntegrityError when the owner already used ``idempotency_key``."""
     job = Job(
         checkpoint_sha256=checkpoint_sha256,
+        idempotency_key=idempotency_key,
+        request_sha256=request_sha256,
         owner=owner,
         model=spec["model"],
         recipe=recipe[:32],
@@ -69,6 +75,10 @@ def create_job(
     _event(session, job.id, None, "queued", 0, message="job accepted")
     session.commit()
     return job
+
+
+def find_by_idempotency_key(session: Session, owner: str, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.owner == owner, Job.idempotency_key == key))
 
 
 def set_task_id(session: Session, job_id: str, task_id: str) -> None:
@@ -146,8 +156,16 @@ def transition(
     current = session.scalar(select(Job.attempt).where(Job.id == job_id))
     from_state = from_states[0] if len(from_states) == 1 else None
     _event(session, job_id, from_state, to_state, current or 0, worker=actor, message=message)
+    webhooks.enqueue(session, job_id, _event_kind(to_state))
     session.commit()
     return True
+
+
+def _event_kind(to_state: str) -> str:
+    """The webhook event of a state change (Replicate's names): start, completed, or logs (e.g. requeued)."""
+    if to_state == "running":
+        return "start"
+    return "completed" if to_state in TERMINAL_STATES else "logs"
 
 
 def request_cancel(session: Session, job: Job) -> Job:
@@ -218,9 +236,10 @@ def update_progress(
     progress: float,
     eta_seconds: float | None,
     stage_started_at: dt.datetime,
+    stage_changed: bool = False,
 ) -> bool:
     """Record progress (the stage's and the job's) and refresh the heartbeat; False if this attempt no
-    longer owns the job."""
+    longer owns the job. A new stage is the job's webhook "output" event."""
     now = utcnow()
     result = session.execute(
         update(Job)
@@ -235,6 +254,8 @@ def update_progress(
             updated_at=now,
         )
     )
+    if result.rowcount == 1 and stage_changed:
+        webhooks.enqueue(session, job_id, "output")
     session.commit()
     return result.rowcount == 1
 
@@ -310,6 +331,8 @@ def finish_succeeded(
         )
     )
     _event(session, job_id, "running", "succeeded", attempt, worker=worker, message=f"artifact {artifact_id}")
+    session.flush()
+    webhooks.enqueue(session, job_id, "completed")
     session.commit()
     return True
 
@@ -331,3 +354,52 @@ def get_artifact(session: Session, artifact_id: str, *, owner: str | None = None
     if owner is not None:
         query = query.where(Artifact.owner == owner)
     return session.scalar(query)
+
+
+def list_artifacts(
+    session: Session,
+    *,
+    owner: str | None,
+    model: str | None = None,
+    recipe: str | None = None,
+    limit: int = 20,
+    offset: int = 0,
+) -> tuple[list[Artifact], int]:
+    """Artifacts (``owner``'s, or everyone's for None), newest first, filtered by their job's model/recipe."""
+    query = select(Artifact).join(Job, Artifact.job_id == Job.id)
+    if owner is not None:
+        query = query.where(Artifact.owner == owner)
+    if model is not None:
+        query = query.where(Job.model == model)
+    if recipe is not None:
+        query = query.where(Job.recipe == recipe)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(
+        query.order_by(Artifact.created_at.desc(), Artifact.id.desc()).limit(limit).offset(offset)
+    )
+    return list(rows), total
+
+
+def _ended(job_id_column):
+    return job_id_column.in_(select(Job.id).where(Job.state.in_(tuple(TERMINAL_STATES))))
+
+
+def delete_artifact_row(session: Session, artifact_id: str) -> bool:
+    """Delete an artifact's record if its job has ended (compare-and-set); True if this call did."""
+    result = session.execute(delete(Artifact).where(Artifact.id == artifact_id, _ended(Artifact.job_id)))
+    session.commit()
+    return result.rowcount == 1
+
+
+def delete_job_row(session: Session, job_id: str) -> bool:
+    """Delete an ended job with its events, artifact record and webhook calls (the foreign keys cascade)."""
+    result = session.execute(delete(Job).where(Job.id == job_id, Job.state.in_(tuple(TERMINAL_STATES))))
+    session.commit()
+    return result.rowcount == 1
+
+
+def expired_artifacts(session: Session, *, older_than_days: float) -> list[Artifact]:
+    """Artifacts past the retention period whose job has ended (a live job's are never returned)."""
+    cutoff = utcnow() - dt.timedelta(days=older_than_days)
+    query = select(Artifact).where(Artifact.created_at < cutoff, _ended(Artifact.job_id))
+    return list(session.scalars(query.order_by(Artifact.created_at)))

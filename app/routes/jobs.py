@@ -2,13 +2,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, HTTPException, Query, Response, status
+from fastapi import APIRouter, Body, Header, HTTPException, Query, Response, status
 from sqlalchemy.orm import Session
 
 from app import redact, schemas, services
 from app.db import jobs, recovery
+from app.db.models import TERMINAL_STATES
 from app.deps import CeleryDep, SessionDep, SettingsDep
 from app.security import JobsPrincipal, Principal
+from worker import disk
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=schemas.error_responses(401, 403))
 
@@ -39,10 +41,22 @@ def create_job(
     celery: CeleryDep,
     settings: SettingsDep,
     principal: JobsPrincipal,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            min_length=1,
+            max_length=255,
+            pattern=r"^[\x21-\x7e]+$",
+            description="Makes a retried request safe: the same key with the same body answers the job the "
+            "first request made (200); with another body, 409. Keys are per owner and kept with the job.",
+        ),
+    ] = None,
 ) -> schemas.JobOut:
-    """Queue a quantization job. Poll the `Location` for its state."""
-    job = services.submit_job(db, celery, settings, spec, principal)
+    """Queue a quantization job. Poll the `Location` for its state, or give a `webhook`."""
+    job, replayed = services.submit_job(db, celery, settings, spec, principal, idempotency_key)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
+    if replayed:
+        response.status_code = status.HTTP_200_OK
     return _out(db, job, principal)
 
 
@@ -72,6 +86,26 @@ def get_job(
 ) -> schemas.JobOut:
     job = _get_visible_job(db, job_id, principal)
     return _out(db, job, principal, events=jobs.list_events(db, job.id))
+
+
+@router.delete(
+    "/{job_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    responses=schemas.error_responses(404, 409),
+)
+def delete_job(job_id: str, db: SessionDep, settings: SettingsDep, principal: JobsPrincipal) -> Response:
+    """Delete an ended job: its record, events and artifact (files too). A queued or running job is
+    refused (409): cancel it first."""
+    job = _get_visible_job(db, job_id, principal)
+    if job.state not in TERMINAL_STATES:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            detail=f"job {job_id} is {job.state}: cancel it (POST /v1/jobs/{job_id}/cancel) and delete it "
+            "once it has ended",
+        )
+    disk.delete_job(db, settings.artifact_dir, job.id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.post(

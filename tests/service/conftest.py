@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripted_engine, for
 from .helpers import (
     PG_ADMIN_URL,
     REDIS_URL,
+    WEBHOOK_SECRET,
     Service,
     cli,
     create_key,
@@ -96,6 +97,8 @@ def service_env(pg_url, redis_url, run_dir) -> Iterator[dict[str, str]]:
             "PTQ4ARVG_JOB_LEASE_SECONDS": "2",
             "PTQ4ARVG_RECONCILE_SECONDS": "1",
             "PTQ4ARVG_VISIBILITY_TIMEOUT": "6",
+            "PTQ4ARVG_WEBHOOK_SECRET": WEBHOOK_SECRET,
+            "PTQ4ARVG_WEBHOOK_RETRY_SECONDS": "0.3",
             "SCRIPTED_ENGINE_LOG": str(run_dir / "engine-runs.jsonl"),
         }
     )

@@ -20,6 +20,7 @@ PG_ADMIN_URL = os.environ.get(
     "PTQ4ARVG_TEST_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 )
 REDIS_URL = os.environ.get("PTQ4ARVG_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+WEBHOOK_SECRET = "test-deployment-webhook-secret"
 
 
 # ------------------------------------------------------------------------------------ processes

@@ -20,6 +20,7 @@ TABLES = {
     "artifacts",
     "job_events",
     "workers",
+    "webhook_deliveries",
     "alembic_version",
 }
 
