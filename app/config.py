@@ -89,6 +89,13 @@ class Settings(BaseSettings):
     )
     max_generate_images: int = Field(64, ge=1, description="Most images one /v1/generate call may ask for.")
     max_request_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted (413 above).")
+    session_secret: str | None = Field(
+        None,
+        min_length=16,
+        description="Signs the dashboard's session cookies; give every API replica the same one. Unset: "
+        "a random one per process (sessions end at restart).",
+    )
+    session_hours: float = Field(12.0, gt=0, le=24 * 30, description="How long a dashboard login lasts.")
 
     @field_validator("checkpoint_roots", mode="before")
     @classmethod

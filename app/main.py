@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy.exc import OperationalError
 
-from app import services
+from app import services, web
 from app.config import Settings, get_settings
 from app.db.session import get_sessionmaker, session_scope
 from app.edge import EdgeMiddleware, database_unavailable, validation_error
@@ -83,6 +83,7 @@ def create_app(settings: Settings | None = None, *, run_worker: bool = False) ->
         models.router,
         references.router,
         generate.router,
+        web.router,
     ):
         app.include_router(router)
     return app

@@ -331,3 +331,15 @@ def get_artifact(session: Session, artifact_id: str, *, owner: str | None = None
     if owner is not None:
         query = query.where(Artifact.owner == owner)
     return session.scalar(query)
+
+
+def list_artifacts(
+    session: Session, *, owner: str | None, model: str | None = None, limit: int = 100
+) -> list[Artifact]:
+    """Artifacts, newest first; with ``owner``, only that owner's; with ``model``, only of that model."""
+    query = select(Artifact).join(Job, Artifact.job_id == Job.id)
+    if owner is not None:
+        query = query.where(Artifact.owner == owner)
+    if model is not None:
+        query = query.where(Job.model == model)
+    return list(session.scalars(query.order_by(Artifact.created_at.desc(), Artifact.id.desc()).limit(limit)))
