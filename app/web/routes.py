@@ -377,9 +377,14 @@ def live_jobs(
 # ------------------------------------------------------------------------------------- artifacts
 
 
-def _artifact_rows(db, principal: Principal, model: str | None) -> list[schemas.ArtifactOut]:
+def _artifact_rows(db, principal: Principal, model: str | None) -> list[views.ArtifactRow]:
     rows = jobs.list_artifacts(db, owner=principal.owner_filter, model=model, limit=100)
-    return [artifact_routes.get_artifact(a.id, db, principal) for a in rows]
+    return [
+        views.ArtifactRow(
+            artifact_routes.get_artifact(a.id, db, principal), job_routes.get_job(a.job_id, db, principal)
+        )
+        for a in rows
+    ]
 
 
 @router.get("/artifacts")
@@ -394,7 +399,6 @@ def artifacts_page(
         "principal": principal,
         "artifacts": _artifact_rows(db, principal, _optional(model)),
         "model": _optional(model),
-        "bits_label": views.bits_label,
     }
     return _render(request, ws, "artifacts.html", context)
 
@@ -415,26 +419,23 @@ def compare_page(
     artifact: Annotated[list[str], Query(max_length=12)] = (),
 ) -> Response:
     principal = signed_in(request, db, ws, "jobs")
-    chosen = [artifact_routes.get_artifact(a, db, principal) for a in dict.fromkeys(artifact)]
-    models = {a.manifest.get("model", {}).get("name") for a in chosen}
+    chosen = []
+    for artifact_id in dict.fromkeys(artifact):
+        found = artifact_routes.get_artifact(artifact_id, db, principal)
+        chosen.append(views.ArtifactRow(found, job_routes.get_job(found.job_id, db, principal)))
+    models = {row.job.spec.model for row in chosen}
     if len(models) > 1:
         raise _field(
-            ("artifact",),
-            f"compare artifacts of one model; these are of {', '.join(sorted(map(str, models)))}",
+            ("artifact",), f"compare artifacts of one model; these are of {', '.join(sorted(models))}"
         )
-    rows = []
-    for a in chosen:
-        job = job_routes.get_job(a.job_id, db, principal)
-        grid = views.report_grids(job, a.manifest)
-        rows.append(
-            {
-                "artifact": a,
-                "job": job,
-                "metrics": views.flat_metrics(job.metrics),
-                "fp_grid": grid[0],
-                "grid": grid[1],
-            }
-        )
+    rows = [
+        {
+            "row": row,
+            "metrics": views.flat_metrics(row.job.metrics),
+            "grids": views.report_grids(row.job, row.artifact.manifest),
+        }
+        for row in chosen
+    ]
     columns = [k for k in (*views.INCEPTION, *views.FIDELITY) if any(k in r["metrics"] for r in rows)]
     labels = {**views.INCEPTION, **{k: v[0] for k, v in views.FIDELITY.items()}}
     context = {
