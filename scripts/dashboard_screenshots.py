@@ -2,8 +2,8 @@
 
     python scripts/dashboard_screenshots.py --url http://127.0.0.1:8000 --key "$(cat var/admin.token)"
 
-Against a running service (`ptq4arvg serve`) with a worker: it submits two small jobs on tiny-llamagen
-(W8A8 and W6A6), waits for them, then visits each page. Needs Debian's chromium and chromium-driver.
+Against a running service (`ptq4arvg serve`) with a worker: it submits four small jobs on tiny-llamagen
+(rtn and ptq4arvg at W6A6 and W8A8), waits for them, then visits each page. Needs Debian's chromium and chromium-driver.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-PAGES = ("login", "jobs", "report", "compare", "generate", "artifacts", "models")
+PAGES = ("login", "jobs", "report", "report-plots", "compare", "generate", "artifacts", "models")
 CHROMEDRIVER = "/usr/bin/chromedriver"
 SMALL_JOB = {"calibration_num_samples": "16", "calibration_batch_size": "16", "evaluation_num_images": "8"}
 
@@ -47,12 +47,13 @@ def log_in(driver, url: str, key: str) -> None:
     driver.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
 
 
-def submit_job(driver, url: str, w_bits: int, a_bits: int) -> str:
+def submit_job(driver, url: str, recipe: str, w_bits: int, a_bits: int) -> str:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
     driver.get(f"{url}/ui/jobs")
     Select(driver.find_element(By.ID, "model")).select_by_value("tiny-llamagen")
+    Select(driver.find_element(By.ID, "recipe")).select_by_value(recipe)
     fields = {"w_bits": str(w_bits), **SMALL_JOB}
     for name, value in fields.items():
         box = driver.find_element(By.ID, name)
@@ -68,10 +69,14 @@ def wait_ended(driver, timeout: float = 300) -> None:
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        badge = driver.find_element(By.CSS_SELECTOR, "#job-status .badge").text
-        if badge in ("succeeded", "failed", "canceled"):
+        driver.refresh()
+        if driver.find_element(By.CSS_SELECTOR, "#job-status .badge").text in (
+            "succeeded",
+            "failed",
+            "canceled",
+        ):
             return
-        time.sleep(1)
+        time.sleep(2)
     raise SystemExit("the job did not end in time")
 
 
@@ -100,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         driver.get(f"{args.url}/ui/login")
         driver.save_screenshot(str(args.out / "login.png"))
         log_in(driver, args.url, args.key)
-        jobs = [submit_job(driver, args.url, 6, 6), submit_job(driver, args.url, 8, 8)]
+        runs = [("rtn", 6, 6), ("rtn", 8, 8), ("ptq4arvg", 6, 6), ("ptq4arvg", 8, 8)]
+        jobs = [submit_job(driver, args.url, *run) for run in runs]
         driver.get(f"{args.url}/ui/jobs")
         time.sleep(2)  # one live update on the list while the jobs run
         driver.save_screenshot(str(args.out / "jobs.png"))
@@ -111,8 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         wait_images(driver)
         driver.execute_script("document.getElementById('metrics-h').scrollIntoView()")
         driver.save_screenshot(str(args.out / "report.png"))
+        driver.execute_script("document.getElementById('bits-h').scrollIntoView()")
+        driver.save_screenshot(str(args.out / "report-plots.png"))
         driver.get(f"{args.url}/ui/compare")
-        boxes = driver.find_elements(By.CSS_SELECTOR, "input[name=artifact]")[:2]
+        boxes = driver.find_elements(By.CSS_SELECTOR, "input[name=artifact]")[:3]
         for box in boxes:
             box.click()
         driver.find_element(By.CSS_SELECTOR, "main form button[type=submit]").click()

@@ -165,11 +165,11 @@ def metric_vs_bits_plots(jobs: list[schemas.JobOut]) -> list[Markup]:
     """For succeeded jobs of one model: each metric against the bit-width, one line per recipe."""
     by_metric: dict[str, dict[str, dict[str, float]]] = {}
     labels: set[str] = set()
-    for job in jobs:
+    for job in jobs:  # newest first: a recipe's newest job at a bit-width is the point drawn
         label = bits_label(job.spec.w_bits, job.spec.a_bits)
         for key, value in flat_metrics(job.metrics).items():
             if key in PLOTTED:
-                by_metric.setdefault(key, {}).setdefault(job.spec.recipe_name, {})[label] = value
+                by_metric.setdefault(key, {}).setdefault(job.spec.recipe_name, {}).setdefault(label, value)
                 labels.add(label)
     x = sorted(labels, key=_bits_order)
     return [
