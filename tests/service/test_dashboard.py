@@ -150,7 +150,7 @@ def test_scopes_are_the_apis(service, service_env, keys):
     assert (
         carol.get("/ui/grid.png", params={"source": "model:scripted-fast", "classes": "0"}).status_code == 403
     )
-    painter = logged_in(service, create_key(service_env, "dave", "generate"))  # generate only
+    painter = logged_in(service, create_key(service_env, "ui-painter", "generate"))  # generate only
     assert painter.get("/ui/jobs").status_code == 403
     assert painter.get("/ui/live/jobs").status_code == 403
     assert painter.get("/ui/generate").status_code == 200
@@ -181,7 +181,7 @@ def test_another_owners_jobs_and_artifacts_are_not_visible(service, keys, worker
 
 
 def test_a_revoked_key_ends_its_sessions(service, service_env):
-    result = cli(service_env, "create-key", "--owner", "erin", "--scopes", "jobs", "--json")
+    result = cli(service_env, "create-key", "--owner", "ui-revoked", "--scopes", "jobs", "--json")
     key = json.loads(result.stdout)
     erin = logged_in(service, key["token"])
     assert erin.get("/ui/jobs").status_code == 200

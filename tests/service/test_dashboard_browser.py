@@ -116,7 +116,7 @@ def test_submit_watch_report_and_generate(ui, driver, engine_env):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
-    log_in(driver, ui, create_key(engine_env, "uma", "jobs,generate"))
+    log_in(driver, ui, create_key(engine_env, "ui-uma", "jobs,generate"))
     assert driver.current_url.endswith("/ui/jobs")
     Select(driver.find_element(By.ID, "model")).select_by_value("tiny-llamagen")
     for name, value in SMALL_FORM.items():
@@ -169,7 +169,7 @@ def test_submit_watch_report_and_generate(ui, driver, engine_env):
 def test_another_owners_job_is_not_visible(ui, driver, engine_env):
     from selenium.webdriver.common.by import By
 
-    victor = create_key(engine_env, "victor", "jobs")
+    victor = create_key(engine_env, "ui-victor", "jobs")
     spec = {
         "model": "tiny-llamagen",
         "recipe": "rtn",
@@ -179,7 +179,7 @@ def test_another_owners_job_is_not_visible(ui, driver, engine_env):
         "evaluation": {"num_images": 0},
     }
     theirs = submit(ui, victor, **spec)
-    log_in(driver, ui, create_key(engine_env, "wanda", "jobs"))
+    log_in(driver, ui, create_key(engine_env, "ui-wanda", "jobs"))
     assert driver.current_url.endswith("/ui/jobs")
     assert not driver.find_elements(By.CSS_SELECTOR, f'tr[data-job-id="{theirs["id"]}"]')
     driver.get(f"{ui.base_url}/ui/jobs/{theirs['id']}")
