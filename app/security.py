@@ -25,6 +25,9 @@ class Principal:
     def is_admin(self) -> bool:
         return "admin" in self.scopes
 
+    def holds(self, scope: str) -> bool:
+        return scope in self.scopes or self.is_admin
+
     @property
     def owner_filter(self) -> str | None:
         """The owner whose rows this caller may see; None = everyone's (admins)."""
@@ -58,7 +61,7 @@ def authenticate(db: Session, token: str) -> Principal | None:
 
 def check_scope(principal: Principal, scope: str) -> Principal:
     """``principal`` if it holds ``scope`` (admins hold every scope), else 403."""
-    if scope not in principal.scopes and not principal.is_admin:
+    if not principal.holds(scope):
         raise HTTPException(status.HTTP_403_FORBIDDEN, detail=f"this API key lacks the '{scope}' scope")
     return principal
 

@@ -27,6 +27,7 @@ from app.routes import generate as generate_routes
 from app.routes import jobs as job_routes
 from app.routes import models as model_routes
 from app.security import Principal, authenticate, check_scope
+from app.services import field_error
 from app.web import session as web_session
 from app.web import views
 from app.web.session import CSRF_FIELD, WebSession
@@ -65,7 +66,8 @@ def _error_text(detail: Any) -> list[str]:
     """An HTTPException's detail as lines for people (422 lists name their field)."""
     if isinstance(detail, list):
         return [
-            f"{'.'.join(str(p) for p in e.get('loc', []) if p != 'body')}: {e.get('msg')}" for e in detail
+            f"{'.'.join(str(p) for p in e.get('loc', []) if p not in ('body', 'query'))}: {str(e.get('msg')).removeprefix('Value error, ')}"
+            for e in detail
         ]
     return [str(detail)]
 
@@ -82,7 +84,9 @@ class PageRoute(APIRoute):
             except HTTPException as e:
                 if 300 <= e.status_code < 400:
                     raise
-                return _error_page(request, e.status_code, _error_text(e.detail))
+                page = _error_page(request, e.status_code, _error_text(e.detail))
+                page.headers.update(e.headers or {})  # e.g. Retry-After of a busy device
+                return page
             except RequestValidationError as e:
                 return _error_page(request, 422, _error_text(list(e.errors())))
 
@@ -145,9 +149,14 @@ def home() -> Response:
     return RedirectResponse("/ui/jobs", status.HTTP_303_SEE_OTHER)
 
 
-def _safe_next(target: str | None) -> str:
+def _safe_next(target: Any) -> str:
     # only our own pages: never an absolute or protocol-relative URL (an open redirect)
-    if target and target.startswith("/ui/") and not target.startswith("//") and "\\" not in target:
+    if (
+        isinstance(target, str)
+        and target.startswith("/ui/")
+        and not target.startswith("//")
+        and "\\" not in target
+    ):
         return target
     return "/ui/jobs"
 
@@ -169,14 +178,14 @@ async def login(request: Request, db: SessionDep, ws: WebSessionDep, settings: S
             "error": "api_key: invalid or revoked API key" if key else "api_key: enter an API key",
         }
         return _render(request, ws, "login.html", context, status.HTTP_401_UNAUTHORIZED)
-    ws.restart(key, int(settings.session_hours * 3600))
+    ws.restart(key, web_session.lifetime_s(settings))
     return _see_other(_safe_next(form.get("next")), request, ws)
 
 
 @router.post("/logout")
 async def logout(request: Request, ws: WebSessionDep, settings: SettingsDep) -> Response:
     await _form(request, ws)
-    ws.restart(None, int(settings.session_hours * 3600))
+    ws.restart(None, web_session.lifetime_s(settings))
     return _see_other("/ui/login", request, ws)
 
 
@@ -213,9 +222,21 @@ def job_spec_from_form(form: dict[str, Any]) -> dict[str, Any]:
         try:
             recipe: Any = yaml.safe_load(recipe_text)
         except yaml.YAMLError as e:
-            raise _field(("recipe",), f"not valid JSON/YAML: {e}") from e
+            raise field_error(
+                (
+                    "body",
+                    "recipe",
+                ),
+                f"not valid JSON/YAML: {e}",
+            ) from e
         if not isinstance(recipe, dict):
-            raise _field(("recipe",), "a recipe text must be a mapping (name, w_bits, a_bits, passes)")
+            raise field_error(
+                (
+                    "body",
+                    "recipe",
+                ),
+                "a recipe text must be a mapping (name, w_bits, a_bits, passes)",
+            )
     else:
         recipe = form.get("recipe", "ptq4arvg")
     metrics = form.get("metrics", [])
@@ -242,10 +263,6 @@ def job_spec_from_form(form: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _field(loc: tuple, msg: str) -> HTTPException:
-    return HTTPException(422, detail=[{"loc": ["body", *loc], "msg": msg, "type": "value_error"}])
-
-
 def _jobs_page(
     request: Request,
     db,
@@ -259,7 +276,7 @@ def _jobs_page(
     code: int = 200,
 ) -> Response:
     if state is not None and state not in JOB_STATES:
-        raise _field(("state",), f"unknown state '{state}'; one of {', '.join(JOB_STATES)}")
+        raise field_error(("query", "state"), f"unknown state '{state}'; one of {', '.join(JOB_STATES)}")
     page = job_routes.list_jobs(db, principal, state=state, model=model, limit=PAGE_SIZE, offset=offset)
     context = {
         "principal": principal,
@@ -338,7 +355,7 @@ def job_report(job_id: str, request: Request, db: SessionDep, ws: WebSessionDep)
         "grids": views.report_grids(job, manifest),
         "layer_plots": views.per_layer_plots(manifest),
         "bits_plots": views.metric_vs_bits_plots(_succeeded_of_model(db, principal, job.spec.model)),
-        "can_generate": "generate" in principal.scopes or principal.is_admin,
+        "can_generate": principal.holds("generate"),
         "spec_json": json.dumps(job.spec.model_dump(mode="json"), indent=2),
     }
     return _render(request, ws, "job.html", context)
@@ -359,7 +376,7 @@ def live_jobs(
         try:
             job = job_routes.get_job(job_id, db, principal)
         except HTTPException:
-            continue  # not visible to this key: said nothing about
+            continue  # not visible to this key: left out, as if it did not exist
         out.append(
             {
                 "id": job.id,
@@ -425,8 +442,8 @@ def compare_page(
         chosen.append(views.ArtifactRow(found, job_routes.get_job(found.job_id, db, principal)))
     models = {row.job.spec.model for row in chosen}
     if len(models) > 1:
-        raise _field(
-            ("artifact",), f"compare artifacts of one model; these are of {', '.join(sorted(models))}"
+        raise field_error(
+            ("query", "artifact"), f"compare artifacts of one model; these are of {', '.join(sorted(models))}"
         )
     rows = [
         {
@@ -444,7 +461,7 @@ def compare_page(
         "columns": columns,
         "labels": labels,
         "choices": _artifact_rows(db, principal, None) if len(chosen) < 2 else [],
-        "can_generate": "generate" in principal.scopes or principal.is_admin,
+        "can_generate": principal.holds("generate"),
     }
     return _render(request, ws, "compare.html", context)
 
@@ -480,7 +497,13 @@ def _sources(db, principal: Principal) -> dict[str, Any]:
 def _parse_source(source: str) -> tuple[str, str]:
     kind, _, name = source.partition(":")
     if kind not in ("model", "artifact") or not name:
-        raise _field(("source",), "choose a model (model:NAME) or an artifact (artifact:ID)")
+        raise field_error(
+            (
+                "body",
+                "source",
+            ),
+            "choose a model (model:NAME) or an artifact (artifact:ID)",
+        )
     return kind, name
 
 
@@ -488,7 +511,13 @@ def _labels(text: str, field: str) -> list[int]:
     try:
         return [int(p) for p in text.replace(" ", "").split(",") if p]
     except ValueError as e:
-        raise _field((field,), "class labels are whole numbers separated by commas, like 0,3,7") from e
+        raise field_error(
+            (
+                "body",
+                field,
+            ),
+            "class labels are whole numbers separated by commas, like 0,3,7",
+        ) from e
 
 
 def _source_model(db, principal: Principal, kind: str, name: str) -> str | None:
@@ -503,7 +532,10 @@ def generate_request_from_form(form: dict[str, Any]) -> dict[str, Any]:
     kind, name = _parse_source(str(form.get("source", "")))
     picked = form.get("class_names", [])
     picked = picked if isinstance(picked, list) else [picked]
-    classes = [*map(int, picked), *_labels(str(form.get("classes", "")), "classes")]
+    classes = [
+        *_labels(",".join(map(str, picked)), "class_names"),
+        *_labels(str(form.get("classes", "")), "classes"),
+    ]
     sampling = {
         k: form[k] for k in ("cfg_scale", "temperature", "top_p") if _optional(form.get(k)) is not None
     }
@@ -526,7 +558,9 @@ def _typed_sampling(body: dict[str, Any]) -> dict[str, Any]:
         try:
             out[key] = int(value) if key == "top_k" else float(value)
         except ValueError as e:
-            raise _field(("sampling", key), "must be a number") from e
+            raise field_error(
+                ("body", "sampling", key), "must be a whole number" if key == "top_k" else "must be a number"
+            ) from e
     return {**body, "sampling": out}
 
 
@@ -550,7 +584,7 @@ async def generate(request: Request, db: SessionDep, ws: WebSessionDep, settings
     options = _sources(db, principal)
     try:
         raw = generate_request_from_form(form)
-        kind, name = _parse_source(form["source"])
+        kind, name = _parse_source(str(form.get("source", "")))
         body = schemas.GenerateRequest.model_validate(_typed_sampling(raw))
         response = await generate_routes.generate(body, request, db, settings, principal)
     except ValidationError as e:

@@ -55,6 +55,10 @@ def secret_of(request: Request) -> bytes:
     return state.session_secret
 
 
+def lifetime_s(settings: Settings) -> int:
+    return int(settings.session_hours * 3600)
+
+
 @dataclasses.dataclass
 class WebSession:
     nonce: str
@@ -106,7 +110,7 @@ class WebSession:
 def load(request: Request) -> WebSession:
     """The request's session; a new anonymous one when the cookie is absent, forged, stale or expired."""
     secret = secret_of(request)
-    lifetime = int(request.app.state.settings.session_hours * 3600)
+    lifetime = lifetime_s(request.app.state.settings)
     raw = request.cookies.get(COOKIE, "")
     session = WebSession("", None, 0, secret)
     payload_text, _, signature = raw.partition(".")

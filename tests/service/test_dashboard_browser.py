@@ -92,6 +92,18 @@ def log_in(driver, ui, token: str) -> None:
 
     driver.delete_all_cookies()
     submit_login(driver, ui.base_url, token)
+    # the form posts and the browser follows the redirect: wait for the page it lands on
+    wait_for(
+        lambda: (
+            driver.execute_script("return document.readyState") == "complete"
+            and (
+                not driver.current_url.endswith("/ui/login")
+                or driver.find_elements("css selector", "[role=alert]")
+            )
+        ),
+        30,
+        "the login to answer",
+    )
 
 
 def images_loaded(driver, selector: str) -> bool:
@@ -124,6 +136,7 @@ def test_submit_watch_report_and_generate(ui, driver, engine_env):
         box.clear()
         box.send_keys(value)
     driver.find_element(By.CSS_SELECTOR, "#submit-form > button[type=submit]").click()
+    wait_for(lambda: "/ui/jobs/" in driver.current_url, 30, "the job's page")
     job_id = driver.current_url.rsplit("/", 1)[1]
     assert driver.find_element(By.TAG_NAME, "h1").text.startswith(f"Job {job_id[:8]}")
 
