@@ -188,3 +188,33 @@ def test_a_revoked_key_ends_its_sessions(service, service_env):
     assert cli(service_env, "revoke-key", str(key["id"])).returncode == 0
     r = erin.get("/ui/jobs")
     assert r.status_code == 303 and r.headers["location"].startswith("/ui/login")
+
+
+def test_behind_https_the_cookie_is_secure(service):
+    # the server trusts X-Forwarded-Proto from 127.0.0.1 (uvicorn's proxy headers), as behind a proxy
+    r = browser(service).get("/ui/login", headers={"X-Forwarded-Proto": "https"})
+    flags = {part.strip().lower() for part in r.headers["set-cookie"].split(";")[1:]}
+    assert "secure" in flags
+
+
+def generate_count(service: Service, admin: str) -> int:
+    text = service.client.get("/metrics", headers=service.auth(admin)).text
+    return int(re.search(r"^ptq4arvg_generate_requests_total (\d+)$", text, re.M).group(1))
+
+
+def test_the_reports_grids_come_from_the_generation_service_once(service, keys, worker):
+    job = submit(service, keys["alice"], **SMALL)
+    done = service.wait_job(job["id"], keys["alice"])
+    assert done["state"] == "succeeded", done
+    alice = logged_in(service, keys["alice"])
+    report = alice.get(f"/ui/jobs/{job['id']}").text
+    sources = [s.replace("&amp;", "&") for s in re.findall(r'<img src="(/ui/grid\.png\?[^"]+)"', report)]
+    assert len(sources) == 2 and "model%3Ascripted-fast" in sources[0] and done["artifact_id"] in sources[1]
+    before = generate_count(service, keys["root"])
+    first = [alice.get(s) for s in sources]
+    assert [r.status_code for r in first] == [200, 200]
+    assert all(r.headers["content-type"] == "image/png" and r.content.startswith(b"\x89PNG") for r in first)
+    assert generate_count(service, keys["root"]) == before + 2
+    again = [alice.get(s).content for s in sources]
+    assert again == [r.content for r in first]
+    assert generate_count(service, keys["root"]) == before + 2  # served from the cache
