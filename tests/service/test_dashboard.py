@@ -40,6 +40,7 @@ def test_session_cookie_flags_and_login_starts_a_new_session(service, keys):
     flags = {part.strip().lower() for part in cookie.split(";")[1:]}
     assert {"httponly", "path=/ui", "samesite=strict"} <= flags
     assert "secure" not in flags  # plain http here; https sets Secure
+    assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
     before = client.cookies["ptq4arvg_session"]
     token = CSRF.search(r.text).group(1)
     r = client.post("/ui/login", data={"csrf_token": token, "api_key": keys["alice"], "next": "/ui/jobs"})
