@@ -219,3 +219,22 @@ def test_the_reports_grids_come_from_the_generation_service_once(service, keys, 
     again = [alice.get(s).content for s in sources]
     assert again == [r.content for r in first]
     assert generate_count(service, keys["root"]) == before + 2  # served from the cache
+
+
+def test_compare_puts_artifacts_of_one_model_in_one_table(service, keys, worker):
+    made = []
+    for model, bits in (("scripted-fast", 8), ("scripted-fast", 6), ("scripted-slow", 8)):
+        job = submit(service, keys["alice"], **{**SMALL, "model": model, "w_bits": bits, "a_bits": bits})
+        done = service.wait_job(job["id"], keys["alice"], timeout=60)
+        assert done["state"] == "succeeded", done
+        made.append(done["artifact_id"])
+    alice = logged_in(service, keys["alice"])
+    r = alice.get("/ui/compare", params={"artifact": made[:2]})
+    assert r.status_code == 200
+    table = re.search(r'<table class="data" id="compare">(.*?)</table>', r.text, re.S).group(1)
+    rows = re.findall(r"<tr><th scope=\"row\">.*?</tr>", table, re.S)
+    assert [a[:8] in row for a, row in zip(made[:2], rows, strict=True)] == [True, True]
+    assert "W8A8" in rows[0] and "W6A6" in rows[1] and "Token agreement with FP" in table
+    assert r.text.count('<img src="/ui/grid.png?') == 3  # the FP grid and one per artifact
+    r = alice.get("/ui/compare", params={"artifact": [made[0], made[2]]})
+    assert r.status_code == 422 and "artifact: compare artifacts of one model" in r.text
