@@ -110,6 +110,13 @@ class Settings(BaseSettings):
         2.0, gt=0, description="Wait before the first retry of a failed webhook call; doubled each time."
     )
     webhook_timeout_seconds: float = Field(5.0, gt=0, description="Longest wait for a webhook receiver.")
+    session_secret: str | None = Field(
+        None,
+        min_length=16,
+        description="Signs the dashboard's session cookies; give every API replica the same one. Unset: "
+        "a random one per process (sessions end at restart).",
+    )
+    session_hours: float = Field(12.0, gt=0, le=24 * 30, description="How long a dashboard login lasts.")
 
     @field_validator("checkpoint_roots", mode="before")
     @classmethod

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy.exc import OperationalError
 
-from app import services
+from app import services, web
 from app.config import Settings, get_settings
 from app.db.session import get_sessionmaker, session_scope
 from app.edge import EdgeMiddleware, database_unavailable, validation_error
@@ -88,6 +88,7 @@ def create_app(settings: Settings | None = None, *, run_worker: bool = False) ->
         generate.router,
         webhooks.router,
         docs.router,
+        web.router,
     ):
         app.include_router(router)
     app.mount(docs.STATIC_URL, docs.static_files(), name="static")

@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
 
 from app import crud
 from app.deps import SessionDep
@@ -24,6 +25,9 @@ class Principal:
     def is_admin(self) -> bool:
         return "admin" in self.scopes
 
+    def holds(self, scope: str) -> bool:
+        return scope in self.scopes or self.is_admin
+
     @property
     def owner_filter(self) -> str | None:
         """The owner whose rows this caller may see; None = everyone's (admins)."""
@@ -40,20 +44,33 @@ def get_principal(
 ) -> Principal:
     if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
         raise _unauthorized("missing API key: send `Authorization: Bearer <key>`")
-    key = crud.get_api_key_by_token(db, credentials.credentials)
-    if key is None:
+    principal = authenticate(db, credentials.credentials)
+    if principal is None:
         raise _unauthorized("invalid or revoked API key")
+    return principal
+
+
+def authenticate(db: Session, token: str) -> Principal | None:
+    """The principal of a live API key (bearer header or dashboard session); None if unknown/revoked."""
+    key = crud.get_api_key_by_token(db, token)
+    if key is None:
+        return None
     crud.touch_api_key(db, key)
     return Principal(key_id=key.id, owner=key.owner, scopes=frozenset(key.scopes))
+
+
+def check_scope(principal: Principal, scope: str) -> Principal:
+    """``principal`` if it holds ``scope`` (admins hold every scope), else 403."""
+    if not principal.holds(scope):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, detail=f"this API key lacks the '{scope}' scope")
+    return principal
 
 
 def require_scope(scope: str):
     """A dependency that admits keys with ``scope`` (admins have every scope)."""
 
     def dependency(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
-        if scope not in principal.scopes and not principal.is_admin:
-            raise HTTPException(status.HTTP_403_FORBIDDEN, detail=f"this API key lacks the '{scope}' scope")
-        return principal
+        return check_scope(principal, scope)
 
     dependency.__name__ = f"require_scope_{scope}"
     return dependency
