@@ -11,11 +11,76 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import warnings
 from pathlib import Path
 
 from quantcore.errors import ConfigError, QuantcoreError
+
+# job-spec fields of `quantize` -> the flag that sets them, so a spec error names the flag
+QUANTIZE_FLAGS = {
+    "model": "MODEL",
+    "checkpoint": "--checkpoint",
+    "tokenizer_checkpoint": "--tokenizer-checkpoint",
+    "recipe": "--recipe",
+    "w_bits": "--w-bits",
+    "a_bits": "--a-bits",
+    "calibration.num_samples": "--calib-samples",
+    "calibration.selection": "--selection",
+    "calibration.seed": "--seed",
+    "calibration.batch_size": "--batch-size",
+    "evaluation.num_images": "--eval-images",
+    "evaluation.metrics": "--eval-metrics",
+    "evaluation.reference": "--eval-ref",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes end in one line naming the argument (argparse prints the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _flag_message(message: str, flags: dict[str, str]) -> str:
+    """An engine message that starts with a field name ("w_bits: ...", "top_p must ...") -> the flag."""
+    match = re.match(r"[A-Za-z_][\w.]*", message)
+    if match is None:
+        return message
+    field = ".".join(part for part in match.group().split(".") if not part.isdigit())  # list positions
+    flag = flags.get(field)
+    return message if flag is None else flag + message[match.end() :]
+
+
+def _check_out(path: Path, folder: bool, empty: bool = False) -> None:
+    """Fail before any work when `--out` cannot be written: a folder must be a folder (and new or empty
+    when `empty`), a file must not be a folder, and the nearest existing parent must take a new entry
+    (tried, not guessed: permissions say little to root)."""
+    import tempfile
+
+    if empty and path.is_dir() and any(path.iterdir()):
+        raise ConfigError(f"--out {path}: the folder is not empty; choose a new folder")
+    if folder and path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {path}: a file is there; give a folder to create")
+    if not folder and path.is_dir():
+        raise ConfigError(f"--out {path}: is a folder; give a file name")
+    parent = path.parent if not path.is_dir() else path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"--out {path}: {parent} is not a folder")
+    try:
+        tempfile.TemporaryDirectory(dir=parent).cleanup()
+    except OSError as exc:
+        raise ConfigError(f"--out {path}: cannot write under {parent} ({exc.strerror})") from None
+
+
+def _recipe_file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    return path
 
 
 def _int_list(text: str) -> list[int]:
@@ -73,15 +138,23 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(json.dumps(models, indent=2))
         return 0
     print(
-        f"{'name':<16} {'family':<9} {'variant':<7} {'params':>8} {'tokens':>6}  {'cfg':>5}  official checkpoint"
+        f"{'name':<16} {'family':<9} {'variant':<7} {'params':>8} {'tokens':>6}  {'cfg':>5}  "
+        f"{'weights':<8} official checkpoint"
     )
     for m in models:
         params = f"{m['parameters'] / 1e6:.1f}M"
         ckpt = ", ".join(m["official_checkpoints"]) or "-"
         print(
             f"{m['name']:<16} {m['family']:<9} {m['variant']:<7} {params:>8} {m['tokens']:>6}  "
-            f"{m['sampling']['cfg_scale']:>5}  {ckpt}"
+            f"{m['sampling']['cfg_scale']:>5}  {m['weights']:<8} {ckpt}"
         )
+    print(
+        "weights: trained = bundled with the package (Fashion-MNIST); random = random unless you pass "
+        "--checkpoint (images are noise)"
+    )
+    for names in {tuple(m["class_names"]) for m in models if m["class_names"]}:
+        owners = ", ".join(m["name"] for m in models if tuple(m["class_names"] or ()) == names)
+        print(f"classes of {owners}: " + ", ".join(f"{i} {n}" for i, n in enumerate(names)))
     return 0
 
 
@@ -91,6 +164,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from quantcore.api import load_generator
     from quantcore.images import make_grid, save_png
 
+    _check_out(args.out, folder=False)
     torch.set_grad_enabled(False)
     generator = load_generator(
         args.model, args.checkpoint, args.tokenizer_checkpoint, args.device, real=not args.simulate
@@ -130,7 +204,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     recipe = args.recipe
     if args.recipe_file:
-        recipe = Recipe.parse(args.recipe_file.read_text())
+        try:
+            recipe = Recipe.parse(args.recipe_file.read_text())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--recipe-file {args.recipe_file}: cannot read it ({exc})") from None
+        except QuantcoreError as exc:
+            raise ConfigError(f"--recipe-file {args.recipe_file}: {exc}") from None
     a_bits = None if args.a_bits == 0 else args.a_bits
     spec = {
         "model": args.model,
@@ -155,7 +234,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             }
         ),
     }
-    job = JobSpec.parse(spec)  # before the progress bar, so a bad spec prints one line only
+    try:
+        job = JobSpec.parse(spec)  # before the progress bar, so a bad spec prints one line only
+    except ConfigError as exc:
+        raise ConfigError(_flag_message(str(exc), QUANTIZE_FLAGS)) from None
+    _check_out(args.out, folder=True, empty=True)
     with _StageBar(not args.no_progress) as progress:
         manifest = quantize_job(job, args.out, progress, device=args.device)
     summary = {"out": str(args.out), "recipe": manifest["recipe"], "metrics": manifest["metrics"]}
@@ -163,10 +246,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         print(json.dumps(summary))
     else:
         m = manifest["metrics"]
+        fidelity = (
+            f"token agreement {m['token_agreement']:.3f}, logit KL {m['logit_kl']:.4g}"
+            if "token_agreement" in m
+            else "no fidelity metrics (--eval-images 0)"
+        )
         print(
             f"wrote {args.out}: {manifest['recipe']['name']} {job.resolved_recipe().bits_label}, "
-            f"token agreement {m.get('token_agreement', float('nan')):.3f}, logit KL {m.get('logit_kl', float('nan')):.4g}, "
-            f"calibration {m['calibration_seconds']:.1f}s"
+            f"{fidelity}, calibration {m['calibration_seconds']:.1f}s"
         )
     return 0
 
@@ -177,6 +264,7 @@ def _names(text: str) -> list[str]:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     import torch
+    from pydantic import ValidationError
 
     from quantcore.compare import CompareSpec, plan_rows, run_compare
 
@@ -200,10 +288,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
             inception_reference=args.inception_ref,
             bootstrap=args.bootstrap,
         )
-    except Exception as exc:  # pydantic's error -> one line naming the option
-        first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
+    except ValidationError as exc:  # pydantic's error -> one line naming the option
+        first = exc.errors()[0]
         option = "--" + "-".join(str(p) for p in first["loc"]).replace("_", "-")
-        raise ConfigError(f"{option}: {first['msg']}") from None
+        raise ConfigError(f"{option}: {first['msg'].removeprefix('Value error, ')}") from None
+    _check_out(args.out, folder=True)
     with _StageBar(not args.no_progress, width=48) as progress:
         report = run_compare(spec, args.out, progress)
     if args.json:
@@ -247,6 +336,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.out:
+        _check_out(args.out, folder=False)
     with _StageBar(not args.no_progress) as progress:
         result = evaluate(
             args.model,
@@ -275,6 +366,7 @@ def cmd_reference(args: argparse.Namespace) -> int:
     from quantcore.eval.inception import InceptionFeatures
     from quantcore.eval.reference import build_reference
 
+    _check_out(args.out, folder=False)
     with _StageBar(not args.no_progress) as progress:
         ref = build_reference(
             args.source, args.out, InceptionFeatures(args.device), lambda f: progress("reference", f)
@@ -286,7 +378,7 @@ def cmd_reference(args: argparse.Namespace) -> int:
 
 def build_parser(extend=None) -> argparse.ArgumentParser:
     """The engine's commands; `extend(subparsers)` lets the service add its own (serve, worker)."""
-    parser = argparse.ArgumentParser(prog="ptq4arvg", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="ptq4arvg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     if extend is not None:
         extend(sub)
@@ -322,9 +414,18 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
         default="ptq4arvg",
         help="preset: rtn, smoothquant, os+, gps, stwq, sq+stwq, ptq4arvg, dtwq",
     )
-    p.add_argument("--recipe-file", type=Path, help="a recipe as JSON/YAML (overrides --recipe and the bits)")
-    p.add_argument("--w-bits", type=int, default=8)
-    p.add_argument("--a-bits", type=int, default=8, help="activation bits; 0 = weight-only")
+    p.add_argument(
+        "--recipe-file", type=_recipe_file, help="a recipe as JSON/YAML (overrides --recipe and the bits)"
+    )
+    p.add_argument("--w-bits", type=int, default=8, choices=range(2, 9), metavar="{2..8}")
+    p.add_argument(
+        "--a-bits",
+        type=int,
+        default=8,
+        choices=[0, *range(2, 9)],
+        metavar="{0,2..8}",
+        help="activation bits; 0 = weight-only",
+    )
     p.add_argument("--checkpoint", type=Path)
     p.add_argument("--tokenizer-checkpoint", type=Path)
     p.add_argument("--calib-samples", type=int, help="images generated for the calibration pool (default 64)")
@@ -432,7 +533,14 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_reference)
+    for command in sub.choices.values():
+        command.set_defaults(flags=_flags(command))
     return parser
+
+
+def _flags(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each option's destination -> its flag (`top_p` -> `--top-p`), to name flags in engine errors."""
+    return {a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings}
 
 
 def main(argv: list[str] | None = None, extend=None) -> int:
@@ -443,7 +551,7 @@ def main(argv: list[str] | None = None, extend=None) -> int:
         try:
             return args.func(args)
         except QuantcoreError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {_flag_message(str(exc), args.flags)}", file=sys.stderr)
             return 2
 
 

@@ -21,6 +21,24 @@ SEED_MAX = 2**32 - 1
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
 
 
+RANGE_ERRORS = ("greater_than_equal", "less_than_equal", "greater_than", "less_than")
+
+
+def field_range(model: type[BaseModel], loc: tuple) -> tuple | None:
+    """(lowest, highest) a numeric field of `model` at `loc` accepts, from its ge/le constraints."""
+    field = None
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if model is not None else None
+        if field is None:
+            return None
+        annotation = field.annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    limits = {name: getattr(m, name) for m in field.metadata for name in ("ge", "le") if hasattr(m, name)}
+    return (limits["ge"], limits["le"]) if {"ge", "le"} <= limits.keys() else None
+
+
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -127,12 +145,15 @@ class JobSpec(_Spec):
 
     @classmethod
     def parse(cls, data: dict) -> JobSpec:
-        """Validate a job spec; the first error becomes a ConfigError naming its field."""
+        """Validate a job spec; the first error becomes a ConfigError naming its field (and its range)."""
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
             first = exc.errors()[0]
-            raise ConfigError(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+            where = ".".join(str(p) for p in first["loc"])
+            bounds = field_range(cls, first["loc"]) if first["type"] in RANGE_ERRORS else None
+            allowed = f" (allowed: {bounds[0]} to {bounds[1]})" if bounds else ""
+            raise ConfigError(f"{where}: {first['msg'].removeprefix('Value error, ')}{allowed}") from None
 
     def resolved_recipe(self) -> Recipe:
         if isinstance(self.recipe, Recipe):
