@@ -116,7 +116,10 @@ def check_reference(job: JobSpec) -> None:
 
     if set(job.evaluation.metrics) & set(VS_REFERENCE) and job.evaluation.num_images:
         if reference_source(job.evaluation.reference, job.model) is None:
-            raise ConfigError(f"evaluation.reference: {job.model} has no default reference; give one")
+            raise ConfigError(
+                f"evaluation.reference: {job.model} has no default reference; give one",
+                field=("evaluation", "reference"),
+            )
 
 
 @torch.no_grad()

@@ -162,20 +162,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from quantcore.api import load_generator
+    from quantcore.artifact import read_manifest
+    from quantcore.fastgen import sampling_settings
     from quantcore.images import make_grid, save_png
+    from quantcore.registry import get_spec
 
-    _check_out(args.out, folder=False)
-    torch.set_grad_enabled(False)
-    generator = load_generator(
-        args.model, args.checkpoint, args.tokenizer_checkpoint, args.device, real=not args.simulate
-    )
-    seeds = args.seeds or [args.seed + i for i in range(len(args.classes))]
     sampling = {
         "cfg_scale": args.cfg_scale,
         "temperature": args.temperature,
         "top_k": args.top_k,
         "top_p": args.top_p,
     }
+    # the model's settings under the flags, checked before anything loads
+    spec = get_spec(read_manifest(args.model)["model"]["name"] if Path(args.model).is_dir() else args.model)
+    sampling_settings(spec.family, spec.entry.sampling.to_dict() | _given(sampling))
+    _check_out(args.out, folder=False)
+    torch.set_grad_enabled(False)
+    generator = load_generator(
+        args.model, args.checkpoint, args.tokenizer_checkpoint, args.device, real=not args.simulate
+    )
+    seeds = args.seeds or [args.seed + i for i in range(len(args.classes))]
     total = generator.progress_total(len(args.classes))
     with _progress_bar(total, f"generate {args.model}", not args.no_progress) as bar:
         tokens = generator.generate_tokens(

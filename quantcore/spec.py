@@ -66,6 +66,7 @@ class CalibrationSpec(_Spec):
 
 InceptionMetric = Literal["fid", "sfid", "precision", "recall", "fid_vs_fp", "sfid_vs_fp"]
 INCEPTION_METRICS = InceptionMetric.__args__
+VS_REFERENCE = INCEPTION_METRICS[:4]  # fid, sfid, precision, recall: measured against a reference
 MANIFOLD_K = 3  # precision/recall: k-nearest-neighbour balls (ADM, Kynkäänniemi et al.)
 FASHION_MNIST_REFERENCE = "fashion-mnist-test"  # the engine's own reference: the bundled models' default
 
@@ -101,6 +102,12 @@ class EvaluationSpec(_Spec):
         "Fashion-MNIST test split.",
     )
     bootstrap: int = Field(50, ge=0, le=1000, description="Bootstrap replicates of each interval (0 = none).")
+
+    def lacks_reference(self, bundled: bool) -> bool:
+        """Metrics against a reference are asked for, with no reference given and no default (only the
+        bundled models have one: the Fashion-MNIST test split)."""
+        wanted = set(self.metrics) & set(VS_REFERENCE) and self.num_images > 0
+        return bool(wanted) and self.reference is None and not bundled
 
     @model_validator(mode="after")
     def _enough_images(self) -> EvaluationSpec:
@@ -139,8 +146,8 @@ class JobSpec(_Spec):
             if value not in PRESETS:
                 raise ValueError(f"unknown preset {value!r}; presets are {', '.join(PRESETS)}")
             return value
-        if isinstance(value, dict):
-            return Recipe.parse(value)  # RecipeError is a ValueError: it names the recipe's own field
+        if isinstance(value, dict):  # validated here so that each error's loc is the recipe's own field
+            return Recipe.model_validate(value)
         return value
 
     @classmethod
@@ -153,7 +160,8 @@ class JobSpec(_Spec):
             where = ".".join(str(p) for p in first["loc"])
             bounds = field_range(cls, first["loc"]) if first["type"] in RANGE_ERRORS else None
             allowed = f" (allowed: {bounds[0]} to {bounds[1]})" if bounds else ""
-            raise ConfigError(f"{where}: {first['msg'].removeprefix('Value error, ')}{allowed}") from None
+            message = f"{where}: {first['msg'].removeprefix('Value error, ')}{allowed}"
+            raise ConfigError(message, field=tuple(first["loc"])) from None
 
     def resolved_recipe(self) -> Recipe:
         if isinstance(self.recipe, Recipe):
