@@ -45,7 +45,8 @@ def sampling_settings(family: str, overrides: dict) -> dict:
     unknown = sorted(set(overrides) - set(names))
     if unknown:
         raise ConfigError(
-            f"unknown sampling parameter(s) {unknown} for {family}; known: {names}", field=("sampling", unknown[0])
+            f"unknown sampling parameter(s) {unknown} for {family}; known: {names}",
+            field=("sampling", unknown[0]),
         )
     defaults = {f.name: f.default for f in known if f.default is not MISSING}
     merged = defaults | {k: v for k, v in overrides.items() if v is not None}
@@ -182,7 +183,8 @@ class TokenSampler:
             )
         if len(classes) != len(seeds):
             raise ConfigError(
-                f"got {len(seeds)} seeds for {len(classes)} classes; give one seed per image", field=("seeds",)
+                f"got {len(seeds)} seeds for {len(classes)} classes; give one seed per image",
+                field=("seeds",),
             )
         sampler = self._fast_sampler(sampling_settings(self.model.family, sampling))
         device = sampler.plan.tokens.device
