@@ -1,4 +1,4 @@
-"""`ptq4arvg` command line of the engine: models, generate, quantize, compare, eval, reference
+"""`ptq4arvg` command line of the engine: models, generate, quantize, compare, eval, reference, export
 (`python -m quantcore`).
 
 The installed `ptq4arvg` script (app.entry) adds the service's commands: serve, worker, admin.
@@ -382,6 +382,22 @@ def cmd_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from quantcore.artifact import read_manifest
+    from quantcore.export import export
+
+    read_manifest(args.artifact)  # not an artifact: say so before anything else
+    _check_out(args.out, folder=True, empty=True)
+    summary = export(args.artifact, args.out, args.format)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        groups = ", ".join(f"{g} ({n} layers)" for g, n in summary["config_groups"].items())
+        kv = "; KV cache scheme" if summary["kv_cache_scheme"] else ""
+        print(f"wrote {args.out}: {summary['format']} ({summary['compression_format']}), {groups}{kv}")
+    return 0
+
+
 def build_parser(extend=None) -> argparse.ArgumentParser:
     """The engine's commands; `extend(subparsers)` lets the service add its own (serve, worker)."""
     parser = _Parser(prog="ptq4arvg", description=__doc__.splitlines()[0])
@@ -539,6 +555,20 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_reference)
+
+    from quantcore.export import FORMATS
+
+    p = sub.add_parser(
+        "export",
+        help="write an artifact in a format other tools read (compressed-tensors: config.json + safetensors)",
+        description="Refused, naming the layers, when the artifact holds quantizers the format cannot "
+        "express exactly (STWQ's per-position-group tables, quantized attention queries/probabilities).",
+    )
+    p.add_argument("artifact", type=Path, help="an artifact folder (from `ptq4arvg quantize` or the API)")
+    p.add_argument("--format", choices=FORMATS, default=FORMATS[0])
+    p.add_argument("--out", type=Path, required=True, help="folder to create")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_export)
     for command in sub.choices.values():
         command.set_defaults(flags=_flags(command))
     return parser

@@ -29,6 +29,10 @@ class ArtifactError(QuantcoreError):
     """A quantized-model artifact that is missing, tampered with or truncated."""
 
 
+class ExportError(QuantcoreError):
+    """An artifact that the requested export format cannot express exactly (the message names what)."""
+
+
 class DatasetError(QuantcoreError):
     """A dataset file that is missing or malformed."""
 
