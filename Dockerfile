@@ -3,7 +3,8 @@
 #   docker build --target api    -t ptq4arvg-api .
 #   docker build --target worker -t ptq4arvg-worker .
 # torch comes from the CUDA base image (2.11.0, CUDA 13.0): the release the GPU tests ran on (an H200
-# with torch 2.11, tests/test_real_gpu.py and tests/test_fastgen.py; CI tests the CPU 2.13.0 wheel).
+# with torch 2.11, tests/test_real_gpu.py and tests/test_fastgen.py, 2026-12-01; CI tests the CPU
+# 2.13.0 wheel).
 # Both lie inside pyproject's range, torch>=2.11,<2.14 (tests/test_requirements.py checks this tag
 # against it, and the build below refuses a base image outside it). pip must not replace it, so the
 # other dependencies are installed explicitly and the project itself with --no-deps.
