@@ -43,14 +43,20 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _flag_message(message: str, flags: dict[str, str]) -> str:
-    """An engine message that starts with a field name ("w_bits: ...", "top_p must ...") -> the flag."""
+def _flag_message(exc: QuantcoreError, flags: dict[str, str]) -> str:
+    """The engine's message naming the flag: a leading field name ("w_bits: ...", "top_p must ...")
+    becomes the flag, else the flag of the error's `field` (ConfigError) goes first."""
+    message = str(exc)
     match = re.match(r"[A-Za-z_][\w.]*", message)
-    if match is None:
-        return message
-    field = ".".join(part for part in match.group().split(".") if not part.isdigit())  # list positions
-    flag = flags.get(field)
-    return message if flag is None else flag + message[match.end() :]
+    if match is not None:
+        field = ".".join(part for part in match.group().split(".") if not part.isdigit())  # list positions
+        if field in flags:
+            return flags[field] + message[match.end() :]
+    names = [str(part) for part in getattr(exc, "field", None) or () if not isinstance(part, int)]
+    for name in (".".join(names), names[-1] if names else ""):
+        if name in flags:
+            return f"{flags[name]}: {message}"
+    return message
 
 
 def _check_out(path: Path, folder: bool, empty: bool = False) -> None:
@@ -240,10 +246,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             }
         ),
     }
-    try:
-        job = JobSpec.parse(spec)  # before the progress bar, so a bad spec prints one line only
-    except ConfigError as exc:
-        raise ConfigError(_flag_message(str(exc), QUANTIZE_FLAGS)) from None
+    job = JobSpec.parse(spec)  # before the progress bar, so a bad spec prints one line only
     _check_out(args.out, folder=True, empty=True)
     with _StageBar(not args.no_progress) as progress:
         manifest = quantize_job(job, args.out, progress, device=args.device)
@@ -465,7 +468,7 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="artifact folder to create")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_quantize)
+    p.set_defaults(func=cmd_quantize, spec_flags=QUANTIZE_FLAGS)
 
     p = sub.add_parser(
         "compare", help="FP and recipes x bit-widths side by side: report.json/.md and image grids"
@@ -587,7 +590,8 @@ def main(argv: list[str] | None = None, extend=None) -> int:
         try:
             return args.func(args)
         except QuantcoreError as exc:
-            print(f"error: {_flag_message(str(exc), args.flags)}", file=sys.stderr)
+            flags = args.flags | getattr(args, "spec_flags", {})
+            print(f"error: {_flag_message(exc, flags)}", file=sys.stderr)
             return 2
 
 
