@@ -27,16 +27,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from quantcore.artifact import MANIFEST, MODEL_FILE, TOKENIZER_FILE, verify_artifact
+from quantcore.artifact import MANIFEST, MODEL_FILE, TOKENIZER_FILE, atomic_folder, verify_artifact
 from quantcore.errors import ExportError
 
 FORMAT = "compressed-tensors"
@@ -271,18 +269,10 @@ def export_compressed_tensors(artifact_dir: str | Path, out_dir: str | Path) -> 
         "quantization_config": quantization_config(manifest, plan),
     }
     state = compressed_state(artifact_dir, manifest, plan)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as tmp:
         save_file(state, str(tmp / MODEL_FILE), metadata={"format": "pt"})
         shutil.copyfile(artifact_dir / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     qc = config["quantization_config"]
     return {
         "out": str(out_dir),
