@@ -139,11 +139,15 @@ def test_what_the_format_cannot_express_is_refused_naming_it(tmp_path):
         tmp_path, "stwq", {"name": "stwq", "passes": [{"kind": "stwq"}], "quantize_attention": False}
     )
     with pytest.raises(
-        ExportError, match=r"STWQ's static per-position-group tables: layers\.0\.attention\.wqkv"
+        ExportError,
+        match=r"STWQ.s static per-position-group tables \(a recipe without stwq exports\): layers\.0\.attention\.wqkv",
     ):
         export(stwq, tmp_path / "out")
     attention = _artifact(tmp_path, "attn", {"name": "all-attention"})
-    with pytest.raises(ExportError, match=r"quantized attention queries and probabilities .*matmul_qk"):
+    with pytest.raises(
+        ExportError,
+        match=r"quantized attention queries and probabilities .*kv.*: layers\.0\.attention\.matmul_qk",
+    ):
         export(attention, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

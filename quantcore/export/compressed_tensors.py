@@ -40,8 +40,12 @@ from quantcore.errors import ExportError
 FORMAT = "compressed-tensors"
 CONFIG_FILE = "config.json"
 QUANTIZER_PARTS = (".weight_quantizer.", ".input_quantizer.", ".a_quantizer.", ".b_quantizer.")
+ATTENTION_PROBLEM = (
+    "quantized attention queries and probabilities (the format has no scheme for them; a recipe with "
+    'quantize_attention: "kv" quantizes only the K/V cache, false none)'
+)
 GRANULARITY_NAMES = {
-    "group": "STWQ's static per-position-group tables",
+    "group": "STWQ's static per-position-group tables (a recipe without stwq exports)",
     "channel": "per-input-channel activation scales",
 }
 
@@ -138,9 +142,7 @@ def quantization_plan(manifest: dict) -> dict:
     for name, layer in manifest["layers"].items():
         if layer["kind"] == "matmul":
             if layer["a"] is not None:
-                problems["quantized attention queries and probabilities (the format has no scheme)"].append(
-                    name
-                )
+                problems[ATTENTION_PROBLEM].append(name)
                 continue
             args, why = _input_args(layer["b"])
             if why is not None or args["strategy"] != "tensor":
