@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -80,11 +79,11 @@ def add_admin_commands(parser: argparse.ArgumentParser) -> None:
 def database_url(var_dir: str | None) -> str:
     """The database `ptq4arvg serve` would use with the same environment and --var-dir."""
     from app.config import Settings, get_settings
-    from app.server import is_configured
+    from app.server import embedded_var_dir, is_configured
 
     if is_configured():
         return get_settings().database_url
-    return Settings.embedded(Path(var_dir or os.environ.get("PTQ4ARVG_VAR_DIR", "./var"))).database_url
+    return Settings.embedded(embedded_var_dir(var_dir)).database_url
 
 
 def _where(url: str) -> str:
@@ -113,7 +112,10 @@ def run(args: argparse.Namespace) -> int:
     if args.admin_command == "migrate":
         parsed = make_url(url)
         if parsed.get_backend_name() == "sqlite" and parsed.database:
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise AdminError(f"cannot create {Path(parsed.database).parent} ({exc.strerror})") from None
         migrate.upgrade(url, args.revision)
         print(f"{_where(url)} is at {args.revision}", file=sys.stderr)
         return 0

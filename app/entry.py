@@ -34,13 +34,26 @@ def _settings_error() -> str | None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from app.server import is_configured, serve
+    from app.server import embedded_var_dir, is_configured, serve
 
     if (message := _settings_error()) is not None:
         print(message, file=sys.stderr)
         return 2
 
     embedded = not is_configured() and not args.production
+    if embedded:
+        from quantcore.cli import check_writable
+        from quantcore.errors import ConfigError
+
+        try:
+            check_writable(
+                embedded_var_dir(args.var_dir),
+                folder=True,
+                flag="--var-dir",
+            )
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     serve(args.host, args.port, embedded=embedded, var_dir=args.var_dir, log_level=args.log_level)
     return 0
 

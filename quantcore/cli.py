@@ -59,27 +59,27 @@ def _flag_message(exc: QuantcoreError, flags: dict[str, str]) -> str:
     return message
 
 
-def _check_out(path: Path, folder: bool, empty: bool = False) -> None:
-    """Fail before any work when `--out` cannot be written: a folder must be a folder (and new or empty
-    when `empty`), a file must not be a folder, and the nearest existing parent must take a new entry
-    (tried, not guessed: permissions say little to root)."""
+def check_writable(path: Path, folder: bool, empty: bool = False, flag: str = "--out") -> None:
+    """Fail before any work when `flag`'s path cannot be written: a folder must be a folder (and new or
+    empty when `empty`), a file must not be a folder, and the nearest existing parent must take a new
+    entry (tried, not guessed: permissions say little to root)."""
     import tempfile
 
     if empty and path.is_dir() and any(path.iterdir()):
-        raise ConfigError(f"--out {path}: the folder is not empty; choose a new folder")
+        raise ConfigError(f"{flag} {path}: the folder is not empty; choose a new folder")
     if folder and path.exists() and not path.is_dir():
-        raise ConfigError(f"--out {path}: a file is there; give a folder to create")
+        raise ConfigError(f"{flag} {path}: a file is there; give a folder to create")
     if not folder and path.is_dir():
-        raise ConfigError(f"--out {path}: is a folder; give a file name")
+        raise ConfigError(f"{flag} {path}: is a folder; give a file name")
     parent = path.parent if not path.is_dir() else path
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise ConfigError(f"--out {path}: {parent} is not a folder")
+        raise ConfigError(f"{flag} {path}: {parent} is not a folder")
     try:
         tempfile.TemporaryDirectory(dir=parent).cleanup()
     except OSError as exc:
-        raise ConfigError(f"--out {path}: cannot write under {parent} ({exc.strerror})") from None
+        raise ConfigError(f"{flag} {path}: cannot write under {parent} ({exc.strerror})") from None
 
 
 def _recipe_file(text: str) -> Path:
@@ -169,7 +169,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from quantcore.api import load_generator
     from quantcore.artifact import read_manifest
-    from quantcore.fastgen import sampling_settings
+    from quantcore.fastgen import check_classes, sampling_settings
     from quantcore.images import make_grid, save_png
     from quantcore.registry import get_spec
 
@@ -182,7 +182,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # the model's settings under the flags, checked before anything loads
     spec = get_spec(read_manifest(args.model)["model"]["name"] if Path(args.model).is_dir() else args.model)
     sampling_settings(spec.family, spec.entry.sampling.to_dict() | _given(sampling))
-    _check_out(args.out, folder=False)
+    check_classes(args.classes, spec.config.num_classes)
+    check_writable(args.out, folder=False)
     torch.set_grad_enabled(False)
     generator = load_generator(
         args.model, args.checkpoint, args.tokenizer_checkpoint, args.device, real=not args.simulate
@@ -247,7 +248,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         ),
     }
     job = JobSpec.parse(spec)  # before the progress bar, so a bad spec prints one line only
-    _check_out(args.out, folder=True, empty=True)
+    check_writable(args.out, folder=True, empty=True)
     with _StageBar(not args.no_progress) as progress:
         manifest = quantize_job(job, args.out, progress, device=args.device)
     summary = {"out": str(args.out), "recipe": manifest["recipe"], "metrics": manifest["metrics"]}
@@ -301,7 +302,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         first = exc.errors()[0]
         option = "--" + "-".join(str(p) for p in first["loc"]).replace("_", "-")
         raise ConfigError(f"{option}: {first['msg'].removeprefix('Value error, ')}") from None
-    _check_out(args.out, folder=True)
+    check_writable(args.out, folder=True)
     with _StageBar(not args.no_progress, width=48) as progress:
         report = run_compare(spec, args.out, progress)
     if args.json:
@@ -346,7 +347,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     if args.out:
-        _check_out(args.out, folder=False)
+        check_writable(args.out, folder=False)
     with _StageBar(not args.no_progress) as progress:
         result = evaluate(
             args.model,
@@ -375,7 +376,7 @@ def cmd_reference(args: argparse.Namespace) -> int:
     from quantcore.eval.inception import InceptionFeatures
     from quantcore.eval.reference import build_reference
 
-    _check_out(args.out, folder=False)
+    check_writable(args.out, folder=False)
     with _StageBar(not args.no_progress) as progress:
         ref = build_reference(
             args.source, args.out, InceptionFeatures(args.device), lambda f: progress("reference", f)
@@ -390,7 +391,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from quantcore.export import export
 
     read_manifest(args.artifact)  # not an artifact: say so before anything else
-    _check_out(args.out, folder=True, empty=True)
+    check_writable(args.out, folder=True, empty=True)
     summary = export(args.artifact, args.out, args.format)
     if args.json:
         print(json.dumps(summary))

@@ -37,6 +37,16 @@ _CHECKS = {
 }
 
 
+def check_classes(classes: Sequence[int], num_classes: int) -> None:
+    """Every label in 0..num_classes-1, or a ConfigError naming the first one that is not."""
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise ConfigError(
+            f"class labels {bad} out of range; this model has classes 0..{num_classes - 1}",
+            field=("classes", list(classes).index(bad[0])),
+        )
+
+
 def sampling_settings(family: str, overrides: dict) -> dict:
     """The family's official sampling defaults under the caller's keywords (None = the default);
     unknown names and bad values are refused."""
@@ -175,12 +185,7 @@ class TokenSampler:
         **sampling,
     ) -> torch.Tensor:
         classes = [int(c) for c in classes]
-        bad = [c for c in classes if not 0 <= c < self.num_classes]
-        if bad:
-            raise ConfigError(
-                f"class labels {bad} out of range; this model has classes 0..{self.num_classes - 1}",
-                field=("classes", classes.index(bad[0])),
-            )
+        check_classes(classes, self.num_classes)
         if len(classes) != len(seeds):
             raise ConfigError(
                 f"got {len(seeds)} seeds for {len(classes)} classes; give one seed per image",

@@ -243,6 +243,10 @@ def test_admin_help_lists_its_subcommands(tmp_path):
         assert command in proc.stdout
     _one_line_error(_entry("admin", cwd=tmp_path), "required", "create-key")
     _one_line_error(_entry("serve", "--port", "99999", cwd=tmp_path), "--port", "1..65535")
+    proc = _entry("serve", "--var-dir", "/proc/no-such/var", cwd=tmp_path)
+    _one_line_error(proc, "--var-dir /proc/no-such/var", "cannot write under /proc")
+    proc = _entry("admin", "--var-dir", "/proc/no-such/var", "migrate", cwd=tmp_path)
+    _one_line_error(proc, "cannot create /proc/no-such")
 
 
 def test_admin_outside_the_checkout_says_where_its_database_is(tmp_path):
