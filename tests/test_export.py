@@ -95,9 +95,8 @@ def test_the_format_validates_and_its_compressors_give_our_weights(tmp_path, mod
                 assert scheme.input_activations is None
                 continue
             x = torch.randn(3, 5, modules[name].in_features) * 4
-            theirs = fake_quantize(
-                x, local["input_scale"], local["input_zero_point"], scheme.input_activations
-            )
+            args = scheme.input_activations
+            theirs = fake_quantize(x, local["input_scale"], local["input_zero_point"], args)
             assert torch.allclose(theirs, modules[name].input_quantizer.quantize(x, None), atol=1e-6), name
 
     if recipe.get("quantize_attention") == "kv":
@@ -143,6 +142,11 @@ def test_what_the_format_cannot_express_is_refused_naming_it(tmp_path):
         match=r"STWQ.s static per-position-group tables \(a recipe without stwq exports\): layers\.0\.attention\.wqkv",
     ):
         export(stwq, tmp_path / "out")
+    dynamic = _artifact(
+        tmp_path, "dtwq", {"name": "dt", "passes": [{"kind": "dynamic_token"}], "quantize_attention": False}
+    )
+    with pytest.raises(ExportError, match=r"dynamic per-token ranges .*: layers\.0\.attention\.wqkv"):
+        export(dynamic, tmp_path / "out")
     attention = _artifact(tmp_path, "attn", {"name": "all-attention"})
     with pytest.raises(
         ExportError,

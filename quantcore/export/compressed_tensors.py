@@ -13,14 +13,13 @@ What maps, and how (exactly: the same integers and scales, nothing re-rounded):
   "pack-quantized": `weight_packed` int32, code j of a row at bits j*b.. j*b+b-1 of the row's words
   (least significant first), `weight_shape`, and the zero points packed the same way down the rows;
 - static per-tensor input activations: strategy "tensor", `input_scale` and `input_zero_point`;
-- dynamic per-token input activations whose range includes 0 (the format's dynamic ranges always do):
-  strategy "token", dynamic;
 - attention that quantizes only K and V (`quantize_attention: "kv"`, the KV cache): `kv_cache_scheme`,
   with `k_scale`, `k_zero_point`, `v_scale`, `v_zero_point` on each attention module;
 - folds (SmoothQuant, shift, GPS) are already in the weights, norms and biases: plain tensors.
 Refused, with an ExportError naming the layers: STWQ's static per-position-group tables, per-input-
-channel activation scales, dynamic per-token ranges that leave 0 out, quantized attention queries and
-probabilities (the format has no scheme for them), and any other quantizer it cannot express.
+channel activation scales, dynamic per-token ranges (ours span each token's min..max; the format's always
+reach 0, so the codes would differ), quantized attention queries and probabilities (the format has no
+scheme for them), and any other quantizer it cannot express.
 """
 
 from __future__ import annotations
@@ -47,12 +46,13 @@ ATTENTION_PROBLEM = (
 GRANULARITY_NAMES = {
     "group": "STWQ's static per-position-group tables (a recipe without stwq exports)",
     "channel": "per-input-channel activation scales",
+    "dynamic_token": "dynamic per-token ranges (ours span each token's min..max, the format's always reach 0)",
 }
 
 
-def _uniform_args(bits: int, strategy: str, dynamic: bool = False) -> dict:
-    """A QuantizationArgs of the format: asymmetric integers."""
-    return {"num_bits": bits, "type": "int", "symmetric": False, "strategy": strategy, "dynamic": dynamic}
+def _uniform_args(bits: int, strategy: str) -> dict:
+    """A QuantizationArgs of the format: static asymmetric integers."""
+    return {"num_bits": bits, "type": "int", "symmetric": False, "strategy": strategy, "dynamic": False}
 
 
 def _input_args(desc: dict) -> tuple[dict | None, str | None]:
@@ -62,10 +62,6 @@ def _input_args(desc: dict) -> tuple[dict | None, str | None]:
         return None, f"{desc.get('kind')} activation quantizers"
     if granularity == "tensor":
         return _uniform_args(desc["bits"], "tensor"), None
-    if granularity == "dynamic_token":
-        if not desc.get("include_zero"):
-            return None, "dynamic per-token ranges that leave 0 out (the format's always include 0)"
-        return _uniform_args(desc["bits"], "token", dynamic=True), None
     return None, GRANULARITY_NAMES.get(granularity, f"{granularity} activation quantizers")
 
 
@@ -145,8 +141,8 @@ def quantization_plan(manifest: dict) -> dict:
                 problems[ATTENTION_PROBLEM].append(name)
                 continue
             args, why = _input_args(layer["b"])
-            if why is not None or args["strategy"] != "tensor":
-                problems[why or "dynamic K/V ranges"].append(name)
+            if why is not None:
+                problems[why].append(name)
                 continue
             kv_args.add(json.dumps(args))
             continue
@@ -226,7 +222,7 @@ def compressed_state(artifact_dir: Path, manifest: dict, plan: dict) -> dict[str
                 state[f"{name}.weight_quantizer.zero_point"],
             )
             out.update(_weight_tensors(name, codes, scale, zero, weights["num_bits"], packed))
-            if inputs is not None and not inputs["dynamic"]:
+            if inputs is not None:
                 scale, zero = (
                     state[f"{name}.input_quantizer.scale"],
                     state[f"{name}.input_quantizer.zero_point"],
