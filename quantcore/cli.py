@@ -548,7 +548,7 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="also write the result as JSON to this file")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=cmd_eval, spec_flags={"evaluation.reference": "--ref"})
 
     p = sub.add_parser("reference", help="build an ADM-format reference .npz from a folder or .npz of images")
     p.add_argument(

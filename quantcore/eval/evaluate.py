@@ -83,7 +83,7 @@ def reference_source(reference: str | Path | None, model_name: str) -> str | Pat
     if reference is None:
         return FASHION_MNIST if model_name in zoo.BUNDLED else None
     if reference != FASHION_MNIST and not Path(reference).is_file():
-        raise ReferenceError(f"reference {reference} not found")
+        raise ReferenceError(f"reference {reference} not found", field=("evaluation", "reference"))
     return reference
 
 
