@@ -2,9 +2,12 @@
 # One image, two targets:
 #   docker build --target api    -t ptq4arvg-api .
 #   docker build --target worker -t ptq4arvg-worker .
-# torch comes from the CUDA base image; pip must not replace it (pyproject pins the CPU wheel's
-# version for development machines), so the other dependencies are installed explicitly and the
-# project itself with --no-deps.
+# torch comes from the CUDA base image (2.11.0, CUDA 13.0): the release the GPU tests ran on (an H200
+# with torch 2.11, tests/test_real_gpu.py and tests/test_fastgen.py, 2026-12-01; CI tests the CPU
+# 2.13.0 wheel).
+# Both lie inside pyproject's range, torch>=2.11,<2.14 (tests/test_requirements.py checks this tag
+# against it, and the build below refuses a base image outside it). pip must not replace it, so the
+# other dependencies are installed explicitly and the project itself with --no-deps.
 ARG BASE_IMAGE=pytorch/pytorch:2.11.0-cuda13.0-cudnn9-runtime
 
 FROM ${BASE_IMAGE} AS base
@@ -19,8 +22,12 @@ WORKDIR /opt/ptq4arvg
 COPY pyproject.toml ./
 RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
 print('\n'.join(d for d in deps if not d.replace(' ', '').startswith('torch')))" > /tmp/requirements.txt \
- && pip install -r /tmp/requirements.txt \
- && python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+ && pip install -r /tmp/requirements.txt packaging \
+ && python -c "import tomllib, torch; from packaging.requirements import Requirement; \
+deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
+spec = next(Requirement(d).specifier for d in deps if Requirement(d).name == 'torch'); \
+version = torch.__version__.split('+')[0]; print('torch', version, 'cuda', torch.version.cuda); \
+assert spec.contains(version), f'the base image has torch {version}, outside the tested range {spec}'"
 
 COPY README.md alembic.ini ./
 COPY migrations ./migrations

@@ -12,6 +12,13 @@ from app.artifacts_cli import add_artifacts_command
 from quantcore.cli import main as engine_main
 
 
+def _port(text: str) -> int:
+    port = int(text) if text.isdigit() else 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1..65535)")
+    return port
+
+
 def _settings_error() -> str | None:
     """A one-line message when a PTQ4ARVG_* variable does not validate, else None."""
     from pydantic import ValidationError
@@ -28,13 +35,26 @@ def _settings_error() -> str | None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from app.server import is_configured, serve
+    from app.server import embedded_var_dir, is_configured, serve
 
     if (message := _settings_error()) is not None:
         print(message, file=sys.stderr)
         return 2
 
     embedded = not is_configured() and not args.production
+    if embedded:
+        from quantcore.cli import check_writable
+        from quantcore.errors import ConfigError
+
+        try:
+            check_writable(
+                embedded_var_dir(args.var_dir),
+                folder=True,
+                flag="--var-dir",
+            )
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     serve(args.host, args.port, embedded=embedded, var_dir=args.var_dir, log_level=args.log_level)
     return 0
 
@@ -59,9 +79,12 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _admin(args: argparse.Namespace) -> int:
-    from app.cli import main as admin_main
+    from app.cli import execute
 
-    return admin_main(args.admin_args)
+    if (message := _settings_error()) is not None:
+        print(message, file=sys.stderr)
+        return 2
+    return execute(args)
 
 
 def add_service_commands(sub) -> None:
@@ -73,7 +96,7 @@ def add_service_commands(sub) -> None:
         "process, the registry's models registered. Production: settings from PTQ4ARVG_* variables.",
     )
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--var-dir", default=None, help="embedded mode's folder (default ./var)")
     p.add_argument("--production", action="store_true", help="refuse the embedded fallback")
     p.add_argument("--log-level", default="info")
@@ -89,10 +112,15 @@ def add_service_commands(sub) -> None:
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=_worker)
 
+    from app.cli import SUBCOMMANDS, add_admin_commands
+
     p = sub.add_parser(
-        "admin", help="API keys and database: create-key, list-keys, revoke-key, migrate, sync-models"
+        "admin",
+        help="API keys and database: " + ", ".join(SUBCOMMANDS),
+        description="API keys and the database of `ptq4arvg serve`: PTQ4ARVG_DATABASE_URL when set, "
+        "else the embedded SQLite file under --var-dir.",
     )
-    p.add_argument("admin_args", nargs=argparse.REMAINDER)
+    add_admin_commands(p)
     p.set_defaults(func=_admin)
 
 

@@ -32,6 +32,11 @@ def is_configured() -> bool:
     return bool(os.environ.get("PTQ4ARVG_DATABASE_URL"))
 
 
+def embedded_var_dir(var_dir: str | Path | None = None) -> Path:
+    """The embedded setup's folder: --var-dir, else PTQ4ARVG_VAR_DIR, else ./var."""
+    return Path(var_dir or os.environ.get("PTQ4ARVG_VAR_DIR", "./var")).resolve()
+
+
 def prepare_embedded(var_dir: str | Path = "./var") -> Settings:
     """Make the embedded setup ready (settings, folders, schema, admin key); returns its settings."""
     settings = Settings.embedded(var_dir)
@@ -96,7 +101,7 @@ def serve(
         settings = get_settings()
         _run(create_app(settings), settings, host, port, log_level)
         return
-    var = Path(var_dir or os.environ.get("PTQ4ARVG_VAR_DIR", "./var")).resolve()
+    var = embedded_var_dir(var_dir)
     settings = prepare_embedded(var)
     app = create_app(settings, run_worker=True)  # the app's lifespan starts and stops the worker
     _run(app, settings, host, port, log_level)

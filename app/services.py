@@ -178,6 +178,13 @@ def build_engine_spec(db: Session, spec: schemas.JobSpec) -> tuple[dict[str, Any
                 f"checkpoint '{ckpt.name}' is for model '{ckpt.base_model}', not '{base_name}'",
             )
         checkpoint, sha = ckpt.checkpoint_path, ckpt.checkpoint_sha256
+    base = model if model.source == "registry" else crud.get_model(db, base_name)
+    if spec.evaluation.lacks_reference(bundled=base is not None and base.bundled):
+        raise field_error(
+            ("body", "evaluation", "reference"),
+            f"{', '.join(spec.evaluation.metrics)} need a reference for '{base_name}' (only the bundled models "
+            "have a default); register one with POST /v1/references and name it here",
+        )
     job = {**spec.engine_dict(), "model": base_name, "checkpoint": checkpoint}
     job["evaluation"]["reference"] = resolve_reference(db, spec.evaluation.reference)
     return job, sha

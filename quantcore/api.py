@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from quantcore import device as devices
+from quantcore import zoo
 from quantcore.artifact import load_artifact, save_artifact
 from quantcore.calib import build_calibration_set
 from quantcore.calib.pool import check_cancel
@@ -115,7 +116,10 @@ def check_reference(job: JobSpec) -> None:
 
     if set(job.evaluation.metrics) & set(VS_REFERENCE) and job.evaluation.num_images:
         if reference_source(job.evaluation.reference, job.model) is None:
-            raise ConfigError(f"evaluation.reference: {job.model} has no default reference; give one")
+            raise ConfigError(
+                f"evaluation.reference: {job.model} has no default reference; give one",
+                field=("evaluation", "reference"),
+            )
 
 
 @torch.no_grad()
@@ -229,6 +233,21 @@ class StageClock:
             self.sink(stage, fraction, 1.0 if stage == "done" else self.overall)
 
 
+def weights_provenance(job: JobSpec) -> dict:
+    """Where the FP weights came from (a checkpoint, the package's bundled file, or random init) and the
+    sha256 of the weight and tokenizer files that were loaded, so an artifact names the model it was
+    made from."""
+    bundled = zoo.BUNDLED.get(job.model)
+    weights = job.checkpoint or (bundled.checkpoint if bundled else None)
+    tokenizer = job.tokenizer_checkpoint or (bundled.tokenizer_checkpoint if bundled else None)
+    return {
+        "weights": "checkpoint" if job.checkpoint else "bundled" if bundled else "random",
+        "random_weights": weights is None,
+        "checkpoint_sha256": file_sha256(weights) if weights else None,
+        "tokenizer_sha256": file_sha256(tokenizer) if tokenizer else None,
+    }
+
+
 def quantize_job(
     spec: dict | JobSpec,
     out_dir: str | Path,
@@ -297,8 +316,7 @@ def quantize_job(
             "config": model_spec.config.to_dict(),
             "tokenizer": model_spec.config.tokenizer,
             "checkpoint": job.checkpoint,
-            "checkpoint_sha256": file_sha256(job.checkpoint) if job.checkpoint else None,
-            "random_weights": job.checkpoint is None and not model_spec.bundled,
+            **weights_provenance(job),
         },
         **report.to_dict(),
         "calibration": {**job.calibration.model_dump(), **calibration.record()},

@@ -20,12 +20,14 @@ Format 1 artifacts (float weights) still load.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -127,6 +129,22 @@ def _verify_tokenizer_reference(artifact_dir: Path, reference: dict) -> None:
         )
 
 
+@contextlib.contextmanager
+def atomic_folder(out_dir: Path) -> Iterator[Path]:
+    """A temporary sibling folder to write into; it becomes `out_dir` (absent or empty) when the block
+    ends, and is removed when the block raises, so a reader never sees half a folder."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_artifact(
     out_dir: str | Path,
     model: torch.nn.Module,
@@ -140,9 +158,7 @@ def save_artifact(
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ArtifactError(f"artifact folder {out_dir} is not empty; choose a new folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as tmp:
         state, storage = _packed_model_state(model)
         save_file(state, str(tmp / MODEL_FILE))
         names = [MODEL_FILE]
@@ -168,12 +184,6 @@ def save_artifact(
         for path in tmp.iterdir():  # readable by the API process, whichever user it runs as
             path.chmod(0o644)
         tmp.chmod(0o755)
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return full
 
 

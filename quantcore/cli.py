@@ -1,4 +1,4 @@
-"""`ptq4arvg` command line of the engine: models, generate, quantize, compare, eval, reference
+"""`ptq4arvg` command line of the engine: models, generate, quantize, compare, eval, reference, export
 (`python -m quantcore`).
 
 The installed `ptq4arvg` script (app.entry) adds the service's commands: serve, worker, admin.
@@ -11,11 +11,82 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import warnings
 from pathlib import Path
 
 from quantcore.errors import ConfigError, QuantcoreError
+
+# job-spec fields of `quantize` -> the flag that sets them, so a spec error names the flag
+QUANTIZE_FLAGS = {
+    "model": "MODEL",
+    "checkpoint": "--checkpoint",
+    "tokenizer_checkpoint": "--tokenizer-checkpoint",
+    "recipe": "--recipe",
+    "w_bits": "--w-bits",
+    "a_bits": "--a-bits",
+    "calibration.num_samples": "--calib-samples",
+    "calibration.selection": "--selection",
+    "calibration.seed": "--seed",
+    "calibration.batch_size": "--batch-size",
+    "evaluation.num_images": "--eval-images",
+    "evaluation.metrics": "--eval-metrics",
+    "evaluation.reference": "--eval-ref",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes end in one line naming the argument (argparse prints the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _flag_message(exc: QuantcoreError, flags: dict[str, str]) -> str:
+    """The engine's message naming the flag: a leading field name ("w_bits: ...", "top_p must ...")
+    becomes the flag, else the flag of the error's `field` (ConfigError) goes first."""
+    message = str(exc)
+    match = re.match(r"[A-Za-z_][\w.]*", message)
+    if match is not None:
+        field = ".".join(part for part in match.group().split(".") if not part.isdigit())  # list positions
+        if field in flags:
+            return flags[field] + message[match.end() :]
+    names = [str(part) for part in getattr(exc, "field", None) or () if not isinstance(part, int)]
+    for name in (".".join(names), names[-1] if names else ""):
+        if name in flags:
+            return f"{flags[name]}: {message}"
+    return message
+
+
+def check_writable(path: Path, folder: bool, empty: bool = False, flag: str = "--out") -> None:
+    """Fail before any work when `flag`'s path cannot be written: a folder must be a folder (and new or
+    empty when `empty`), a file must not be a folder, and the nearest existing parent must take a new
+    entry (tried, not guessed: permissions say little to root)."""
+    import tempfile
+
+    if empty and path.is_dir() and any(path.iterdir()):
+        raise ConfigError(f"{flag} {path}: the folder is not empty; choose a new folder")
+    if folder and path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path}: a file is there; give a folder to create")
+    if not folder and path.is_dir():
+        raise ConfigError(f"{flag} {path}: is a folder; give a file name")
+    parent = path.parent if not path.is_dir() else path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{flag} {path}: {parent} is not a folder")
+    try:
+        tempfile.TemporaryDirectory(dir=parent).cleanup()
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot write under {parent} ({exc.strerror})") from None
+
+
+def _recipe_file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    return path
 
 
 def _int_list(text: str) -> list[int]:
@@ -73,15 +144,23 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(json.dumps(models, indent=2))
         return 0
     print(
-        f"{'name':<16} {'family':<9} {'variant':<7} {'params':>8} {'tokens':>6}  {'cfg':>5}  official checkpoint"
+        f"{'name':<16} {'family':<9} {'variant':<7} {'params':>8} {'tokens':>6}  {'cfg':>5}  "
+        f"{'weights':<8} official checkpoint"
     )
     for m in models:
         params = f"{m['parameters'] / 1e6:.1f}M"
         ckpt = ", ".join(m["official_checkpoints"]) or "-"
         print(
             f"{m['name']:<16} {m['family']:<9} {m['variant']:<7} {params:>8} {m['tokens']:>6}  "
-            f"{m['sampling']['cfg_scale']:>5}  {ckpt}"
+            f"{m['sampling']['cfg_scale']:>5}  {m['weights']:<8} {ckpt}"
         )
+    print(
+        "weights: trained = bundled with the package (Fashion-MNIST); random = random unless you pass "
+        "--checkpoint (images are noise)"
+    )
+    for names in {tuple(m["class_names"]) for m in models if m["class_names"]}:
+        owners = ", ".join(m["name"] for m in models if tuple(m["class_names"] or ()) == names)
+        print(f"classes of {owners}: " + ", ".join(f"{i} {n}" for i, n in enumerate(names)))
     return 0
 
 
@@ -89,19 +168,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from quantcore.api import load_generator
+    from quantcore.artifact import read_manifest
+    from quantcore.fastgen import check_classes, sampling_settings
     from quantcore.images import make_grid, save_png
+    from quantcore.registry import get_spec
 
-    torch.set_grad_enabled(False)
-    generator = load_generator(
-        args.model, args.checkpoint, args.tokenizer_checkpoint, args.device, real=not args.simulate
-    )
-    seeds = args.seeds or [args.seed + i for i in range(len(args.classes))]
     sampling = {
         "cfg_scale": args.cfg_scale,
         "temperature": args.temperature,
         "top_k": args.top_k,
         "top_p": args.top_p,
     }
+    # the model's settings under the flags, checked before anything loads
+    spec = get_spec(read_manifest(args.model)["model"]["name"] if Path(args.model).is_dir() else args.model)
+    sampling_settings(spec.family, spec.entry.sampling.to_dict() | _given(sampling))
+    check_classes(args.classes, spec.config.num_classes)
+    check_writable(args.out, folder=False)
+    torch.set_grad_enabled(False)
+    generator = load_generator(
+        args.model, args.checkpoint, args.tokenizer_checkpoint, args.device, real=not args.simulate
+    )
+    seeds = args.seeds or [args.seed + i for i in range(len(args.classes))]
     total = generator.progress_total(len(args.classes))
     with _progress_bar(total, f"generate {args.model}", not args.no_progress) as bar:
         tokens = generator.generate_tokens(
@@ -130,7 +217,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     recipe = args.recipe
     if args.recipe_file:
-        recipe = Recipe.parse(args.recipe_file.read_text())
+        try:
+            recipe = Recipe.parse(args.recipe_file.read_text())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--recipe-file {args.recipe_file}: cannot read it ({exc})") from None
+        except QuantcoreError as exc:
+            raise ConfigError(f"--recipe-file {args.recipe_file}: {exc}") from None
     a_bits = None if args.a_bits == 0 else args.a_bits
     spec = {
         "model": args.model,
@@ -156,6 +248,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         ),
     }
     job = JobSpec.parse(spec)  # before the progress bar, so a bad spec prints one line only
+    check_writable(args.out, folder=True, empty=True)
     with _StageBar(not args.no_progress) as progress:
         manifest = quantize_job(job, args.out, progress, device=args.device)
     summary = {"out": str(args.out), "recipe": manifest["recipe"], "metrics": manifest["metrics"]}
@@ -163,10 +256,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         print(json.dumps(summary))
     else:
         m = manifest["metrics"]
+        fidelity = (
+            f"token agreement {m['token_agreement']:.3f}, logit KL {m['logit_kl']:.4g}"
+            if "token_agreement" in m
+            else "no fidelity metrics (--eval-images 0)"
+        )
         print(
             f"wrote {args.out}: {manifest['recipe']['name']} {job.resolved_recipe().bits_label}, "
-            f"token agreement {m.get('token_agreement', float('nan')):.3f}, logit KL {m.get('logit_kl', float('nan')):.4g}, "
-            f"calibration {m['calibration_seconds']:.1f}s"
+            f"{fidelity}, calibration {m['calibration_seconds']:.1f}s"
         )
     return 0
 
@@ -177,6 +274,7 @@ def _names(text: str) -> list[str]:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     import torch
+    from pydantic import ValidationError
 
     from quantcore.compare import CompareSpec, plan_rows, run_compare
 
@@ -200,10 +298,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
             inception_reference=args.inception_ref,
             bootstrap=args.bootstrap,
         )
-    except Exception as exc:  # pydantic's error -> one line naming the option
-        first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
+    except ValidationError as exc:  # pydantic's error -> one line naming the option
+        first = exc.errors()[0]
         option = "--" + "-".join(str(p) for p in first["loc"]).replace("_", "-")
-        raise ConfigError(f"{option}: {first['msg']}") from None
+        raise ConfigError(f"{option}: {first['msg'].removeprefix('Value error, ')}") from None
+    check_writable(args.out, folder=True)
     with _StageBar(not args.no_progress, width=48) as progress:
         report = run_compare(spec, args.out, progress)
     if args.json:
@@ -247,6 +346,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.out:
+        check_writable(args.out, folder=False)
     with _StageBar(not args.no_progress) as progress:
         result = evaluate(
             args.model,
@@ -275,6 +376,7 @@ def cmd_reference(args: argparse.Namespace) -> int:
     from quantcore.eval.inception import InceptionFeatures
     from quantcore.eval.reference import build_reference
 
+    check_writable(args.out, folder=False)
     with _StageBar(not args.no_progress) as progress:
         ref = build_reference(
             args.source, args.out, InceptionFeatures(args.device), lambda f: progress("reference", f)
@@ -284,9 +386,25 @@ def cmd_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from quantcore.artifact import read_manifest
+    from quantcore.export import export
+
+    read_manifest(args.artifact)  # not an artifact: say so before anything else
+    check_writable(args.out, folder=True, empty=True)
+    summary = export(args.artifact, args.out, args.format)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        groups = ", ".join(f"{g} ({n} layers)" for g, n in summary["config_groups"].items())
+        kv = "; KV cache scheme" if summary["kv_cache_scheme"] else ""
+        print(f"wrote {args.out}: {summary['format']} ({summary['compression_format']}), {groups}{kv}")
+    return 0
+
+
 def build_parser(extend=None) -> argparse.ArgumentParser:
     """The engine's commands; `extend(subparsers)` lets the service add its own (serve, worker)."""
-    parser = argparse.ArgumentParser(prog="ptq4arvg", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="ptq4arvg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     if extend is not None:
         extend(sub)
@@ -322,9 +440,18 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
         default="ptq4arvg",
         help="preset: rtn, smoothquant, os+, gps, stwq, sq+stwq, ptq4arvg, dtwq",
     )
-    p.add_argument("--recipe-file", type=Path, help="a recipe as JSON/YAML (overrides --recipe and the bits)")
-    p.add_argument("--w-bits", type=int, default=8)
-    p.add_argument("--a-bits", type=int, default=8, help="activation bits; 0 = weight-only")
+    p.add_argument(
+        "--recipe-file", type=_recipe_file, help="a recipe as JSON/YAML (overrides --recipe and the bits)"
+    )
+    p.add_argument("--w-bits", type=int, default=8, choices=range(2, 9), metavar="{2..8}")
+    p.add_argument(
+        "--a-bits",
+        type=int,
+        default=8,
+        choices=[0, *range(2, 9)],
+        metavar="{0,2..8}",
+        help="activation bits; 0 = weight-only",
+    )
     p.add_argument("--checkpoint", type=Path)
     p.add_argument("--tokenizer-checkpoint", type=Path)
     p.add_argument("--calib-samples", type=int, help="images generated for the calibration pool (default 64)")
@@ -342,7 +469,7 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="artifact folder to create")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_quantize)
+    p.set_defaults(func=cmd_quantize, spec_flags=QUANTIZE_FLAGS)
 
     p = sub.add_parser(
         "compare", help="FP and recipes x bit-widths side by side: report.json/.md and image grids"
@@ -421,7 +548,7 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="also write the result as JSON to this file")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=cmd_eval, spec_flags={"evaluation.reference": "--ref"})
 
     p = sub.add_parser("reference", help="build an ADM-format reference .npz from a folder or .npz of images")
     p.add_argument(
@@ -432,7 +559,28 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_reference)
+
+    from quantcore.export import FORMATS
+
+    p = sub.add_parser(
+        "export",
+        help="write an artifact in a format other tools read (compressed-tensors: config.json + safetensors)",
+        description="Refused, naming the layers, when the artifact holds quantizers the format cannot "
+        "express exactly (STWQ's per-position-group tables, quantized attention queries/probabilities).",
+    )
+    p.add_argument("artifact", type=Path, help="an artifact folder (from `ptq4arvg quantize` or the API)")
+    p.add_argument("--format", choices=FORMATS, default=FORMATS[0])
+    p.add_argument("--out", type=Path, required=True, help="folder to create")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_export)
+    for command in sub.choices.values():
+        command.set_defaults(flags=_flags(command))
     return parser
+
+
+def _flags(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each option's destination -> its flag (`top_p` -> `--top-p`), to name flags in engine errors."""
+    return {a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings}
 
 
 def main(argv: list[str] | None = None, extend=None) -> int:
@@ -443,7 +591,8 @@ def main(argv: list[str] | None = None, extend=None) -> int:
         try:
             return args.func(args)
         except QuantcoreError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            flags = args.flags | getattr(args, "spec_flags", {})
+            print(f"error: {_flag_message(exc, flags)}", file=sys.stderr)
             return 2
 
 

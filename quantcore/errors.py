@@ -6,7 +6,15 @@ class QuantcoreError(Exception):
 
 
 class ConfigError(QuantcoreError, ValueError):
-    """An unknown model, a bad config value, or an argument out of range."""
+    """An unknown model, a bad config value, or an argument out of range.
+
+    `field`: where the bad value is in the caller's input when the engine knows it, e.g. ("classes",),
+    ("sampling", "top_p") or ("calibration", "num_samples"); surfaces map it to their own names (the
+    API's `loc`, the CLI's flag)."""
+
+    def __init__(self, message: str, *, field: tuple[str | int, ...] | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class CheckpointError(QuantcoreError):
@@ -19,6 +27,10 @@ class RecipeError(QuantcoreError, ValueError):
 
 class ArtifactError(QuantcoreError):
     """A quantized-model artifact that is missing, tampered with or truncated."""
+
+
+class ExportError(QuantcoreError):
+    """An artifact that the requested export format cannot express exactly (the message names what)."""
 
 
 class DatasetError(QuantcoreError):

@@ -37,6 +37,16 @@ _CHECKS = {
 }
 
 
+def check_classes(classes: Sequence[int], num_classes: int) -> None:
+    """Every label in 0..num_classes-1, or a ConfigError naming the first one that is not."""
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise ConfigError(
+            f"class labels {bad} out of range; this model has classes 0..{num_classes - 1}",
+            field=("classes", list(classes).index(bad[0])),
+        )
+
+
 def sampling_settings(family: str, overrides: dict) -> dict:
     """The family's official sampling defaults under the caller's keywords (None = the default);
     unknown names and bad values are refused."""
@@ -44,7 +54,10 @@ def sampling_settings(family: str, overrides: dict) -> dict:
     names = [f.name for f in known]
     unknown = sorted(set(overrides) - set(names))
     if unknown:
-        raise ConfigError(f"unknown sampling parameter(s) {unknown} for {family}; known: {names}")
+        raise ConfigError(
+            f"unknown sampling parameter(s) {unknown} for {family}; known: {names}",
+            field=("sampling", unknown[0]),
+        )
     defaults = {f.name: f.default for f in known if f.default is not MISSING}
     merged = defaults | {k: v for k, v in overrides.items() if v is not None}
     missing = [n for n in names if n not in merged]
@@ -52,7 +65,7 @@ def sampling_settings(family: str, overrides: dict) -> dict:
         raise ConfigError(f"sampling parameter(s) {missing} have no default for {family}; give them")
     for name, (ok, rule) in _CHECKS.items():
         if name in merged and not ok(merged[name]):
-            raise ConfigError(f"{name} must be {rule}, got {merged[name]}")
+            raise ConfigError(f"{name} must be {rule}, got {merged[name]}", field=("sampling", name))
     return merged
 
 
@@ -172,13 +185,12 @@ class TokenSampler:
         **sampling,
     ) -> torch.Tensor:
         classes = [int(c) for c in classes]
-        bad = [c for c in classes if not 0 <= c < self.num_classes]
-        if bad:
-            raise ConfigError(
-                f"class labels {bad} out of range; this model has classes 0..{self.num_classes - 1}"
-            )
+        check_classes(classes, self.num_classes)
         if len(classes) != len(seeds):
-            raise ConfigError(f"got {len(seeds)} seeds for {len(classes)} classes; give one seed per image")
+            raise ConfigError(
+                f"got {len(seeds)} seeds for {len(classes)} classes; give one seed per image",
+                field=("seeds",),
+            )
         sampler = self._fast_sampler(sampling_settings(self.model.family, sampling))
         device = sampler.plan.tokens.device
         out = []

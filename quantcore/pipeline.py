@@ -259,7 +259,7 @@ class PassContext:
             if isinstance(module, QuantLinear):
                 yield module.input_quantizer
             else:
-                yield from (module.a_quantizer, module.b_quantizer)
+                yield from (q for q in (module.a_quantizer, module.b_quantizer) if q is not None)
 
     # --- folding --------------------------------------------------------------------------------
 
@@ -293,11 +293,13 @@ def swap_in_quant_modules(ctx: PassContext) -> None:
         swap_module(model, name, QuantLinear(linear.weight, linear.bias, weight_q, input_q))
     if ctx.a_bits is not None and ctx.quantize_attention:
         for name in ctx.layout.matmuls:
-            if ctx.layout.log_sqrt2_probs and name in ctx.layout.prob_matmuls:
-                probs = LogSqrt2Quantizer(ctx.a_bits, pcts=ctx.percentiles)
+            if ctx.quantize_attention == "kv":  # K and V only: the first operands stay as they are
+                first = None
+            elif ctx.layout.log_sqrt2_probs and name in ctx.layout.prob_matmuls:
+                first = LogSqrt2Quantizer(ctx.a_bits, pcts=ctx.percentiles)
             else:
-                probs = ctx.act_quantizer("tensor")
-            swap_module(model, name, QuantMatMul(probs, ctx.act_quantizer("tensor")))
+                first = ctx.act_quantizer("tensor")
+            swap_module(model, name, QuantMatMul(first, ctx.act_quantizer("tensor")))
     set_quant_mode(model, weights="off", acts="off")
 
 

@@ -93,7 +93,11 @@ class Recipe(BaseModel):
     w_bits: int = Field(8, ge=2, le=8, description="weight bits (per output channel, asymmetric)")
     a_bits: int | None = Field(8, ge=2, le=8, description="activation bits; null = weight-only")
     passes: list[Pass] = Field(default_factory=list)
-    quantize_attention: bool = Field(True, description="quantize both attention matmuls (Q·K^T, P·V)")
+    quantize_attention: bool | Literal["kv"] = Field(
+        True,
+        description='quantize both attention matmuls (Q·K^T, P·V); "kv": only K and V, the KV cache '
+        "(queries and probabilities stay in the model's dtype)",
+    )
     percentiles: tuple[float, ...] = Field((0.999, 0.9999, 0.99999), min_length=1)
     calibration: Calibration = Field(default_factory=Calibration)
 

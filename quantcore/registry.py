@@ -62,6 +62,9 @@ class ModelSpec:
             "tokens": cfg.num_tokens,
             "tokenizer": cfg.tokenizer,
             "bundled": self.bundled,
+            # trained weights ship with the package, or the model runs with random ones unless given a checkpoint
+            "weights": "trained" if self.bundled else "random",
+            "class_names": zoo.class_names(self.name),
             "official_checkpoints": list(self.entry.official_checkpoints),
             "sampling": self.entry.sampling.to_dict(),
             "config": cfg.to_dict(),

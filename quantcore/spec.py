@@ -21,6 +21,24 @@ SEED_MAX = 2**32 - 1
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
 
 
+RANGE_ERRORS = ("greater_than_equal", "less_than_equal", "greater_than", "less_than")
+
+
+def field_range(model: type[BaseModel], loc: tuple) -> tuple | None:
+    """(lowest, highest) a numeric field of `model` at `loc` accepts, from its ge/le constraints."""
+    field = None
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if model is not None else None
+        if field is None:
+            return None
+        annotation = field.annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    limits = {name: getattr(m, name) for m in field.metadata for name in ("ge", "le") if hasattr(m, name)}
+    return (limits["ge"], limits["le"]) if {"ge", "le"} <= limits.keys() else None
+
+
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -48,6 +66,7 @@ class CalibrationSpec(_Spec):
 
 InceptionMetric = Literal["fid", "sfid", "precision", "recall", "fid_vs_fp", "sfid_vs_fp"]
 INCEPTION_METRICS = InceptionMetric.__args__
+VS_REFERENCE = INCEPTION_METRICS[:4]  # fid, sfid, precision, recall: measured against a reference
 MANIFOLD_K = 3  # precision/recall: k-nearest-neighbour balls (ADM, Kynkäänniemi et al.)
 FASHION_MNIST_REFERENCE = "fashion-mnist-test"  # the engine's own reference: the bundled models' default
 
@@ -83,6 +102,12 @@ class EvaluationSpec(_Spec):
         "Fashion-MNIST test split.",
     )
     bootstrap: int = Field(50, ge=0, le=1000, description="Bootstrap replicates of each interval (0 = none).")
+
+    def lacks_reference(self, bundled: bool) -> bool:
+        """Metrics against a reference are asked for, with no reference given and no default (only the
+        bundled models have one: the Fashion-MNIST test split)."""
+        wanted = set(self.metrics) & set(VS_REFERENCE) and self.num_images > 0
+        return bool(wanted) and self.reference is None and not bundled
 
     @model_validator(mode="after")
     def _enough_images(self) -> EvaluationSpec:
@@ -121,18 +146,22 @@ class JobSpec(_Spec):
             if value not in PRESETS:
                 raise ValueError(f"unknown preset {value!r}; presets are {', '.join(PRESETS)}")
             return value
-        if isinstance(value, dict):
-            return Recipe.parse(value)  # RecipeError is a ValueError: it names the recipe's own field
+        if isinstance(value, dict):  # validated here so that each error's loc is the recipe's own field
+            return Recipe.model_validate(value)
         return value
 
     @classmethod
     def parse(cls, data: dict) -> JobSpec:
-        """Validate a job spec; the first error becomes a ConfigError naming its field."""
+        """Validate a job spec; the first error becomes a ConfigError naming its field (and its range)."""
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
             first = exc.errors()[0]
-            raise ConfigError(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+            where = ".".join(str(p) for p in first["loc"])
+            bounds = field_range(cls, first["loc"]) if first["type"] in RANGE_ERRORS else None
+            allowed = f" (allowed: {bounds[0]} to {bounds[1]})" if bounds else ""
+            message = f"{where}: {first['msg'].removeprefix('Value error, ')}{allowed}"
+            raise ConfigError(message, field=tuple(first["loc"])) from None
 
     def resolved_recipe(self) -> Recipe:
         if isinstance(self.recipe, Recipe):

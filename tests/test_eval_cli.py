@@ -102,9 +102,9 @@ def test_eval_of_a_bundled_model_defaults_to_the_fashion_mnist_test_split(tmp_pa
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--ref", "missing.npz"], "error: reference missing.npz not found"),
+        (["--ref", "missing.npz"], "error: --ref: reference missing.npz not found"),
         (["--ref", "BAD"], "is not an .npz file"),
-        (["--num-images", "3"], "num_images: 3 is too few for fid, sfid, precision, recall"),
+        (["--num-images", "3"], "error: --num-images: 3 is too few for fid, sfid, precision, recall"),
         (["--num-images", "1", "--metrics", "fid"], "a covariance needs 2 images"),
         (["--metrics", "is"], "unknown metric 'is'"),
     ],

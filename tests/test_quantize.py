@@ -149,7 +149,24 @@ def test_loaded_artifact_reproduces_outputs_bit_for_bit(tmp_path):
     assert torch.equal(
         gen.model.sequence_logits(classes, tokens), again.model.sequence_logits(classes, tokens)
     )
-    assert manifest["model"]["random_weights"] is True
+    assert manifest["model"]["random_weights"] is True and manifest["model"]["weights"] == "random"
+    assert manifest["model"]["checkpoint_sha256"] is None
+
+
+def test_a_bundled_models_manifest_records_trained_weights_and_their_sha256(tmp_path):
+    from quantcore import zoo
+    from quantcore.checkpoint import file_sha256
+
+    spec = {
+        "model": "tiny-var",
+        "recipe": "rtn",
+        "calibration": {"num_samples": 2, "batch_size": 2},
+        "evaluation": {"num_images": 0},
+    }
+    model = quantize_job(spec, tmp_path / "a")["model"]
+    assert model["weights"] == "bundled" and model["random_weights"] is False
+    assert model["checkpoint_sha256"] == file_sha256(zoo.BUNDLED["tiny-var"].checkpoint)
+    assert model["tokenizer_sha256"] == file_sha256(zoo.BUNDLED["tiny-var"].tokenizer_checkpoint)
 
 
 @pytest.mark.parametrize("bits", [(4, 8), (8, None), (4, None)])

@@ -56,7 +56,7 @@ async def generate(
     except ImportError as e:
         raise HTTPException(503, detail=f"the engine is not installed: {e}") from e
     except QuantcoreError as e:
-        raise _engine_error(e, source, body, principal) from e
+        raise _engine_error(e, source, principal) from e
     content, media, headers = await run_in_threadpool(_render, body, source, seeds, images, used)
     return Response(content, media_type=media, headers=headers)
 
@@ -70,22 +70,14 @@ def _resolve(db, settings, body: schemas.GenerateRequest, principal: Principal) 
     return source
 
 
-def _engine_error(
-    e: QuantcoreError, source: Source, body: schemas.GenerateRequest, principal: Principal
-) -> HTTPException:
+def _engine_error(e: QuantcoreError, source: Source, principal: Principal) -> HTTPException:
     message = str(e) if principal.is_admin else source.redact(str(e))
     if isinstance(e, ArtifactError):
         return HTTPException(409, detail=f"artifact failed verification: {message}")
     if isinstance(e, CheckpointError):
         return field_error(("body", "model"), f"the checkpoint cannot be loaded: {message}")
-    if isinstance(e, ConfigError):
-        first_word = message.split(" ", 1)[0]
-        if first_word in body.sampling:
-            return field_error(("body", "sampling", first_word), message)
-        if "sampling" in message:
-            return field_error(("body", "sampling"), message)
-        if "class" in message:
-            return field_error(("body", "classes"), message)
+    if isinstance(e, ConfigError) and e.field is not None:
+        return field_error(("body", *e.field), message)
     return field_error(("body",), f"{type(e).__name__}: {message}")
 
 

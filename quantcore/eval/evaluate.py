@@ -43,7 +43,10 @@ def reproducible_fp_checkpoint(manifest: dict) -> tuple[bool, str | None]:
     model = manifest["model"]
     checkpoint = model.get("checkpoint")
     if checkpoint is None:
-        return model["name"] in zoo.BUNDLED, None
+        bundled = zoo.BUNDLED.get(model["name"])
+        recorded = model.get("checkpoint_sha256")  # artifacts before provenance did not record it
+        same = bundled is not None and recorded in (None, file_sha256(bundled.checkpoint))
+        return same, None
     if not Path(checkpoint).is_file() or file_sha256(checkpoint) != model.get("checkpoint_sha256"):
         return False, checkpoint
     return True, checkpoint
@@ -57,11 +60,12 @@ def fp_generator(quantized: ImageGenerator, manifest: dict, device) -> ImageGene
 
     ok, checkpoint = reproducible_fp_checkpoint(manifest)
     if not ok:
-        why = (
-            f"its checkpoint {checkpoint} is missing or no longer has the recorded sha256"
-            if checkpoint
-            else "it was quantized from random weights"
-        )
+        if checkpoint:
+            why = f"its checkpoint {checkpoint} is missing or no longer has the recorded sha256"
+        elif manifest["model"]["name"] in zoo.BUNDLED:
+            why = "the bundled weights are not the ones it was quantized from (sha256 differs)"
+        else:
+            why = "it was quantized from random weights"
         warnings.warn(
             f"FID vs FP skipped: the FP model cannot be rebuilt ({why})", FPUnavailableWarning, stacklevel=2
         )
@@ -79,7 +83,7 @@ def reference_source(reference: str | Path | None, model_name: str) -> str | Pat
     if reference is None:
         return FASHION_MNIST if model_name in zoo.BUNDLED else None
     if reference != FASHION_MNIST and not Path(reference).is_file():
-        raise ReferenceError(f"reference {reference} not found")
+        raise ReferenceError(f"reference {reference} not found", field=("evaluation", "reference"))
     return reference
 
 

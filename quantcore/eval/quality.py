@@ -29,10 +29,9 @@ from quantcore.eval.inception import POOL_DIM, SPATIAL_DIM, InceptionFeatures
 from quantcore.eval.manifold import K, knn_radii, precision_recall
 from quantcore.eval.reference import Reference
 from quantcore.generation import ImageGenerator
-from quantcore.spec import INCEPTION_METRICS, min_images
+from quantcore.spec import INCEPTION_METRICS, VS_REFERENCE, min_images
 
 METRICS = INCEPTION_METRICS
-VS_REFERENCE = METRICS[:4]  # fid, sfid, precision, recall
 VS_FP = METRICS[4:]  # fid_vs_fp, sfid_vs_fp
 BOOTSTRAP_REPLICATES = 50
 FRACTION = (0.0, 1.0)  # the range of precision and recall

@@ -164,9 +164,10 @@ class QuantLinear(nn.Module):
 
 
 class QuantMatMul(nn.Module):
-    """`a @ b` with a quantizer on each operand (per-tensor uniform by default)."""
+    """`a @ b` with a quantizer on each operand (per-tensor uniform by default); no `a_quantizer` leaves
+    the first operand (queries, probabilities) as it is, so only K and V are quantized."""
 
-    def __init__(self, a_quantizer: Quantizer, b_quantizer: Quantizer):
+    def __init__(self, a_quantizer: Quantizer | None, b_quantizer: Quantizer):
         super().__init__()
         self.a_quantizer = a_quantizer
         self.b_quantizer = b_quantizer
@@ -177,17 +178,19 @@ class QuantMatMul(nn.Module):
         return cls(make_act_quantizer(a_bits, log_sqrt2=a_log_sqrt2), make_act_quantizer(b_bits))
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self.a_quantizer(a) @ self.b_quantizer(b)
+        return (a if self.a_quantizer is None else self.a_quantizer(a)) @ self.b_quantizer(b)
 
     def describe(self) -> dict:
-        return {"kind": "matmul", "a": self.a_quantizer.describe(), "b": self.b_quantizer.describe()}
+        a = None if self.a_quantizer is None else self.a_quantizer.describe()
+        return {"kind": "matmul", "a": a, "b": self.b_quantizer.describe()}
 
 
 def build_quant_module(desc: dict) -> QuantLinear | QuantMatMul:
     """An uncalibrated module with the parameter and buffer shapes of `desc`, for load_state_dict."""
     kind = desc.get("kind")
     if kind == "matmul":
-        return QuantMatMul(build_quantizer(desc["a"]), build_quantizer(desc["b"]))
+        a = None if desc["a"] is None else build_quantizer(desc["a"])
+        return QuantMatMul(a, build_quantizer(desc["b"]))
     if kind != "linear":
         raise ConfigError(f"unknown quantized module kind {kind!r}")
     weight = nn.Parameter(torch.zeros(desc["out_features"], desc["in_features"]))
@@ -204,7 +207,7 @@ def iter_quant_modules(model: nn.Module) -> Iterator[tuple[str, QuantLinear | Qu
 def _act_quantizers(module: QuantLinear | QuantMatMul) -> list[Quantizer]:
     if isinstance(module, QuantLinear):
         return [module.input_quantizer]
-    return [module.a_quantizer, module.b_quantizer]
+    return [q for q in (module.a_quantizer, module.b_quantizer) if q is not None]
 
 
 def set_quant_mode(model: nn.Module, weights: str | None = None, acts: str | None = None) -> None:

@@ -29,7 +29,7 @@ from quantcore.tokenizers.maskgit_vqgan import MaskGITConfig, MaskGITVQGAN
 from quantcore.tokenizers.var_vqvae import VQVAE, VARVQConfig
 from quantcore.tokenizers.vq16 import VQConfig, VQModel
 from quantcore.zoo.classifier import ProxyClassifier
-from quantcore.zoo.data import load_fashion_mnist, to_rgb32
+from quantcore.zoo.data import CLASSES, load_fashion_mnist, to_rgb32
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 ZOO_VQ_NAME = "VQ-zoo"
@@ -157,6 +157,11 @@ BUNDLED: dict[str, BundledModel] = {
     )
     for name, config in TINY_CONFIGS.items()
 }
+
+
+def class_names(name: str) -> list[str] | None:
+    """The label of each class of a bundled model (Fashion-MNIST's); None for the others."""
+    return list(CLASSES) if name in BUNDLED else None
 
 
 def bundled_entries() -> list[ModelEntry]:

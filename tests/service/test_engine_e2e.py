@@ -258,3 +258,43 @@ def test_a_job_with_a_registered_reference_records_fid_sfid_precision_recall(
     assert 0 <= metrics["precision"]["value"] <= 1 and metrics["fid"]["value"] > 0
     art = svc.client.get(f"/v1/artifacts/{done['artifact_id']}", headers=svc.auth(token)).json()
     assert art["manifest"]["metrics"]["inception"] == inception
+
+
+@pytest.mark.parametrize(
+    ("patch", "loc"),
+    [
+        # values of the right type that only the engine's rules refuse
+        ({"sampling": {"top_p": 2.0}}, ["body", "sampling", "top_p"]),
+        ({"sampling": {"temperature": 0.0}}, ["body", "sampling", "temperature"]),
+        ({"classes": [1, 10]}, ["body", "classes", 1]),  # the bundled models have classes 0..9
+    ],
+)
+def test_engine_errors_of_generate_point_at_their_field(engine_service, keys, bundled_model, patch, loc):
+    body = {"model": bundled_model, "classes": [1], **patch}
+    r = engine_service.client.post("/v1/generate", json=body, headers=engine_service.auth(keys["alice"]))
+    assert r.status_code == 422, r.text
+    assert [e["loc"] for e in r.json()["detail"]] == [loc], r.json()
+
+
+def test_a_bundled_models_artifact_records_its_weights(engine_service, engine_workers, keys, bundled_model):
+    """Provenance: trained (bundled) weights, not random, with the sha256 of the files loaded."""
+    from quantcore import zoo
+    from quantcore.checkpoint import file_sha256
+
+    svc, token = engine_service, keys["alice"]
+    engine_workers.ensure()
+    spec = {
+        "model": bundled_model,
+        "recipe": "rtn",
+        "calibration": {"num_samples": 2, "batch_size": 2},
+        "evaluation": {"num_images": 0},
+    }
+    done = svc.wait_job(submit(svc, token, spec)["id"], token, timeout=600)
+    assert done["state"] == "succeeded", done
+    model = svc.client.get(f"/v1/artifacts/{done['artifact_id']}", headers=svc.auth(token)).json()[
+        "manifest"
+    ]["model"]
+    bundled = zoo.BUNDLED[bundled_model]
+    assert model["weights"] == "bundled" and model["random_weights"] is False
+    assert model["checkpoint_sha256"] == file_sha256(bundled.checkpoint)
+    assert model["tokenizer_sha256"] == file_sha256(bundled.tokenizer_checkpoint)

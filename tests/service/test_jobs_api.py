@@ -56,7 +56,19 @@ def test_create_job_returns_202_with_location_and_the_job(service, keys):
         ({"model": "no-such-model"}, ["body", "model"]),
         ({"checkpoint": "no-such-checkpoint"}, ["body", "checkpoint"]),
         ({"tokenizer_checkpoint": "/etc/passwd"}, ["body", "tokenizer_checkpoint"]),
-        ({"recipe": {"passes": [{"kind": "quarot"}]}}, ["body", "recipe"]),
+        ({"recipe": {"passes": [{"kind": "quarot"}]}}, ["body", "recipe", "passes", 0]),
+        (
+            {"recipe": {"passes": [{"kind": "smoothquant", "alpha": 5}]}},
+            ["body", "recipe", "passes", 0, "smoothquant", "alpha"],
+        ),
+        ({"recipe": {"w_bits": 12}}, ["body", "recipe", "w_bits"]),
+        ({"recipe": {"calibration": {"mode": "fast"}}}, ["body", "recipe", "calibration", "mode"]),
+        ({"recipe": {"surprise": 1}}, ["body", "recipe", "surprise"]),
+        # the engine's own rule, checked before the job is queued: only bundled models have a reference
+        (
+            {"model": "scripted-random", "evaluation": {"num_images": 8, "metrics": ["fid"]}},
+            ["body", "evaluation", "reference"],
+        ),
     ],
 )
 def test_bad_specs_get_422_naming_the_field(service, keys, patch, loc):
@@ -91,6 +103,18 @@ def test_a_full_recipe_is_accepted(service, keys):
     )
     assert r.status_code == 202, r.text
     assert r.json()["spec"]["recipe"]["passes"] == [{"kind": "smoothquant", "alpha": 0.7}]
+
+
+def test_the_rest_recipe_is_the_recipe_file_schema(service, keys, tmp_path):
+    """What `ptq4arvg quantize --recipe-file` reads is what POST /v1/jobs takes as `recipe`, as is."""
+    from quantcore.recipe import Recipe
+
+    recipe = Recipe.preset("ptq4arvg", w_bits=6, a_bits=6)
+    recipe_file = Recipe.parse(recipe.to_yaml())  # the --recipe-file path: YAML text
+    body = {"model": "scripted-fast", "recipe": recipe_file.model_dump(mode="json")}
+    r = service.client.post("/v1/jobs", json=body, headers=service.auth(keys["alice"]))
+    assert r.status_code == 202, r.text
+    assert Recipe.model_validate(r.json()["spec"]["recipe"]) == recipe
 
 
 def test_list_filters_and_pagination(service, keys, worker):
