@@ -15,7 +15,6 @@ from quantcore.errors import ConfigError
 from quantcore.models import FAMILY_MODULES, bind_tokenizer, family_module
 from quantcore.models.common import ModelEntry
 from quantcore.tokenizers import downsample_factor, load_tokenizer, register_tokenizer
-from quantcore.zoo.data import CLASSES as FASHION_MNIST_CLASSES
 
 for _name, (_config, _model_class, _) in zoo.ZOO_TOKENIZERS.items():
     register_tokenizer(_name, _config, _model_class, zoo.load_zoo_tokenizer)
@@ -70,8 +69,6 @@ class ModelSpec:
             "config": cfg.to_dict(),
             "notes": self.entry.notes,
             "tags": list(self.entry.tags),
-            # the bundled models are trained on Fashion-MNIST: their labels have names
-            "class_names": list(FASHION_MNIST_CLASSES) if self.bundled else None,
         }
 
 
