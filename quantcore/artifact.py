@@ -118,6 +118,13 @@ def tokenizer_weights_path(reference: dict) -> Path:
     return Path(reference["path"])
 
 
+def tokenizer_source(artifact_dir: Path, manifest: dict) -> Path:
+    """The tokenizer weights of an artifact: the file its manifest references, else its own copy."""
+    if "tokenizer_weights" in manifest:
+        return tokenizer_weights_path(manifest["tokenizer_weights"])
+    return Path(artifact_dir) / TOKENIZER_FILE
+
+
 def _verify_tokenizer_reference(artifact_dir: Path, reference: dict) -> None:
     path = tokenizer_weights_path(reference)
     if not path.is_file():

@@ -4,7 +4,7 @@ read, and the tensors named and packed the way its compressors store them (the 0
     config.json          the model (family, config, tokenizer), where it came from (the artifact's
                          manifest sha256, recipe, weights sha256) and `quantization_config`
     model.safetensors    every tensor of the quantized model, quantized layers in the format's names
-    tokenizer.safetensors  the artifact's tokenizer, as is
+    tokenizer.safetensors  the artifact's tokenizer (the file it references, or its own copy), as is
 
 What maps, and how (exactly: the same integers and scales, nothing re-rounded):
 - weights, per output row asymmetric: strategy "channel", symmetric false. The format stores signed
@@ -33,7 +33,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from quantcore.artifact import MANIFEST, MODEL_FILE, TOKENIZER_FILE, atomic_folder, verify_artifact
+from quantcore.artifact import (
+    MANIFEST,
+    MODEL_FILE,
+    TOKENIZER_FILE,
+    atomic_folder,
+    tokenizer_source,
+    verify_artifact,
+)
 from quantcore.errors import ExportError
 
 FORMAT = "compressed-tensors"
@@ -269,7 +276,7 @@ def export_compressed_tensors(artifact_dir: str | Path, out_dir: str | Path) -> 
     state = compressed_state(artifact_dir, manifest, plan)
     with atomic_folder(out_dir) as tmp:
         save_file(state, str(tmp / MODEL_FILE), metadata={"format": "pt"})
-        shutil.copyfile(artifact_dir / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
+        shutil.copyfile(tokenizer_source(artifact_dir, manifest), tmp / TOKENIZER_FILE)  # self-contained
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     qc = config["quantization_config"]
     return {
