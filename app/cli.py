@@ -78,12 +78,12 @@ def add_admin_commands(parser: argparse.ArgumentParser) -> None:
 
 def database_url(var_dir: str | None) -> str:
     """The database `ptq4arvg serve` would use with the same environment and --var-dir."""
-    from app.config import Settings, get_settings
+    from app.config import embedded_database_url, get_settings
     from app.server import embedded_var_dir, is_configured
 
     if is_configured():
         return get_settings().database_url
-    return Settings.embedded(embedded_var_dir(var_dir)).database_url
+    return embedded_database_url(embedded_var_dir(var_dir))
 
 
 def _where(url: str) -> str:

@@ -137,7 +137,7 @@ class Settings(BaseSettings):
         """Settings of the single-machine setup: SQLite, SQLAlchemy broker, local artifact folder."""
         var = Path(var_dir).resolve()
         values = {
-            "database_url": f"sqlite:///{var / 'ptq4arvg.db'}",
+            "database_url": embedded_database_url(var),
             "broker_url": f"sqla+sqlite:///{var / 'broker.db'}",
             "result_backend": f"db+sqlite:///{var / 'results.db'}",
             "artifact_dir": var / "artifacts",
@@ -157,6 +157,11 @@ class Settings(BaseSettings):
                 value = os.pathsep.join(map(str, value))
             env[ENV_PREFIX + name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
         return env
+
+
+def embedded_database_url(var_dir: str | Path) -> str:
+    """The embedded setup's database under ``var_dir`` (naming it creates nothing)."""
+    return f"sqlite:///{Path(var_dir).resolve() / 'ptq4arvg.db'}"
 
 
 def _embedded_webhook_secret(var: Path) -> str:
