@@ -181,8 +181,9 @@ def test_generators_are_kept_under_the_memory_budget_lru(tight, keys):
 def test_a_full_generate_queue_answers_503_with_retry_after(tight, keys):
     from concurrent.futures import ThreadPoolExecutor
 
-    # each request holds the device 3 s: far longer than the six take to arrive
-    body = {"model": "scripted-fast", "classes": [1], "sampling": {"delay_s": 3.0}}
+    # each request holds the device 6 s: far longer than the six take to arrive, even on a loaded
+    # machine (at 3 s, one of six arrived after the first had finished while five other suites ran)
+    body = {"model": "scripted-fast", "classes": [1], "sampling": {"delay_s": 6.0}}
     with ThreadPoolExecutor(6) as pool:
         results = list(pool.map(lambda i: generate(tight, keys["alice"], **body, seed=i), range(6)))
     codes = sorted(r.status_code for r in results)
