@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from quantcore import zoo
-from quantcore.checkpoint import load_checkpoint
+from quantcore.checkpoint import WRAPPER_KEYS, load_checkpoint
 from quantcore.errors import ConfigError
 from quantcore.models import FAMILY_MODULES, bind_tokenizer, family_module
 from quantcore.models.common import ModelEntry
@@ -122,7 +122,9 @@ def load_model(
             stacklevel=2,
         )
     else:
-        load_checkpoint(model, checkpoint, suggest=suggest_fit)
+        family = family_module(spec.family)
+        keys = getattr(family, "CHECKPOINT_KEYS", WRAPPER_KEYS)
+        load_checkpoint(model, checkpoint, suggest=suggest_fit, wrapper_keys=keys)
     return model.eval()
 
 

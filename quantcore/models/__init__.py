@@ -31,6 +31,7 @@ FAMILY_MODULES = {
     "llamagen": "quantcore.models.llamagen",
     "var": "quantcore.models.var",
     "rar": "quantcore.models.rar",
+    "mar": "quantcore.models.mar",
 }
 
 
