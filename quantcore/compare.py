@@ -33,7 +33,7 @@ from quantcore.api import load_generator
 from quantcore.calib import CalibrationSpec, build_calibration_set
 from quantcore.errors import ConfigError, RecipeError
 from quantcore.eval.evaluate import resolve_reference
-from quantcore.eval.fidelity import teacher_forced_fidelity, token_agreement
+from quantcore.eval.fidelity import sampled_fidelity, teacher_forced
 from quantcore.eval.inception import InceptionFeatures
 from quantcore.eval.proxy import proxy_features, proxy_metrics
 from quantcore.eval.quality import VS_FP, VS_REFERENCE, SampleSet, measure
@@ -261,8 +261,8 @@ def _test_images(count: int) -> torch.Tensor:
 def _row_metrics(generator: ImageGenerator, fp: ImageGenerator, ref: _Reference, tokens, images) -> dict:
     classes, sequences = ref.heldout
     out = {
-        "token_agreement": token_agreement(ref.tokens, tokens),
-        **teacher_forced_fidelity(fp.model, generator.model, classes, sequences),
+        **sampled_fidelity(fp.model.family, ref.tokens, tokens),
+        **teacher_forced(fp.model, generator.model, classes, sequences),
     }
     if ref.classifier is not None:
         # FP against its own images would read 0 up to rounding: leave that cell empty
@@ -415,7 +415,7 @@ def _noise_floor(fp: ImageGenerator, ref: _Reference, spec: CompareSpec, progres
     that samples the same distribution but shares no randomness with FP."""
     seeds = [spec.eval_seed + spec.num_images + i for i in range(spec.num_images)]
     tokens, images = _sample(fp, ref.labels, seeds, lambda f: progress("fp other seeds", f))
-    metrics = {"token_agreement": token_agreement(ref.tokens, tokens)}
+    metrics = sampled_fidelity(fp.model.family, ref.tokens, tokens)
     if ref.classifier is not None:
         proxy = proxy_metrics(ref.classifier, images, np.array(ref.labels), None, ref.fp_features)
         metrics["proxy_fid_vs_fp"] = proxy["proxy_fid_other"]
@@ -441,6 +441,9 @@ COLUMNS = (
     ("token agr.", "token_agreement", 3),
     ("logit KL", "logit_kl", 4),
     ("top-1 agr.", "top1_agreement", 3),
+    ("latent err.", "latent_rel_error", 4),  # continuous-token families (MAR)
+    ("cond. err.", "condition_rel_error", 4),
+    ("diff. loss", "diffusion_loss", 4),
     ("FID", "fid", 2),
     ("sFID", "sfid", 2),
     ("precision", "precision", 3),

@@ -1,16 +1,24 @@
 """MAR and its KL-16 VAE: official sizes and keys, strict loading of official-layout files, the masked
 generation schedule, the diffusion head's sampler, determinism, and the quantization layout."""
 
+import copy
 import math
 
 import pytest
 import torch
 
+from quantcore.api import load_generator, quantize_job
+from quantcore.artifact import load_artifact
+from quantcore.calib import CalibrationSpec, build_calibration_set
 from quantcore.checkpoint import CheckpointError
 from quantcore.errors import ConfigError
 from quantcore.fastgen import generate_tokens
 from quantcore.models import mar
 from quantcore.models.mar import MODELS
+from quantcore.nn import Linear
+from quantcore.pipeline import layout_of, quantize
+from quantcore.quant.modules import QuantLinear, iter_quant_modules, set_quant_mode
+from quantcore.recipe import PRESETS, Recipe
 from quantcore.registry import get_spec, load_model
 from quantcore.tokenizers import build_tokenizer, load_tokenizer
 
@@ -276,3 +284,92 @@ def test_kl_checkpoint_loads_strictly_and_round_trips_shapes(tmp_path):
         load_tokenizer("KL-tiny", tmp_path / "bad.ckpt")
     with pytest.raises(ConfigError, match="latents"):
         loaded.decode_latents(torch.zeros(1, 3, 4, 4))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Quantization: the layout, exact folding, STWQ tables, every preset end to end
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_layout_quantizes_the_transformer_blocks_only():
+    model = random_mar()
+    layout = layout_of(model)
+    assert [s.producer for s in layout.fold_sites[:2]] == ["encoder_blocks.0.norm1", "encoder_blocks.0.norm2"]
+    assert layout.fold_sites[-1].linears == ("decoder_blocks.1.mlp.fc1",)
+    assert not any(s.head for s in layout.fold_sites) and all(s.gps for s in layout.fold_sites)
+    assert len(layout.all_linears) == 4 * (2 + 2)  # qkv, fc1, proj, fc2 in every encoder and decoder block
+    assert layout.matmuls == ()  # the official keeps timm's fused attention: not quantized
+    assert layout.sink_positions == (0, 1, 2, 3) and layout.seq_len == 4 + 16
+    assert layout.position_groups.tolist() == [0, 1, 2, 3] + [4] * 16
+    assert layout.feature_module == "decoder_blocks.1"
+    for name in layout.all_linears:
+        model.get_submodule(name)
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    fp = random_mar()
+    calib = build_calibration_set(fp, CalibrationSpec(num_samples=4, batch_size=4), SAMPLING)
+    return fp, calib
+
+
+@pytest.mark.parametrize("preset", ["smoothquant", "os+", "gps", "ptq4arvg"])
+def test_folding_into_the_layernorms_is_exact_with_quantization_off(calibrated, preset):
+    fp, calib = calibrated
+    assert calib.tokens.shape == (4, 16, 4) and calib.tokens.is_floating_point()
+    model = copy.deepcopy(fp)
+    quantize(model, Recipe.preset(preset, 6, 6), calib)
+    set_quant_mode(model, weights="off", acts="off")
+    ref = fp.sequence_logits(calib.classes, calib.tokens)
+    got = model.sequence_logits(calib.classes, calib.tokens)
+    assert float((got - ref).detach().norm() / ref.detach().norm()) <= 1e-5
+    assert not torch.equal(model.decoder_blocks[0].norm1.weight, fp.decoder_blocks[0].norm1.weight)
+    # kept in FP: the diffusion MLP, the token and decoder embeddings
+    quantized = {name for name, _ in iter_quant_modules(model)}
+    assert quantized == set(layout_of(model).all_linears)
+    assert isinstance(model.z_proj, Linear) and not isinstance(model.z_proj, QuantLinear)
+
+
+def test_stwq_gives_each_buffer_position_its_own_parameters(calibrated):
+    fp, calib = calibrated
+    model = copy.deepcopy(fp)
+    quantize(model, Recipe.preset("ptq4arvg", 8, 8), calib)
+    for name in ("encoder_blocks.0.attn.qkv", "decoder_blocks.1.mlp.fc2"):
+        q = model.get_submodule(name).input_quantizer
+        assert q.granularity == "group" and q.num_params == 4 + 1
+        assert len(set(q.scale.tolist())) == q.num_params  # every group calibrated on its own
+    # the quantized model still samples, deterministically
+    a = generate_tokens(model, torch.tensor([1, 2]), [3, 4], **SAMPLING)
+    assert torch.equal(a, generate_tokens(model, torch.tensor([1, 2]), [3, 4], **SAMPLING))
+    assert not torch.equal(a, generate_tokens(fp, torch.tensor([1, 2]), [3, 4], **SAMPLING))
+
+
+@pytest.fixture(scope="module")
+def official_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mar") / "checkpoint-last.pth"
+    _official_file(path, random_mar(1).state_dict(), random_mar(0).state_dict())
+    return path
+
+
+@pytest.mark.parametrize("bits", [8, 6])
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_runs_end_to_end_and_round_trips(tmp_path, official_file, preset, bits):
+    spec = {
+        "model": "mar-tiny",
+        "checkpoint": str(official_file),
+        "recipe": preset,
+        "w_bits": bits,
+        "a_bits": bits,
+        "calibration": {"num_samples": 4, "batch_size": 4},
+        "evaluation": {"num_images": 2},
+    }
+    manifest = quantize_job(spec, tmp_path / "art")
+    assert manifest["model"]["family"] == "mar" and manifest["recipe"]["name"] == preset
+    metrics = manifest["metrics"]
+    assert "token_agreement" not in metrics and "logit_kl" not in metrics  # no ids, no logits
+    assert 0.0 < metrics["latent_rel_error"] and 0.0 < metrics["condition_rel_error"] < 1.0
+    assert metrics["diffusion_loss"] > 0 and metrics["diffusion_loss_fp"] > 0
+    model, _, loaded = load_artifact(tmp_path / "art")
+    assert loaded["layers"] == manifest["layers"]
+    images = load_generator(str(tmp_path / "art")).generate([1, 2, 3], [5, 6, 7])
+    assert images.shape == (3, 8, 8, 3) and images.dtype == torch.uint8

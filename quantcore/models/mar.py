@@ -46,6 +46,7 @@ from quantcore.models.common import ModelEntry, modulate
 from quantcore.nn import Linear, MatMul
 from quantcore.quant.layout import FoldSite, OfficialCalibration, QuantLayout
 
+CONTINUOUS_TOKENS = True  # tokens are KL-16 latents (B, n, token_dim): see quantcore.models
 # The official checkpoints hold both; the EMA weights are the evaluated ones (PTQ4ARVG uses them too).
 CHECKPOINT_KEYS = ("model_ema", "model")
 LATENT_SCALE = 0.2325  # KL-16 latents times this are MAR's tokens (official main_mar.py)
@@ -515,7 +516,8 @@ class MAR(nn.Module):
 
 
 def build(config: MARConfig) -> MAR:
-    return MAR(config)
+    """The model as the official constructor leaves it: officially initialised (zeros on "meta")."""
+    return init_official(MAR(config))
 
 
 @torch.no_grad()
@@ -570,6 +572,12 @@ def diffusion_loss(
     err = (out[:, :c].double() - noise.reshape(-1, c)).pow(2).mean(-1).view(repeats, b, n)
     weight = mask.double().expand(repeats, -1, -1)
     return (err * weight).sum((0, 2)) / weight.sum((0, 2)).clamp(min=1)
+
+
+def teacher_forced_loss(model: MAR, classes: torch.Tensor, tokens: torch.Tensor, generator) -> torch.Tensor:
+    """The family's held-out fidelity loss: the diffusion loss under training-style masks (one seeded
+    ratio and order per batch), so every mask ratio the model meets in sampling is scored."""
+    return diffusion_loss(model, classes, tokens, model.training_mask(tokens.shape[0], generator), generator)
 
 
 # ---------------------------------------------------------------------------------------------------
