@@ -39,6 +39,7 @@ from quantcore.eval.proxy import proxy_features, proxy_metrics
 from quantcore.eval.quality import VS_FP, VS_REFERENCE, SampleSet, measure
 from quantcore.generation import ImageGenerator
 from quantcore.images import make_grid, save_png
+from quantcore.models import family
 from quantcore.pipeline import quantize
 from quantcore.quant.real import summarize, to_real
 from quantcore.recipe import PRESETS, Recipe, parse_bits
@@ -495,6 +496,15 @@ def _selection_cell(row: dict) -> str:
     return f"{sel['selection']}{pct} ({c['cond']}c/{c['uncond']}u)"
 
 
+def _teacher_forced_measures(family_name: str) -> str:
+    if family(family_name).continuous_tokens:
+        return (
+            "condition error (relative L2 of what the diffusion head reads) and diffusion loss (eps MSE, "
+            "the same seeded masks, steps and noise for every row); latent err.: relative L2 of the sampled latents"
+        )
+    return "logit KL (nats/token, KL(FP || quantized)) and top-1 agreement"
+
+
 def render_markdown(report: dict, timings: dict, findings: str | None = None) -> str:
     """The report as a Markdown table like the paper's, plus timings and optional findings text."""
     spec, env = report["spec"], report["environment"]
@@ -508,7 +518,7 @@ def render_markdown(report: dict, timings: dict, findings: str | None = None) ->
         f"{spec['eval_seed'] + spec['num_images'] - 1}, the same in every row); sampling {report['sampling']}.",
         f"- Calibration: pool of {spec['calib_samples']} FP images (2x with the uncond half), seed {spec['seed']}.",
         f"- proxy-FID test: against the first {spec['reference_images']} test-split images.\n"
-        f"- Teacher-forced logit KL (nats/token, KL(FP || quantized)) and top-1 agreement on {spec['heldout']} "
+        f"- Teacher-forced {_teacher_forced_measures(report['family'])} on {spec['heldout']} "
         f"sequences from the {report['heldout_source']}.",
         f"- Machine: {env['cpu']}, torch {env['torch']}, {env['threads']} thread(s).",
     ]

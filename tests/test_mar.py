@@ -373,3 +373,30 @@ def test_every_preset_runs_end_to_end_and_round_trips(tmp_path, official_file, p
     assert loaded["layers"] == manifest["layers"]
     images = load_generator(str(tmp_path / "art")).generate([1, 2, 3], [5, 6, 7])
     assert images.shape == (3, 8, 8, 3) and images.dtype == torch.uint8
+
+
+def test_compare_reports_continuous_fidelity_and_real_kernels_agree(tmp_path, official_file):
+    from quantcore.compare import CompareSpec, plan_rows, run_compare
+
+    rows = [
+        *plan_rows(["fp"], ["w8a8"]),
+        *plan_rows(["ptq4arvg"], ["w8a8"], ["random"], ["simulated", "real"]),
+    ]
+    spec = CompareSpec(
+        model="mar-tiny",
+        checkpoint=str(official_file),
+        rows=rows,
+        num_images=4,
+        calib_samples=4,
+        heldout=8,
+        batch_size=4,
+        grid_images=4,
+    )
+    report = run_compare(spec, tmp_path)
+    fp, simulated, real = report["rows"]
+    assert fp["metrics"]["latent_rel_error"] == 0.0 and "token_agreement" not in simulated["metrics"]
+    assert real["execution_paths"]["int8-cpu"] == 16  # qkv, proj, fc1, fc2 of the 4 blocks
+    sim_err, real_err = simulated["metrics"]["condition_rel_error"], real["metrics"]["condition_rel_error"]
+    assert 0.0 < sim_err and abs(real_err - sim_err) <= 0.2 * sim_err
+    markdown = (tmp_path / "report.md").read_text()
+    assert "diff. loss" in markdown and "logit KL" not in markdown
