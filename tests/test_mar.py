@@ -82,7 +82,7 @@ def test_official_key_names_and_shapes():
         assert shapes[key] == shape, key
     assert "diffloss.net.res_blocks.6.in_ln.weight" not in shapes  # 6 blocks for MAR-B
     assert "diffloss.net.final_layer.norm_final.weight" not in shapes  # LayerNorm without affine
-    # 2 + 12 keys per block... every key is a parameter: nothing beyond the official state dict
+    # every key is a parameter: no buffer beyond the official state dict
     assert set(shapes) == {n for n, _ in model.named_parameters()}
 
 
