@@ -20,7 +20,7 @@ from quantcore.calib import build_calibration_set
 from quantcore.calib.pool import check_cancel
 from quantcore.checkpoint import file_sha256
 from quantcore.errors import ArtifactError, ConfigError
-from quantcore.eval.fidelity import teacher_forced_fidelity, token_agreement
+from quantcore.eval.fidelity import sampled_fidelity, teacher_forced
 from quantcore.fastgen import TokenSampler
 from quantcore.generation import ImageGenerator
 from quantcore.pipeline import quantize
@@ -77,6 +77,7 @@ def fidelity_metrics(
 
     token_agreement: share of sampled tokens equal under the same seeds (CFG on);
     logit_kl / top1_agreement: teacher-forced on the FP model's own samples (held out from calibration).
+    Continuous tokens (MAR): latent_rel_error, condition_rel_error and diffusion_loss (beside _fp) instead.
     `tokens` {"fp", "quantized"}: already sampled for these classes and seeds (by `inception_metrics`).
     """
     n = evaluation.num_images
@@ -103,8 +104,8 @@ def fidelity_metrics(
     fp_tokens, q_tokens = tokens["fp"].to(device), tokens["quantized"].to(device)
     classes = torch.tensor(classes, device=device)
     return {
-        "token_agreement": token_agreement(fp_tokens, q_tokens),
-        **teacher_forced_fidelity(fp, quantized, classes, fp_tokens),
+        **sampled_fidelity(fp.family, fp_tokens, q_tokens),
+        **teacher_forced(fp, quantized, classes, fp_tokens),
         "num_images": n,
     }
 

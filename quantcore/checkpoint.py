@@ -127,9 +127,11 @@ def load_checkpoint(
     model: nn.Module,
     path: str | Path,
     suggest: Callable[[Mapping[str, torch.Tensor]], str | None] | None = None,
+    wrapper_keys: tuple[str, ...] = WRAPPER_KEYS,
 ) -> nn.Module:
-    """Strictly load the weights in `path` into `model` (in place) and return the model."""
-    state_dict = read_state_dict(path)
+    """Strictly load the weights in `path` into `model` (in place) and return the model; `wrapper_keys`
+    are tried in order where the file wraps its weights (MAR prefers its `model_ema`)."""
+    state_dict = read_state_dict(path, wrapper_keys)
     check_state_dict(model, state_dict, str(path), suggest)
     model.load_state_dict(state_dict, strict=True)
     return model

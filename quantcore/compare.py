@@ -33,12 +33,13 @@ from quantcore.api import load_generator
 from quantcore.calib import CalibrationSpec, build_calibration_set
 from quantcore.errors import ConfigError, RecipeError
 from quantcore.eval.evaluate import resolve_reference
-from quantcore.eval.fidelity import teacher_forced_fidelity, token_agreement
+from quantcore.eval.fidelity import sampled_fidelity, teacher_forced
 from quantcore.eval.inception import InceptionFeatures
 from quantcore.eval.proxy import proxy_features, proxy_metrics
 from quantcore.eval.quality import VS_FP, VS_REFERENCE, SampleSet, measure
 from quantcore.generation import ImageGenerator
 from quantcore.images import make_grid, save_png
+from quantcore.models import family
 from quantcore.pipeline import quantize
 from quantcore.quant.real import summarize, to_real
 from quantcore.recipe import PRESETS, Recipe, parse_bits
@@ -261,8 +262,8 @@ def _test_images(count: int) -> torch.Tensor:
 def _row_metrics(generator: ImageGenerator, fp: ImageGenerator, ref: _Reference, tokens, images) -> dict:
     classes, sequences = ref.heldout
     out = {
-        "token_agreement": token_agreement(ref.tokens, tokens),
-        **teacher_forced_fidelity(fp.model, generator.model, classes, sequences),
+        **sampled_fidelity(fp.model.family, ref.tokens, tokens),
+        **teacher_forced(fp.model, generator.model, classes, sequences),
     }
     if ref.classifier is not None:
         # FP against its own images would read 0 up to rounding: leave that cell empty
@@ -415,7 +416,7 @@ def _noise_floor(fp: ImageGenerator, ref: _Reference, spec: CompareSpec, progres
     that samples the same distribution but shares no randomness with FP."""
     seeds = [spec.eval_seed + spec.num_images + i for i in range(spec.num_images)]
     tokens, images = _sample(fp, ref.labels, seeds, lambda f: progress("fp other seeds", f))
-    metrics = {"token_agreement": token_agreement(ref.tokens, tokens)}
+    metrics = sampled_fidelity(fp.model.family, ref.tokens, tokens)
     if ref.classifier is not None:
         proxy = proxy_metrics(ref.classifier, images, np.array(ref.labels), None, ref.fp_features)
         metrics["proxy_fid_vs_fp"] = proxy["proxy_fid_other"]
@@ -441,6 +442,9 @@ COLUMNS = (
     ("token agr.", "token_agreement", 3),
     ("logit KL", "logit_kl", 4),
     ("top-1 agr.", "top1_agreement", 3),
+    ("latent err.", "latent_rel_error", 4),  # continuous-token families (MAR)
+    ("cond. err.", "condition_rel_error", 4),
+    ("diff. loss", "diffusion_loss", 4),
     ("FID", "fid", 2),
     ("sFID", "sfid", 2),
     ("precision", "precision", 3),
@@ -492,6 +496,15 @@ def _selection_cell(row: dict) -> str:
     return f"{sel['selection']}{pct} ({c['cond']}c/{c['uncond']}u)"
 
 
+def _teacher_forced_measures(family_name: str) -> str:
+    if family(family_name).continuous_tokens:
+        return (
+            "condition error (relative L2 of what the diffusion head reads) and diffusion loss (eps MSE, "
+            "the same seeded masks, steps and noise for every row); latent err.: relative L2 of the sampled latents"
+        )
+    return "logit KL (nats/token, KL(FP || quantized)) and top-1 agreement"
+
+
 def render_markdown(report: dict, timings: dict, findings: str | None = None) -> str:
     """The report as a Markdown table like the paper's, plus timings and optional findings text."""
     spec, env = report["spec"], report["environment"]
@@ -505,7 +518,7 @@ def render_markdown(report: dict, timings: dict, findings: str | None = None) ->
         f"{spec['eval_seed'] + spec['num_images'] - 1}, the same in every row); sampling {report['sampling']}.",
         f"- Calibration: pool of {spec['calib_samples']} FP images (2x with the uncond half), seed {spec['seed']}.",
         f"- proxy-FID test: against the first {spec['reference_images']} test-split images.\n"
-        f"- Teacher-forced logit KL (nats/token, KL(FP || quantized)) and top-1 agreement on {spec['heldout']} "
+        f"- Teacher-forced {_teacher_forced_measures(report['family'])} on {spec['heldout']} "
         f"sequences from the {report['heldout_source']}.",
         f"- Machine: {env['cpu']}, torch {env['torch']}, {env['threads']} thread(s).",
     ]

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from quantcore.errors import ConfigError
-from quantcore.models import family_module
+from quantcore.models import family as family_of
 
 _CHECKS = {
     "temperature": (lambda v: v > 0, "> 0"),
@@ -50,7 +50,7 @@ def check_classes(classes: Sequence[int], num_classes: int) -> None:
 def sampling_settings(family: str, overrides: dict) -> dict:
     """The family's official sampling defaults under the caller's keywords (None = the default);
     unknown names and bad values are refused."""
-    known = fields(family_module(family).SamplingDefaults)
+    known = fields(family_of(family).sampling_defaults)
     names = [f.name for f in known]
     unknown = sorted(set(overrides) - set(names))
     if unknown:
@@ -78,7 +78,7 @@ class FastSampler:
 
     def __init__(self, model: nn.Module, batch: int, sampling: dict, *, compile: bool = False, graph=None):
         family = getattr(model, "family", None)
-        plan_type = getattr(family_module(family), "DecodePlan", None) if family else None
+        plan_type = family_of(family).decode_plan if family else None
         if plan_type is None:
             raise ConfigError(f"no sampler for family {family!r}")
         if batch < 1:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from quantcore.fastgen import TokenSampler
-from quantcore.models import family_module
+from quantcore.models import family
 
 
 class ImageGenerator:
@@ -48,11 +48,11 @@ class ImageGenerator:
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        decode = family_module(self.model.family).decode_images
+        decode = family(self.model.family).decode_images
         images = []
         for start in range(0, tokens.shape[0], self.chunk_size):
             chunk = tokens[start : start + self.chunk_size]
-            padded = torch.cat([chunk, chunk[-1:].expand(self.chunk_size - chunk.shape[0], -1)])
+            padded = torch.cat([chunk, chunk[-1:].expand(self.chunk_size - chunk.shape[0], *chunk.shape[1:])])
             images.append(decode(self.model, self.tokenizer, padded)[: chunk.shape[0]].cpu())
         return torch.cat(images)
 

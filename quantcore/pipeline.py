@@ -30,7 +30,7 @@ from torch import nn
 from quantcore.calib.pool import CalibrationSet, CancelCheck, Progress, check_cancel
 from quantcore.errors import ConfigError
 from quantcore.methods.registry import handler_for
-from quantcore.models import family_module
+from quantcore.models import family
 from quantcore.quant.layout import AdaLNRows, FoldSite, QuantLayout, fold_scale, fold_shift
 from quantcore.quant.modules import (
     QuantLinear,
@@ -51,7 +51,7 @@ EMA_BATCH, EMA_MOMENTUM = 64, 0.9
 
 
 def layout_of(model: nn.Module) -> QuantLayout:
-    return family_module(model.family).quant_layout(model)
+    return family(model.family).quant_layout(model)
 
 
 @dataclass(frozen=True)

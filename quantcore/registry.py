@@ -12,7 +12,7 @@ import torch
 from quantcore import zoo
 from quantcore.checkpoint import load_checkpoint
 from quantcore.errors import ConfigError
-from quantcore.models import FAMILY_MODULES, bind_tokenizer, family_module
+from quantcore.models import FAMILY_MODULES, bind_tokenizer, family
 from quantcore.models.common import ModelEntry
 from quantcore.tokenizers import downsample_factor, load_tokenizer, register_tokenizer
 
@@ -44,7 +44,7 @@ class ModelSpec:
 
     def build(self, device: str | torch.device = "cpu") -> torch.nn.Module:
         with torch.device(device):
-            model = family_module(self.family).build(self.config)
+            model = family(self.family).build(self.config)
         return model.to(device)  # layout tables are built on the CPU inside the constructors
 
     def parameter_count(self) -> int:
@@ -79,9 +79,9 @@ def _variant(cfg) -> str:
 
 def all_specs() -> dict[str, ModelSpec]:
     specs = {
-        name: ModelSpec(family, entry)
-        for family in FAMILY_MODULES
-        for name, entry in family_module(family).MODELS.items()
+        name: ModelSpec(name_of_family, entry)
+        for name_of_family in FAMILY_MODULES
+        for name, entry in family(name_of_family).models.items()
     }
     specs.update({name: ModelSpec(b.family, b.entry) for name, b in zoo.BUNDLED.items()})
     return specs
@@ -125,7 +125,8 @@ def load_model(
             stacklevel=2,
         )
     else:
-        load_checkpoint(model, checkpoint, suggest=suggest_fit)
+        keys = family(spec.family).checkpoint_keys
+        load_checkpoint(model, checkpoint, suggest=suggest_fit, wrapper_keys=keys)
     return model.eval()
 
 

@@ -15,7 +15,7 @@ import torch
 from quantcore.errors import Canceled
 from quantcore.fastgen import TokenSampler
 from quantcore.methods.selection import select_calibration
-from quantcore.models import family_module
+from quantcore.models import family
 from quantcore.spec import CalibrationSpec
 
 Progress = Callable[[str, float], None]
@@ -51,7 +51,7 @@ def last_block_features(model, classes: torch.Tensor, tokens: torch.Tensor, batc
     """Token 0's output of the last transformer block (the feature the official DGC ranks)."""
 
     captured: list[torch.Tensor] = []
-    block = model.get_submodule(family_module(model.family).quant_layout(model).feature_module)
+    block = model.get_submodule(family(model.family).quant_layout(model).feature_module)
     handle = block.register_forward_hook(lambda m, a, out: captured.append(out[:, 0].float().cpu()))
     try:
         for start in range(0, classes.numel(), batch_size):
@@ -70,9 +70,8 @@ def build_calibration_set(
     should_cancel: CancelCheck | None = None,
 ) -> CalibrationSet:
     """Generate spec.num_samples images with the FP model (CFG on), pool both halves, select."""
-    family = family_module(model.family)
     cfg = model.config
-    official = family.quant_layout(model).official
+    official = family(model.family).quant_layout(model).official
     device = next(model.parameters()).device
     # the official VAR/RAR scripts draw randint(0, 999): never the last class
     high = cfg.num_classes - 1 if official.exclude_last_class else cfg.num_classes

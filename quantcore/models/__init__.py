@@ -16,6 +16,12 @@ A family module exposes:
 - quant_layout(model) -> quantcore.quant.layout.QuantLayout.
 - bind_tokenizer(model, tokenizer), only where the model needs its tokenizer at run time (VAR builds
   each scale's input from the VQ-VAE); keep the tokenizer out of the model's state_dict.
+Optional, for families unlike the discrete next-token ones (MAR: continuous tokens, a diffusion head):
+- CONTINUOUS_TOKENS = True: tokens are float latents (B, L, C); sequence_logits then returns what the
+  head is conditioned on, and fidelity is measured on latents and a loss instead of token ids;
+- teacher_forced_loss(model, classes, tokens, generator) -> (B,): the family's own held-out loss;
+- CHECKPOINT_KEYS: the wrapper keys of its official files, in order of preference.
+`family(name)` is the descriptor that the registry, calibration, evaluation and generation read.
 Projections are quantcore.nn.Linear called as linear(x, pos) with the absolute positions passed
 down explicitly; attention uses two quantcore.nn.MatMul modules (no fused kernels); AdaLN
 modulation is LN(x) * (one + scale) + shift with `one` a buffer registered as None.
@@ -25,17 +31,67 @@ A new family adds one line to FAMILY_MODULES below (and its tokenizers to quantc
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from types import ModuleType
+
+from quantcore.checkpoint import WRAPPER_KEYS
 
 FAMILY_MODULES = {
     "llamagen": "quantcore.models.llamagen",
     "var": "quantcore.models.var",
     "rar": "quantcore.models.rar",
+    "mar": "quantcore.models.mar",
 }
 
 
 def family_module(family: str) -> ModuleType:
     return importlib.import_module(FAMILY_MODULES[family])
+
+
+@dataclass(frozen=True)
+class Family:
+    """A family as the rest of the engine sees it: its module's contract, optional parts defaulted."""
+
+    name: str
+    module: ModuleType
+
+    @property
+    def models(self) -> dict:
+        return self.module.MODELS
+
+    def build(self, config):
+        return self.module.build(config)
+
+    def quant_layout(self, model):
+        return self.module.quant_layout(model)
+
+    def decode_images(self, model, tokenizer, tokens):
+        return self.module.decode_images(model, tokenizer, tokens)
+
+    @property
+    def sampling_defaults(self) -> type:
+        return self.module.SamplingDefaults
+
+    @property
+    def decode_plan(self) -> type | None:
+        return getattr(self.module, "DecodePlan", None)
+
+    @property
+    def continuous_tokens(self) -> bool:
+        return getattr(self.module, "CONTINUOUS_TOKENS", False)
+
+    @property
+    def checkpoint_keys(self) -> tuple[str, ...]:
+        return getattr(self.module, "CHECKPOINT_KEYS", WRAPPER_KEYS)
+
+    @property
+    def teacher_forced_loss(self):
+        """(model, classes, tokens, generator) -> per-sequence loss, or None (discrete families: logit KL)."""
+        return getattr(self.module, "teacher_forced_loss", None)
+
+
+def family(name: str) -> Family:
+    return Family(name, family_module(name))
 
 
 def bind_tokenizer(model, tokenizer) -> None:

@@ -1,4 +1,4 @@
-"""Image tokenizers: pixels <-> discrete token grids, looked up by name.
+"""Image tokenizers: pixels <-> token grids (discrete codes, or KL-16's continuous latents), by name.
 
 Each tokenizer family contributes (config, model class, loader) entries to TOKENIZERS.
 """
@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from quantcore.errors import ConfigError
+from quantcore.tokenizers.kl16 import KL_CONFIGS, AutoencoderKL, load_kl
 from quantcore.tokenizers.maskgit_vqgan import MASKGIT_CONFIGS, MaskGITVQGAN, load_maskgit
 from quantcore.tokenizers.var_vqvae import VAR_VQ_CONFIGS, VQVAE, load_var_vqvae
 from quantcore.tokenizers.vq16 import VQ_CONFIGS, VQConfig, VQModel, load_vq
@@ -17,6 +18,7 @@ from quantcore.tokenizers.vq16 import VQ_CONFIGS, VQConfig, VQModel, load_vq
 TOKENIZERS = {name: (cfg, VQModel, load_vq) for name, cfg in VQ_CONFIGS.items()}
 TOKENIZERS.update({name: (cfg, VQVAE, load_var_vqvae) for name, cfg in VAR_VQ_CONFIGS.items()})
 TOKENIZERS.update({name: (cfg, MaskGITVQGAN, load_maskgit) for name, cfg in MASKGIT_CONFIGS.items()})
+TOKENIZERS.update({name: (cfg, AutoencoderKL, load_kl) for name, cfg in KL_CONFIGS.items()})
 
 
 def register_tokenizer(name: str, config, model_class, loader) -> None:
@@ -54,6 +56,9 @@ __all__ = [
     "VAR_VQ_CONFIGS",
     "VQVAE",
     "load_var_vqvae",
+    "KL_CONFIGS",
+    "AutoencoderKL",
+    "load_kl",
     "TOKENIZERS",
     "build_tokenizer",
     "load_tokenizer",

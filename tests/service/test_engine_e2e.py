@@ -163,6 +163,27 @@ def test_w8a8_job_artifact_verifies_and_generation_is_deterministic(
     assert base64.b64decode(images[1]["png_base64"]) == other.content
 
 
+def test_a_mar_job_over_rest_reports_the_continuous_token_metrics(engine_service, engine_workers, keys):
+    """MAR (continuous latents, a diffusion head) goes through the same job contract as the others."""
+    svc, token = engine_service, keys["alice"]
+    engine_workers.ensure()
+    spec = {
+        "model": "mar-tiny",
+        "recipe": "ptq4arvg",
+        "w_bits": 6,
+        "a_bits": 6,
+        "calibration": {"num_samples": 4, "batch_size": 4},
+        "evaluation": {"num_images": 2},
+    }
+    done = svc.wait_job(submit(svc, token, spec)["id"], token, timeout=300)
+    assert done["state"] == "succeeded", done
+    metrics = done["metrics"]
+    assert {"latent_rel_error", "condition_rel_error", "diffusion_loss"} <= metrics.keys()
+    assert "token_agreement" not in metrics
+    art = svc.client.get(f"/v1/artifacts/{done['artifact_id']}", headers=svc.auth(token)).json()
+    assert art["manifest"]["model"]["family"] == "mar"
+
+
 def test_kill_9_mid_job_then_a_new_worker_completes_it_exactly_once(
     engine_service, engine_workers, keys, bundled_model, pg_url
 ):
