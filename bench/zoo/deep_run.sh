@@ -13,7 +13,10 @@ mkdir -p "$LOGS" "$OUT"
 export PYTHONUNBUFFERED=1
 RECIPES=fp,rtn,smoothquant,os+,ptq4arvg,ptq4arvg-staged,dtwq
 
-left() { echo $((DEADLINE - $(date +%s))); }
+left() {  # seconds to the deadline, at least 1 (timeout refuses 0 and negative limits)
+    local s=$((DEADLINE - $(date +%s)))
+    echo $((s > 1 ? s : 1))
+}
 
 compare() {  # MODEL BITS FOLDER IMAGES
     timeout "$(left)" python3 bench/quality/run.py --model "$1" --bits "$2" --recipes "$RECIPES" \

@@ -38,8 +38,9 @@ from quantcore.tokenizers.maskgit_vqgan import MaskGITVQGAN
 from quantcore.tokenizers.var_vqvae import VQVAE
 from quantcore.tokenizers.vq16 import VQModel
 from quantcore.zoo import (
-    BUNDLED,
     BUNDLED_CONFIGS,
+    FAMILIES,
+    SAMPLING,
     ZOO_MASKGIT_NAME,
     ZOO_TOKENIZERS,
     ZOO_VAR_VQ_NAME,
@@ -441,7 +442,7 @@ def train_generator(data: Data, out: Path, hp: dict, seed: int, name: str, per_c
     order (RAR: raster only; the official RAR anneals from random permutations to raster, but our
     sampler decodes in raster order)."""
     device = data.train.device
-    config, family = BUNDLED_CONFIGS[name], BUNDLED[name].family
+    config, family = BUNDLED_CONFIGS[name], FAMILIES[name]
     vq = load_zoo_tokenizer(out / ZOO_TOKENIZERS[config.tokenizer][2].name, config.tokenizer, device)
     vq.requires_grad_(False)  # VAR's teacher-forced inputs run through its (frozen) quantizer
     torch.manual_seed(seed)
@@ -502,7 +503,7 @@ def train_generator(data: Data, out: Path, hp: dict, seed: int, name: str, per_c
     metrics = {
         "final_train_loss": loss_sum / steps_per_epoch,
         "test_loss": sequence_loss(stored, data.test_labels, test_tokens),
-        "cfg_sweep": evaluate_generator(stored, vq, data, out, per_class, BUNDLED[name].entry.sampling),
+        "cfg_sweep": evaluate_generator(stored, vq, data, out, per_class, SAMPLING[name]),
     }
     log(f"{name} metrics {json.dumps(metrics)}")
     return metrics
