@@ -22,10 +22,10 @@ from quantcore.eval.proxy import (
 from quantcore.models import family_module
 from quantcore.zoo import (
     BUNDLED,
-    CLASSIFIER_WEIGHTS,
-    TOKENIZER_WEIGHTS,
     BUNDLED_CONFIGS,
+    CLASSIFIER_WEIGHTS,
     PENDING,
+    TOKENIZER_WEIGHTS,
     ZOO_VQ,
     ZOO_VQ16_NAME,
     bundled_entries,
