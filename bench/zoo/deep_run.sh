@@ -4,6 +4,8 @@
 # model (one process per bit-width), and W6A6 on the old bundled models while time is left.
 #   OUT=DIR FASHION_MNIST_DIR=DIR bash bench/zoo/deep_run.sh   (from the repository root, with a GPU)
 # Everything stops by DEADLINE seconds after the start so that the results can be packed into $OUT.
+# Ran once (2026-12-02, H200, DEADLINE_S=520): tokenizer-16 and deep-var finished, deep-llamagen was cut at
+# epoch 7 of 12 and the comparisons by the deadline; bench/zoo/README.md has what came back.
 set -u
 START=$(date +%s)
 DEADLINE=$((START + ${DEADLINE_S:-530}))
