@@ -308,7 +308,10 @@ def environment() -> dict:
             if line.startswith("model name")
         ]
         cpu = names[0] if names else cpu
-    return {"cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    env = {"cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():  # the engine's "auto" device: the GPU the rows ran on
+        env["gpu"] = torch.cuda.get_device_name(0)
+    return env
 
 
 class _Calibrations:

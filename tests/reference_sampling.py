@@ -31,7 +31,8 @@ def _llamagen(model, classes, generators, cfg_scale, temperature, top_k, top_p, 
     cond = _cond_rows(model, classes, guided)
     tokens = torch.zeros(classes.shape[0], cfg.num_tokens, dtype=torch.long, device=device)
     slots, r = model.token_slots, cfg.par_regions
-    step, produced = 0, 0
+    produced = 0
+    counter = 0  # the official samplers' loop index: per decode phase, in tokens
     while produced < cfg.num_tokens:
         if produced == 0:
             pos = torch.tensor([0])
@@ -46,16 +47,17 @@ def _llamagen(model, classes, generators, cfg_scale, temperature, top_k, top_p, 
         logits = model(full[:, :upto], torch.arange(upto, device=device))[:, pos.to(device)][:, -n_new:]
         if guided:
             c, u = logits.chunk(2)
-            # official LlamaGen: CFG through decode step k after the prefill, i.e. token k + 1 (raster);
-            # PAR keeps the library's step count (its official counter is not reproduced yet)
-            last_guided = cfg_interval if r else cfg_interval + 1
-            index = step if r else produced
-            on = cfg_interval < 0 or index <= last_guided
+            # official LlamaGen and PAR: the prefill is always guided; each decode loop (PAR: the AR
+            # tokens, then the parallel groups) counts i from 0 and guides while i <= cfg_interval
+            on = cfg_interval < 0 or produced == 0 or counter <= cfg_interval
             logits = u + (c - u) * cfg_scale if on else c
         probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
         tokens[:, produced : produced + n_new] = draw(probs, generators).to(device)
+        if produced > 0:
+            counter += n_new  # AR: 1 per token; PAR's parallel loop: r per step
         produced += n_new
-        step += 1
+        if r and produced == r:
+            counter = 0  # the parallel phase is a new loop
     return tokens
 
 

@@ -11,6 +11,7 @@ from quantcore.models.llamagen import (
     LlamaGenConfig,
     attention_mask,
     generation_order,
+    par_guidance_on,
     rope_table,
     to_raster,
     token_positions,
@@ -105,6 +106,36 @@ def test_kv_cache_sampling_matches_full_recomputation(name):
         full = reference_tokens(model, classes, [3, 4, 5], **kwargs)
         assert torch.equal(cached, full)
         assert len(set(cached.flatten().tolist())) > 4  # not a degenerate constant sequence
+
+
+@pytest.mark.parametrize(
+    "cfg_interval, guided",
+    [
+        (-1, list(range(10))),
+        # prefill; AR tokens 1..3 counted i = 0, 1, 2; parallel steps counted i = 0, 4, 8, ...
+        (0, [0, 1, 4]),
+        (1, [0, 1, 2, 4]),
+        (5, [0, 1, 2, 3, 4, 5]),
+        (8, [0, 1, 2, 3, 4, 5, 6]),
+    ],
+)
+def test_par_cfg_interval_counts_as_the_official_sampler(cfg_interval, guided):
+    assert [s for s in range(10) if par_guidance_on(s, 4, cfg_interval)] == guided
+
+
+@pytest.mark.parametrize("name", ["llamagen-tiny", "par-tiny"])
+@pytest.mark.parametrize("cfg_interval", [0, 2, 5])
+def test_greedy_cfg_interval_matches_the_official_counting(name, cfg_interval):
+    """Greedy decoding, token for token against the uncached oracle that counts as the official loops."""
+    model = random_llamagen(name, dtype=torch.float64)
+    classes = torch.tensor([1, 5, 9])
+    greedy = {"cfg_scale": 4.0, "top_k": 1}
+    tokens = generate_tokens(model, classes, [0, 1, 2], cfg_interval=cfg_interval, **greedy)
+    assert torch.equal(
+        tokens, reference_tokens(model, classes, [0, 1, 2], cfg_interval=cfg_interval, **greedy)
+    )
+    # the interval matters: guiding every step draws other tokens
+    assert not torch.equal(tokens, generate_tokens(model, classes, [0, 1, 2], cfg_interval=-1, **greedy))
 
 
 @pytest.mark.parametrize("name", ["llamagen-tiny", "par-tiny"])

@@ -22,9 +22,12 @@ from quantcore.eval.proxy import (
 from quantcore.models import family_module
 from quantcore.zoo import (
     BUNDLED,
+    BUNDLED_CONFIGS,
     CLASSIFIER_WEIGHTS,
+    PENDING,
     TOKENIZER_WEIGHTS,
     ZOO_VQ,
+    ZOO_VQ16_NAME,
     bundled_entries,
     heldout_sequences,
     load_classifier,
@@ -151,7 +154,7 @@ def test_teacher_forced_fidelity():
 
 def test_bundled_entries_and_strict_loading():
     names = [e.name for e in bundled_entries()]
-    assert names == ["tiny-llamagen", "tiny-par", "tiny-var", "tiny-rar"]
+    assert names == ["tiny-llamagen", "tiny-par", "tiny-var", "tiny-rar", "deep-var"]
     for entry, checkpoint, tokenizer_checkpoint, family in BUNDLED.values():
         assert "bundled" in entry.tags
         if family == "llamagen":
@@ -163,7 +166,27 @@ def test_bundled_entries_and_strict_loading():
     load_zoo_tokenizer()
     load_classifier()
     total = sum(p.stat().st_size for p in CLASSIFIER_WEIGHTS.parent.glob("*.safetensors"))
-    assert total <= 25 * 2**20
+    assert total <= 39 * 2**20  # 25 MiB for the tiny models, 14 MiB for the deep ones
+
+
+@have_data
+def test_vq_zoo_16_gives_256_tokens_and_reconstructs_test_images():
+    images, _ = load_fashion_mnist("test")
+    x = torch.from_numpy(to_rgb32(images[:16]))
+    vq = load_zoo_tokenizer(None, ZOO_VQ16_NAME)
+    with torch.no_grad():
+        tokens = vq.encode_to_tokens(x)
+        recon = vq.decode_tokens(tokens)
+    assert tokens.shape == (16, 256) and int(tokens.max()) < vq.config.codebook_size
+    mse = float(((recon.float() - x.float()) / 127.5).pow(2).mean())
+    assert 10 * np.log10(4.0 / mse) > 28  # training.json: 33.6 dB on the whole test split
+
+
+def test_pending_deep_llamagen_is_configured_but_not_bundled():
+    config = BUNDLED_CONFIGS["deep-llamagen"]
+    assert "deep-llamagen" in PENDING and "deep-llamagen" not in BUNDLED
+    assert config.n_layer >= 8 and config.num_tokens == 256 and config.tokenizer == ZOO_VQ16_NAME
+    assert BUNDLED_CONFIGS["deep-var"].depth >= 8 and "deep-var" in BUNDLED
 
 
 def test_bundled_generators_make_recognisable_images():

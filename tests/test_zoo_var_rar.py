@@ -1,4 +1,4 @@
-"""The bundled VAR and RAR models (tiny-var, tiny-rar) and their zoo tokenizers."""
+"""The bundled VAR and RAR models (tiny-var, deep-var, tiny-rar) and their zoo tokenizers."""
 
 import numpy as np
 import pytest
@@ -14,7 +14,7 @@ from quantcore.tokenizers import load_tokenizer
 from quantcore.zoo import BUNDLED, ZOO_TOKENIZERS, heldout_sequences, load_zoo_tokenizer
 from quantcore.zoo.data import DEFAULT_DIR
 
-NEW = ("tiny-var", "tiny-rar")
+NEW = ("tiny-var", "deep-var", "tiny-rar")
 have_data = pytest.mark.skipif(
     not (DEFAULT_DIR / "t10k-images-idx3-ubyte.gz").is_file(), reason="dataset-fashion-mnist not installed"
 )
@@ -23,7 +23,7 @@ have_data = pytest.mark.skipif(
 @pytest.mark.parametrize("name", NEW)
 def test_weights_load_strictly_and_the_registry_knows_the_family(name):
     entry, checkpoint, tokenizer_checkpoint, family = BUNDLED[name]
-    assert family == name.removeprefix("tiny-") and get_spec(name).family == family
+    assert family == name.split("-")[1] and get_spec(name).family == family
     assert get_spec(name).describe()["bundled"] and get_spec(name).describe()["image_size"] == 32
     sd = read_state_dict(checkpoint)
     assert sd.keys() == family_module(family).build(entry.config).state_dict().keys()
@@ -70,7 +70,7 @@ def test_heldout_sequences_in_generation_order(name):
     assert float(loss) < 4.0
 
 
-@pytest.mark.parametrize("name", NEW)
+@pytest.mark.parametrize("name", ("tiny-var", "tiny-rar"))  # deep-var: the same family, 2x the depth
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_every_preset_quantizes_the_bundled_model(tmp_path, name, preset):
     spec = {

@@ -1,4 +1,4 @@
-"""The setup the tiny-llamagen probe scripts (ranges, sensitivity, variants) share: the FP generator on one
+"""The setup the probe scripts (ranges, sensitivity, variants) share: a bundled model's FP generator on one
 thread without autograd, its held-out test-split sequences, and a calibration set."""
 
 import torch
@@ -8,11 +8,13 @@ from quantcore.api import ImageGenerator, load_generator
 from quantcore.calib import CalibrationSet, CalibrationSpec, build_calibration_set
 
 
-def heldout(num_sequences: int) -> tuple[ImageGenerator, torch.Tensor, torch.Tensor]:
-    """(FP tiny-llamagen generator, classes, token sequences) of `num_sequences` held-out images."""
+def heldout(
+    num_sequences: int, model: str = "tiny-llamagen"
+) -> tuple[ImageGenerator, torch.Tensor, torch.Tensor]:
+    """(FP generator of `model`, classes, token sequences) of `num_sequences` held-out images."""
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
-    fp = load_generator("tiny-llamagen", real=False)
+    fp = load_generator(model, real=False)
     classes, tokens = zoo.heldout_sequences(fp.model, fp.tokenizer, num_sequences)
     return fp, classes, tokens
 

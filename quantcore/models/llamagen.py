@@ -478,6 +478,10 @@ class DecodePlan(common.DecodePlan):
                 self.schedule.append((produced, pos))
                 produced += pos.numel()
             self.steps = len(self.schedule)
+            self.guidance = [
+                torch.tensor(par_guidance_on(step, cfg.par_regions, self.cfg_interval), device=dev)
+                for step in range(self.steps)
+            ]
 
     def reset(self, classes, seeds):
         m = self.model
@@ -529,8 +533,7 @@ class DecodePlan(common.DecodePlan):
             h = torch.cat([last, special[None].expand(toks.shape[0], -1, -1)], dim=1)
         else:
             h = m.tok_embeddings(toks[:, produced - n : produced])
-        guidance_on = torch.tensor(self.index <= self.cfg_interval, device=pos.device)
-        probs = self.head(self._blocks(h, pos)[:, -n:], pos[-n:], guidance_on)
+        probs = self.head(self._blocks(h, pos)[:, -n:], pos[-n:], self.guidance[self.index])
         self.tokens[:, produced : produced + n] = common.draw_from(probs, self.u[:, produced : produced + n])
         self.index += 1
 
@@ -539,6 +542,18 @@ class DecodePlan(common.DecodePlan):
             return step + 1
         produced, pos = self.schedule[step]
         return produced + pos.numel()
+
+
+def par_guidance_on(step: int, regions: int, cfg_interval: int) -> bool:
+    """Whether PAR's decoding step `step` (0 = the class token) is guided, as the official sampler counts:
+    the prefill always; the r - 1 AR steps while their index from 0 is <= cfg_interval; then the counter
+    restarts at the parallel phase and counts tokens in steps of r, so that phase's first step is guided
+    again whenever cfg_interval >= 0 (-1: every step)."""
+    if cfg_interval < 0 or step == 0:
+        return True
+    if step < regions:
+        return step - 1 <= cfg_interval
+    return (step - regions) * regions <= cfg_interval
 
 
 def _next_inputs(cfg: LlamaGenConfig, slots: torch.Tensor, produced: int) -> torch.Tensor:

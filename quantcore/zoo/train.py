@@ -3,10 +3,11 @@
     python -m quantcore.zoo.train STAGE [STAGE ...] --out quantcore/zoo/weights \
         [--device cuda] [--epochs N] [--limit N]
 
-STAGE: classifier, tokenizer, llamagen, par, var-tokenizer, var, rar-tokenizer, rar, or all.
-Stages read what earlier stages wrote to --out: a tokenizer is evaluated with the classifier, and each
-generator trains on its tokenizer's tokens (llamagen and par on `tokenizer`'s, var on `var-tokenizer`'s,
-rar on `rar-tokenizer`'s) and is evaluated with both. Stages run in the order given; `all` runs every
+STAGE: classifier, tokenizer, llamagen, par, var-tokenizer, var, rar-tokenizer, rar, tokenizer-16,
+deep-llamagen, deep-var, or all. Stages read what earlier stages wrote to --out: a tokenizer is evaluated
+with the classifier, and each generator trains on its tokenizer's tokens (llamagen and par on
+`tokenizer`'s, var and deep-var on `var-tokenizer`'s, rar on `rar-tokenizer`'s, deep-llamagen on
+`tokenizer-16`'s) and is evaluated with both. Stages run in the order given; `all` runs every
 stage in the order above. Every stage is seeded, stores fp16 safetensors, evaluates the stored
 (fp16-rounded) weights, and merges its settings, time, device and metrics into --out/training.json.
 """
@@ -37,12 +38,13 @@ from quantcore.tokenizers.maskgit_vqgan import MaskGITVQGAN
 from quantcore.tokenizers.var_vqvae import VQVAE
 from quantcore.tokenizers.vq16 import VQModel
 from quantcore.zoo import (
-    BUNDLED,
-    TINY_CONFIGS,
+    BUNDLED_CONFIGS,
+    FAMILIES,
+    SAMPLING,
     ZOO_MASKGIT_NAME,
     ZOO_TOKENIZERS,
     ZOO_VAR_VQ_NAME,
-    ZOO_VQ,
+    ZOO_VQ16_NAME,
     ZOO_VQ_NAME,
     generation_order,
     load_classifier,
@@ -51,8 +53,27 @@ from quantcore.zoo import (
 from quantcore.zoo.classifier import ProxyClassifier
 from quantcore.zoo.data import load_fashion_mnist, to_rgb32
 
-STAGES = ("classifier", "tokenizer", "llamagen", "par", "var-tokenizer", "var", "rar-tokenizer", "rar")
-GENERATORS = {"llamagen": "tiny-llamagen", "par": "tiny-par", "var": "tiny-var", "rar": "tiny-rar"}
+STAGES = (
+    "classifier",
+    "tokenizer",
+    "llamagen",
+    "par",
+    "var-tokenizer",
+    "var",
+    "rar-tokenizer",
+    "rar",
+    "tokenizer-16",
+    "deep-llamagen",
+    "deep-var",
+)
+GENERATORS = {
+    "llamagen": "tiny-llamagen",
+    "par": "tiny-par",
+    "var": "tiny-var",
+    "rar": "tiny-rar",
+    "deep-llamagen": "deep-llamagen",
+    "deep-var": "deep-var",
+}
 # Per-stage defaults: epochs, batch size, peak learning rate.
 DEFAULTS = {
     "classifier": dict(epochs=15, batch_size=256, lr=2e-3),
@@ -64,6 +85,10 @@ DEFAULTS = {
     "var": dict(epochs=15, batch_size=512, lr=1.5e-3),
     "rar-tokenizer": dict(epochs=8, batch_size=256, lr=1e-3),
     "rar": dict(epochs=15, batch_size=512, lr=1.5e-3),
+    "tokenizer-16": dict(epochs=8, batch_size=256, lr=1e-3),
+    # The deep models: a lower peak than the 4-layer ones, so that twice the depth trains stably.
+    "deep-llamagen": dict(epochs=12, batch_size=512, lr=1e-3),
+    "deep-var": dict(epochs=15, batch_size=512, lr=1e-3),
 }
 CLASS_DROPOUT = 0.1  # share of labels replaced by the null class, so the model also learns p(x) for CFG
 # CFG scales swept per family. LlamaGen guides every token with weight cfg; VAR ramps the weight
@@ -215,9 +240,9 @@ def vq_losses(vq: VQModel, x: torch.Tensor, amp: bool) -> tuple[torch.Tensor, di
 
 
 def vq_latents(vq: VQModel, x: torch.Tensor) -> torch.Tensor:
-    """The (N, D) vectors VQ-zoo's code lookup sees for images x."""
+    """The (N, D) vectors a zoo VQ's code lookup sees for images x."""
     z = F.normalize(vq.quant_conv(vq.encoder(x)), dim=1)
-    return z.permute(0, 2, 3, 1).reshape(-1, ZOO_VQ.codebook_embed_dim)
+    return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
 
 
 def residual_quantize(vq: VQVAE, f: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -299,6 +324,7 @@ class TokenizerStage(NamedTuple):
 
 TOKENIZER_STAGES = {
     "tokenizer": TokenizerStage(ZOO_VQ_NAME, vq_losses, vq_latents),
+    "tokenizer-16": TokenizerStage(ZOO_VQ16_NAME, vq_losses, vq_latents),
     "var-tokenizer": TokenizerStage(ZOO_VAR_VQ_NAME, var_vq_losses, var_vq_latents),
     "rar-tokenizer": TokenizerStage(ZOO_MASKGIT_NAME, maskgit_losses, maskgit_latents),
 }
@@ -416,7 +442,7 @@ def train_generator(data: Data, out: Path, hp: dict, seed: int, name: str, per_c
     order (RAR: raster only; the official RAR anneals from random permutations to raster, but our
     sampler decodes in raster order)."""
     device = data.train.device
-    config, family = TINY_CONFIGS[name], BUNDLED[name].family
+    config, family = BUNDLED_CONFIGS[name], FAMILIES[name]
     vq = load_zoo_tokenizer(out / ZOO_TOKENIZERS[config.tokenizer][2].name, config.tokenizer, device)
     vq.requires_grad_(False)  # VAR's teacher-forced inputs run through its (frozen) quantizer
     torch.manual_seed(seed)
@@ -477,7 +503,7 @@ def train_generator(data: Data, out: Path, hp: dict, seed: int, name: str, per_c
     metrics = {
         "final_train_loss": loss_sum / steps_per_epoch,
         "test_loss": sequence_loss(stored, data.test_labels, test_tokens),
-        "cfg_sweep": evaluate_generator(stored, vq, data, out, per_class, BUNDLED[name].entry.sampling),
+        "cfg_sweep": evaluate_generator(stored, vq, data, out, per_class, SAMPLING[name]),
     }
     log(f"{name} metrics {json.dumps(metrics)}")
     return metrics
@@ -524,6 +550,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data", default=None, help="folder with the Fashion-MNIST IDX .gz files")
     parser.add_argument("--epochs", type=int, default=None, help="override every run stage's epochs")
+    parser.add_argument("--batch-size", type=int, default=None, help="override every run stage's batch size")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N images per split")
     parser.add_argument("--eval-per-class", type=int, default=100, help="generated images per class")
     parser.add_argument("--seed", type=int, default=0)
@@ -538,6 +565,8 @@ def main(argv: list[str] | None = None) -> None:
         hp = dict(DEFAULTS[stage])
         if args.epochs is not None:
             hp["epochs"] = args.epochs
+        if args.batch_size is not None:
+            hp["batch_size"] = args.batch_size
         start = time.time()
         if stage == "classifier":
             metrics = train_classifier(data, args.out, hp, args.seed)
