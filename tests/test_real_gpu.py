@@ -41,8 +41,14 @@ def test_w8a8_layers_agree_with_simulation(w8a8):
     paths = {e["path"] for e in report.values()}
     assert f"{w8a8}-gpu" in paths
     errors = layer_errors(sim, real, report, calib)
-    limit = 1e-5 if w8a8 == "int8" else 8e-2
-    assert max(errors.values()) < limit, errors
+    if w8a8 == "int8":
+        # exact in the codes, except where float32 (kernel) and float64 (simulation) put x/scale on
+        # opposite sides of a half step: one code of one input, ~6e-4 of the output range (seen on an
+        # H200 in one layer, 2026-12-02)
+        inexact = {name: e for name, e in errors.items() if e >= 1e-5}
+        assert len(inexact) <= 1 and max(errors.values()) < 2e-3, inexact
+    else:
+        assert max(errors.values()) < 8e-2, errors
     classes, seeds = torch.arange(8, device="cuda") % 10, list(range(8))
     ref = generate_tokens(sim, classes, seeds, cfg_scale=2.0)
     got = generate_tokens(real, classes, seeds, cfg_scale=2.0)
