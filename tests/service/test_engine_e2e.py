@@ -100,12 +100,15 @@ def bundled_model(engine_service, keys) -> str:
 
 
 def test_the_api_job_spec_is_the_engines():
-    """One definition: the REST schema adds examples only, so its defaults are the engine's."""
+    """One definition: the REST schema adds examples and the service's own delivery fields (webhooks), so
+    what it hands the engine has the engine's fields and defaults."""
+    from app.schemas import SERVICE_FIELDS
     from app.schemas import JobSpec as RestJobSpec
     from quantcore.spec import JobSpec
 
     assert issubclass(RestJobSpec, JobSpec)
-    assert RestJobSpec(model="m").model_dump() == JobSpec(model="m").model_dump()
+    assert set(RestJobSpec.model_fields) - set(JobSpec.model_fields) == set(SERVICE_FIELDS)
+    assert RestJobSpec(model="m").engine_dict() == JobSpec(model="m").model_dump(mode="json")
 
 
 def submit(svc: Service, token: str, spec: dict) -> dict:
