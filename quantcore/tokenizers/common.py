@@ -79,3 +79,63 @@ class ResnetBlock(nn.Module):
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(F.silu(self.norm2(h)))
         return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
+
+
+class Downsample2x(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # right/bottom padding only, as the official models
+
+
+class Upsample2x(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution level of the taming/LDM autoencoders (VAR's VQVAE, MAR's KL-16): `block` res
+    blocks, `attn` after each where the level has attention, then a resampler. The official code builds
+    these as bare nn.Module()s; the attribute names are its keys. `attention(channels, cfg)` builds the
+    family's attention block (their keys differ: fused qkv or separate q, k, v)."""
+
+    def __init__(self, in_ch: int, out_ch: int, n_res: int, attn: bool, resample: str | None, cfg, attention):
+        super().__init__()
+        self.block = nn.ModuleList(
+            ResnetBlock(in_ch if i == 0 else out_ch, out_ch, cfg.norm_groups, 1e-6) for i in range(n_res)
+        )
+        self.attn = nn.ModuleList(attention(out_ch, cfg) for _ in range(n_res) if attn)
+        if resample == "down":
+            self.downsample = Downsample2x(out_ch)
+        elif resample == "up":
+            self.upsample = Upsample2x(out_ch)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(self.block):
+            h = block(h)
+            if len(self.attn):
+                h = self.attn[i](h)
+        if hasattr(self, "downsample"):
+            h = self.downsample(h)
+        if hasattr(self, "upsample"):
+            h = self.upsample(h)
+        return h
+
+
+class Mid(nn.Module):
+    """res block, attention, res block at the lowest resolution (official keys block_1, attn_1, block_2)."""
+
+    def __init__(self, channels: int, cfg, attention):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, cfg.norm_groups, 1e-6)
+        self.attn_1 = attention(channels, cfg)
+        self.block_2 = ResnetBlock(channels, channels, cfg.norm_groups, 1e-6)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(h)))

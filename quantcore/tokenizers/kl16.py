@@ -28,8 +28,10 @@ from torch.nn import functional as F
 
 from quantcore.checkpoint import load_checkpoint
 from quantcore.errors import ConfigError
-from quantcore.tokenizers.common import ResnetBlock, check_channel_levels, check_divisible, float_images
-from quantcore.tokenizers.var_vqvae import Downsample2x, Upsample2x
+from quantcore.tokenizers.common import Level, Mid, check_channel_levels, check_divisible, float_images
+
+# LDM attention has LlamaGen VQ's keys (norm, q, k, v, proj_out): one block for both
+from quantcore.tokenizers.vq16 import AttnBlock
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class KLConfig:
     resolution: int = 256  # sets which level has attention (attn_resolutions below, in pixels)
     attn_resolutions: tuple[int, ...] = (16,)  # the encoder's only; the official decoder has none
     norm_groups: int = 32
+    norm_eps: float = 1e-6
     image_channels: int = 3
 
     def __post_init__(self) -> None:
@@ -60,65 +63,7 @@ KL_CONFIGS: dict[str, KLConfig] = {
 
 
 def _norm(channels: int, cfg: KLConfig) -> nn.GroupNorm:
-    return nn.GroupNorm(cfg.norm_groups, channels, eps=1e-6)
-
-
-class AttnBlock(nn.Module):
-    """Single-head self-attention over all pixels, with separate 1x1 q, k, v convs (LDM's keys)."""
-
-    def __init__(self, channels: int, cfg: KLConfig):
-        super().__init__()
-        self.norm = _norm(channels, cfg)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, hgt, wid = x.shape
-        h = self.norm(x)
-        # (B, C, HW) -> (B, 1, HW, C): pixels as the sequence, one head, scale C^-1/2
-        q, k, v = (
-            conv(h).reshape(b, c, -1).transpose(1, 2).unsqueeze(1) for conv in (self.q, self.k, self.v)
-        )
-        out = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(b, c, hgt, wid)
-        return x + self.proj_out(out)
-
-
-class Level(nn.Module):
-    """One resolution: res blocks, each followed by attention where the level has it, then a resample."""
-
-    def __init__(self, in_ch: int, out_ch: int, n_res: int, attn: bool, resample: str | None, cfg: KLConfig):
-        super().__init__()
-        self.block = nn.ModuleList(ResnetBlock(in_ch if j == 0 else out_ch, out_ch, cfg.norm_groups, 1e-6)
-                                   for j in range(n_res))  # fmt: skip
-        self.attn = nn.ModuleList(AttnBlock(out_ch, cfg) for _ in range(n_res if attn else 0))
-        if resample == "down":
-            self.downsample = Downsample2x(out_ch)
-        elif resample == "up":
-            self.upsample = Upsample2x(out_ch)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        for j, block in enumerate(self.block):
-            h = block(h)
-            if self.attn:
-                h = self.attn[j](h)
-        if hasattr(self, "downsample"):
-            h = self.downsample(h)
-        if hasattr(self, "upsample"):
-            h = self.upsample(h)
-        return h
-
-
-class Mid(nn.Module):
-    def __init__(self, channels: int, cfg: KLConfig):
-        super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, cfg.norm_groups, 1e-6)
-        self.attn_1 = AttnBlock(channels, cfg)
-        self.block_2 = ResnetBlock(channels, channels, cfg.norm_groups, 1e-6)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.block_2(self.attn_1(self.block_1(h)))
+    return nn.GroupNorm(cfg.norm_groups, channels, eps=cfg.norm_eps)
 
 
 class Encoder(nn.Module):
@@ -135,10 +80,11 @@ class Encoder(nn.Module):
                 cfg.resolution // 2**i in cfg.attn_resolutions,
                 "down" if i != last else None,
                 cfg,
+                AttnBlock,
             )
             for i, w in enumerate(widths)
         )
-        self.mid = Mid(widths[-1], cfg)
+        self.mid = Mid(widths[-1], cfg, AttnBlock)
         self.norm_out = _norm(widths[-1], cfg)
         self.conv_out = nn.Conv2d(widths[-1], 2 * cfg.embed_dim, 3, padding=1)
 
@@ -155,10 +101,18 @@ class Decoder(nn.Module):
         widths = [cfg.ch * m for m in cfg.ch_mult]
         last = len(widths) - 1
         self.conv_in = nn.Conv2d(cfg.embed_dim, widths[-1], 3, padding=1)
-        self.mid = Mid(widths[-1], cfg)
+        self.mid = Mid(widths[-1], cfg, AttnBlock)
         # up.{i} is level i (up.0 the full resolution); they run from the last level back to the first
         self.up = nn.ModuleList(
-            Level(widths[min(i + 1, last)], w, cfg.num_res_blocks + 1, False, "up" if i != 0 else None, cfg)
+            Level(
+                widths[min(i + 1, last)],
+                w,
+                cfg.num_res_blocks + 1,
+                False,
+                "up" if i != 0 else None,
+                cfg,
+                AttnBlock,
+            )
             for i, w in enumerate(widths)
         )
         self.norm_out = _norm(widths[0], cfg)

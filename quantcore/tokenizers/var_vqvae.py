@@ -35,7 +35,7 @@ from torch.nn import functional as F
 
 from quantcore.checkpoint import check_state_dict, read_state_dict
 from quantcore.errors import ConfigError
-from quantcore.tokenizers.common import ResnetBlock, check_channel_levels
+from quantcore.tokenizers.common import Level, Mid, check_channel_levels
 
 OFFICIAL_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
@@ -126,62 +126,6 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(h.reshape(b, c, hgt, wid))
 
 
-class Downsample2x(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))  # right/bottom padding only, as the official model
-
-
-class Upsample2x(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
-class Level(nn.Module):
-    """One resolution level: `block` res blocks, `attn` after each (lowest level only), a resampler.
-    The official code builds these as bare nn.Module()s; the attribute names are its keys."""
-
-    def __init__(self, in_ch: int, out_ch: int, n_res: int, attn: bool, resample: str | None, cfg):
-        super().__init__()
-        self.block = nn.ModuleList(
-            ResnetBlock(in_ch if i == 0 else out_ch, out_ch, cfg.norm_groups, 1e-6) for i in range(n_res)
-        )
-        self.attn = nn.ModuleList(AttnBlock(out_ch, cfg) for _ in range(n_res) if attn)
-        if resample == "down":
-            self.downsample = Downsample2x(out_ch)
-        elif resample == "up":
-            self.upsample = Upsample2x(out_ch)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        for i, block in enumerate(self.block):
-            h = block(h)
-            if len(self.attn):
-                h = self.attn[i](h)
-        if hasattr(self, "downsample"):
-            h = self.downsample(h)
-        if hasattr(self, "upsample"):
-            h = self.upsample(h)
-        return h
-
-
-class Mid(nn.Module):
-    def __init__(self, channels: int, cfg: VARVQConfig):
-        super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, cfg.norm_groups, 1e-6)
-        self.attn_1 = AttnBlock(channels, cfg)
-        self.block_2 = ResnetBlock(channels, channels, cfg.norm_groups, 1e-6)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.block_2(self.attn_1(self.block_1(h)))
-
-
 class Encoder(nn.Module):
     def __init__(self, cfg: VARVQConfig):
         super().__init__()
@@ -190,10 +134,18 @@ class Encoder(nn.Module):
         last = len(widths) - 1
         self.conv_in = nn.Conv2d(cfg.image_channels, cfg.ch, 3, padding=1)
         self.down = nn.ModuleList(
-            Level(ins[i], widths[i], cfg.num_res_blocks, i == last, None if i == last else "down", cfg)
+            Level(
+                ins[i],
+                widths[i],
+                cfg.num_res_blocks,
+                i == last,
+                None if i == last else "down",
+                cfg,
+                AttnBlock,
+            )
             for i in range(len(widths))
         )
-        self.mid = Mid(widths[-1], cfg)
+        self.mid = Mid(widths[-1], cfg, AttnBlock)
         self.norm_out = _norm(widths[-1], cfg)
         self.conv_out = nn.Conv2d(widths[-1], cfg.cvae, 3, padding=1)
 
@@ -210,11 +162,13 @@ class Decoder(nn.Module):
         widths = [cfg.ch * m for m in cfg.ch_mult]
         last = len(widths) - 1
         self.conv_in = nn.Conv2d(cfg.cvae, widths[-1], 3, padding=1)
-        self.mid = Mid(widths[-1], cfg)
+        self.mid = Mid(widths[-1], cfg, AttnBlock)
         # up[i] is level i (0 = full resolution); the decoder runs them from the lowest resolution up
         ins = [widths[i + 1] if i < last else widths[-1] for i in range(len(widths))]
         self.up = nn.ModuleList(
-            Level(ins[i], widths[i], cfg.num_res_blocks + 1, i == last, None if i == 0 else "up", cfg)
+            Level(
+                ins[i], widths[i], cfg.num_res_blocks + 1, i == last, None if i == 0 else "up", cfg, AttnBlock
+            )
             for i in range(len(widths))
         )
         self.norm_out = _norm(widths[0], cfg)
