@@ -162,7 +162,7 @@ class Stack:
         if result.returncode:
             raise RuntimeError(result.stderr)
         self.token = helpers.create_key(self.env, "root", "admin")
-        self.workers: list[subprocess.Popen] = []
+        self.workers = helpers.WorkerPool(self.env, run)
         self.server = None
 
     @contextlib.contextmanager
@@ -173,31 +173,7 @@ class Stack:
             try:
                 yield service
             finally:
-                for process in self.workers:
-                    helpers.stop_process(process)
-
-    def start_worker(self) -> subprocess.Popen:
-        name = f"w{len(self.workers)}"
-        process = helpers.start_process(
-            [sys.executable, "-m", "app.worker_cmd", "--hostname", f"{name}@%h", "--loglevel", "info"],
-            self.env,
-            self.run / f"worker-{name}.log",
-        )
-        process.node_name = name  # type: ignore[attr-defined]
-        self.workers.append(process)
-        deadline = time.monotonic() + 120
-        while " ready." not in Path(process._log_path).read_text(errors="replace"):  # type: ignore[attr-defined]
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker {name} did not start:\n{helpers.tail(process)}")
-            time.sleep(0.2)
-        return process
-
-    def alive(self) -> list[subprocess.Popen]:
-        return [p for p in self.workers if p.poll() is None]
-
-    def ensure_workers(self, count: int) -> None:
-        for _ in range(count - len(self.alive())):
-            self.start_worker()
+                self.workers.stop_all()
 
     def submit(self, **overrides) -> str:
         r = self.server.client.post(
@@ -250,7 +226,7 @@ def successes(job: dict) -> int:
 def kill_rounds(stack: Stack, rounds: int) -> dict:
     outcomes = []
     for i in range(rounds):
-        stack.ensure_workers(2)
+        stack.workers.ensure(count=2)
         job_id = stack.submit(calibration={**JOB["calibration"], "seed": 100 + i})
         deadline = time.monotonic() + 120
         seen = stack.job(job_id)
@@ -259,7 +235,7 @@ def kill_rounds(stack: Stack, rounds: int) -> dict:
                 raise RuntimeError(f"round {i}: job not running after 120 s: {seen}")
             time.sleep(0.1)
             seen = stack.job(job_id)
-        victim = next(p for p in stack.alive() if seen["worker"].startswith(p.node_name + "@"))
+        victim = stack.workers.by_node(seen["worker"])
         helpers.kill_group(victim.pid, signal.SIGKILL)
         victim.wait(timeout=10)
         killed = time.monotonic()
@@ -291,7 +267,7 @@ def kill_rounds(stack: Stack, rounds: int) -> dict:
 
 
 def redis_restart(stack: Stack, redis: PrivateRedis, jobs: int) -> dict:
-    stack.ensure_workers(1)
+    stack.workers.ensure()
     ids = [stack.submit(calibration={**JOB["calibration"], "seed": 200 + i}) for i in range(jobs)]
     time.sleep(1.0)  # the first job runs, the others wait in the broker
     redis.kill()
@@ -310,7 +286,7 @@ def redis_restart(stack: Stack, redis: PrivateRedis, jobs: int) -> dict:
 
 
 def postgres_restart(stack: Stack, pg: PrivatePostgres) -> dict:
-    stack.ensure_workers(1)
+    stack.workers.ensure()
     job_id = stack.submit(calibration={**JOB["calibration"], "seed": 300})
     deadline = time.monotonic() + 120
     while (stack.job(job_id) or {}).get("state") != "running":
@@ -338,7 +314,8 @@ def fuzzing(stack: Stack, with_key: int, without_key: int) -> dict:
         ("no key", {}, without_key),
     ):
         statuses, errors = fuzz(stack.server.base_url, headers, examples)
-        results[label] = {"requests": sum(statuses.values()), "5xx": len(errors), "first_5xx": errors[:3]}
+        first = [repr(case)[:500] for case in errors[:3]]  # bodies may be bytes: kept as text
+        results[label] = {"requests": sum(statuses.values()), "5xx": len(errors), "first_5xx": first}
         print(f"fuzzing ({label}): {results[label]['requests']} requests, {len(errors)} 5xx", flush=True)
     return results
 

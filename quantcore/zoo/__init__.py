@@ -94,20 +94,20 @@ _TINY = dict(
     grid_size=8,
     tokenizer=ZOO_VQ_NAME,
 )
+# what the bundled VAR models share: the zoo's VQVAE and ten classes
+_ZOO_VAR = dict(
+    num_heads=4,
+    num_classes=10,
+    vocab_size=ZOO_VAR_VQ.vocab_size,
+    cvae=ZOO_VAR_VQ.cvae,
+    patch_nums=ZOO_VAR_VQ.patch_nums,
+    tokenizer=ZOO_VAR_VQ_NAME,
+)
 BUNDLED_CONFIGS = {
     "tiny-llamagen": LlamaGenConfig(**_TINY),
     "tiny-par": LlamaGenConfig(**_TINY, par_regions=4),
     # A custom width (the official VAR ties it to 64 * depth) to fit the bundled-weights budget.
-    "tiny-var": var.VARConfig(
-        depth=4,
-        embed_dim=112,
-        num_heads=4,
-        num_classes=10,
-        vocab_size=ZOO_VAR_VQ.vocab_size,
-        cvae=ZOO_VAR_VQ.cvae,
-        patch_nums=ZOO_VAR_VQ.patch_nums,
-        tokenizer=ZOO_VAR_VQ_NAME,
-    ),
+    "tiny-var": var.VARConfig(depth=4, embed_dim=112, **_ZOO_VAR),
     "tiny-rar": rar.RARConfig(
         dim=112,
         n_layer=4,
@@ -125,16 +125,7 @@ BUNDLED_CONFIGS = {
     "deep-llamagen": LlamaGenConfig(
         **{**_TINY, "dim": 192, "n_layer": 8, "n_head": 6, "grid_size": 16, "tokenizer": ZOO_VQ16_NAME}
     ),
-    "deep-var": var.VARConfig(
-        depth=8,
-        embed_dim=128,
-        num_heads=4,
-        num_classes=10,
-        vocab_size=ZOO_VAR_VQ.vocab_size,
-        cvae=ZOO_VAR_VQ.cvae,
-        patch_nums=ZOO_VAR_VQ.patch_nums,
-        tokenizer=ZOO_VAR_VQ_NAME,
-    ),
+    "deep-var": var.VARConfig(depth=8, embed_dim=128, **_ZOO_VAR),
 }
 FAMILIES = {
     "tiny-llamagen": "llamagen",

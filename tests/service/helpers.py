@@ -197,3 +197,52 @@ def forget_queue(redis_url: str, queue: str) -> None:
             client.delete(key)
     finally:
         client.close()
+
+
+class WorkerPool:
+    """Starts worker subprocesses on demand; every one is stopped at the end of the session.
+
+    ``ensure()`` returns a live worker, starting one if the last was killed by a crash test.
+    """
+
+    def __init__(self, env: dict[str, str], run_dir: Path):
+        self.env = env
+        self.run_dir = run_dir
+        self.processes: list[subprocess.Popen] = []
+
+    def start(self, name: str | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
+        name = name or f"w{len(self.processes)}"
+        process = start_process(
+            [sys.executable, "-m", "app.worker_cmd", "--hostname", f"{name}@%h", "--loglevel", "info"],
+            {**self.env, **(env or {})},
+            self.run_dir / f"worker-{name}.log",
+        )
+        process.node_name = name  # type: ignore[attr-defined]
+        self.processes.append(process)
+        return process
+
+    def wait_ready(self, process: subprocess.Popen, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"worker exited with {process.returncode}:\n{tail(process)}")
+            if " ready." in Path(process._log_path).read_text(errors="replace"):  # type: ignore[attr-defined]
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"worker not ready after {timeout}s:\n{tail(process)}")
+
+    def ensure(self, count: int = 1) -> subprocess.Popen:
+        """The newest live worker, after starting workers until ``count`` are alive."""
+        alive = [p for p in self.processes if p.poll() is None]
+        for _ in range(count - len(alive)):
+            alive.append(self.start())
+            self.wait_ready(alive[-1])
+        return alive[-1]
+
+    def by_node(self, node: str) -> subprocess.Popen:
+        """The process whose Celery node name is ``node`` (``name@host``)."""
+        return next(p for p in self.processes if node.startswith(p.node_name + "@"))
+
+    def stop_all(self) -> None:
+        for process in self.processes:
+            stop_process(process)

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import WorkerPool
-from .helpers import create_key, forget_queue, python_env, running_server, submit
+from .helpers import WorkerPool, create_key, forget_queue, python_env, running_server, submit
 
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))

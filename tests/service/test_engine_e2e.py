@@ -19,9 +19,9 @@ from sqlalchemy import create_engine, func, select
 
 from app.db.models import Artifact, JobEvent
 
-from .conftest import WorkerPool
 from .helpers import (
     Service,
+    WorkerPool,
     forget_queue,
     free_port,
     python_env,
