@@ -6,7 +6,9 @@
 Rows: FP; rtn, smoothquant, os+, ptq4arvg and its ablations (gps, stwq, sq+stwq, dtwq) at W8A8, W6A6
 and W4A8, calibrated on the official DGC selection; ptq4arvg at W6A6 also on dgc-mahalanobis, random
 and uniform selections (the same pool). Writes bench/quality/<model>/report.{json,md}, timings.json
-and one grid per row; `FINDINGS.md` in that folder, if present, is appended to report.md.
+and one grid per row; `FINDINGS.md` in that folder, if present, is appended to report.md. The committed
+grids are 256-colour PNGs (half the bytes; the tree's 50 MiB budget): every metric comes from the full
+images, the grids are only for looking at.
 """
 
 import argparse
@@ -14,6 +16,7 @@ import json
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from quantcore.compare import CompareSpec, RowSpec, plan_rows, render_markdown, run_compare
 
@@ -35,7 +38,16 @@ def log_finished_stages(stage: str, fraction: float) -> None:
         print(stage, flush=True)
 
 
+def compact_grids(out: Path) -> None:
+    """Rewrite every grid in `out` as an adaptive 256-colour PNG (idempotent: a palette image stays)."""
+    for path in sorted(out.glob("grid-*.png")):
+        image = Image.open(path)
+        if image.mode != "P":
+            image.convert("RGB").quantize(256).save(path, format="PNG", optimize=True)
+
+
 def render(out: Path) -> None:
+    compact_grids(out)
     report = json.loads((out / "report.json").read_text())
     timings = json.loads((out / "timings.json").read_text())
     findings = out / "FINDINGS.md"
