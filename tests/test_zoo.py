@@ -24,7 +24,6 @@ from quantcore.zoo import (
     BUNDLED,
     BUNDLED_CONFIGS,
     CLASSIFIER_WEIGHTS,
-    PENDING,
     TOKENIZER_WEIGHTS,
     ZOO_VQ,
     ZOO_VQ16_NAME,
@@ -182,10 +181,10 @@ def test_vq_zoo_16_gives_256_tokens_and_reconstructs_test_images():
     assert 10 * np.log10(4.0 / mse) > 28  # training.json: 33.6 dB on the whole test split
 
 
-def test_pending_deep_llamagen_is_configured_but_not_bundled():
+def test_deep_models_are_deep_and_bundled():
     config = BUNDLED_CONFIGS["deep-llamagen"]
-    assert "deep-llamagen" in PENDING and "deep-llamagen" not in BUNDLED
     assert config.n_layer >= 8 and config.num_tokens == 256 and config.tokenizer == ZOO_VQ16_NAME
+    assert "deep-llamagen" in BUNDLED
     assert BUNDLED_CONFIGS["deep-var"].depth >= 8 and "deep-var" in BUNDLED
 
 

@@ -9,8 +9,8 @@ claim can be measured offline.
   raster order only (the order our RAR sampler decodes in; official RAR trains on random permutations);
 - `deep-var` (8 layers) on VAR-VQVAE-zoo's tokens, trained to see whether the activation pathologies the
   paper quantizes against develop in a deeper model (bench/quality/deep-var); `VQ-zoo-16` (the same VQ
-  class as VQ-zoo with one downsampling: 32x32 -> 16x16 tokens) for `deep-llamagen` (8 layers, 256
-  tokens), whose configuration and training stage exist but whose weights are not bundled yet (PENDING);
+  class as VQ-zoo with one downsampling: 32x32 -> 16x16 tokens) and `deep-llamagen` (8 layers) on its
+  256 tokens, for the same question (bench/quality/deep-llamagen);
 - a proxy classifier (`classifier.ProxyClassifier`) for the proxy metrics in `quantcore.eval.proxy`.
 
 Weights live in `weights/` (safetensors, fp16 storage) with `training.json`, written by
@@ -120,10 +120,10 @@ BUNDLED_CONFIGS = {
         spare_timestep_rows=1,
         tokenizer=ZOO_MASKGIT_NAME,
     ),
-    # Twice the depth and four times the tokens of tiny-llamagen, at the width the 14 MiB budget of the
-    # two deep models and their tokenizer leaves (fp16).
+    # Twice the depth and four times the tokens of tiny-llamagen, at the width the tree's 50 MiB budget
+    # leaves beside MAR (fp16, 3.7 MB); the head width stays tiny-llamagen's 32.
     "deep-llamagen": LlamaGenConfig(
-        **{**_TINY, "dim": 192, "n_layer": 8, "n_head": 6, "grid_size": 16, "tokenizer": ZOO_VQ16_NAME}
+        **{**_TINY, "dim": 128, "n_layer": 8, "n_head": 4, "grid_size": 16, "tokenizer": ZOO_VQ16_NAME}
     ),
     "deep-var": var.VARConfig(depth=8, embed_dim=128, **_ZOO_VAR),
 }
@@ -164,11 +164,6 @@ EXTRA_NOTES = {
 }
 
 
-# Configured and trainable (`python -m quantcore.zoo.train tokenizer-16 deep-llamagen`), not bundled: its
-# first device run reached epoch 7 of 12 (4 steps/s on an H200 beside deep-var) before the call's limit.
-PENDING = ("deep-llamagen",)
-
-
 class BundledModel(NamedTuple):
     entry: ModelEntry
     checkpoint: Path
@@ -192,7 +187,6 @@ BUNDLED: dict[str, BundledModel] = {
         FAMILIES[name],
     )
     for name, config in BUNDLED_CONFIGS.items()
-    if name not in PENDING
 }
 
 
