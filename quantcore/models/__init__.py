@@ -12,7 +12,8 @@ A family module exposes:
   (common.DecodePlan), run by quantcore.fastgen (the one sampler: step by step, or replayed from a
   CUDA graph); one seeded uniform stream per image, CFG rows = cond then uncond. `SamplingDefaults`
   is the dataclass of its keywords.
-- decode_images(model, tokenizer, tokens) -> uint8 (B, H, W, 3).
+- decode_images(model, tokenizer, tokens) -> uint8 (B, H, W, 3); optionally encode_images(model,
+  tokenizer, uint8 images) -> tokens in the tokenizer's order (default: tokenizer.encode_to_tokens).
 - quant_layout(model) -> quantcore.quant.layout.QuantLayout.
 - bind_tokenizer(model, tokenizer), only where the model needs its tokenizer at run time (VAR builds
   each scale's input from the VQ-VAE); keep the tokenizer out of the model's state_dict.
@@ -20,6 +21,8 @@ Optional, for families unlike the discrete next-token ones (MAR: continuous toke
 - CONTINUOUS_TOKENS = True: tokens are float latents (B, L, C); sequence_logits then returns what the
   head is conditioned on, and fidelity is measured on latents and a loss instead of token ids;
 - teacher_forced_loss(model, classes, tokens, generator) -> (B,): the family's own held-out loss;
+- training_loss(model, classes, tokens, mask, generator) -> scalar and training_mask on the model: its
+  training objective (the zoo trains the others with cross-entropy on sequence_logits);
 - CHECKPOINT_KEYS: the wrapper keys of its official files, in order of preference.
 `family(name)` is the descriptor that the registry, calibration, evaluation and generation read.
 Projections are quantcore.nn.Linear called as linear(x, pos) with the absolute positions passed
@@ -68,6 +71,10 @@ class Family:
     def decode_images(self, model, tokenizer, tokens):
         return self.module.decode_images(model, tokenizer, tokens)
 
+    def encode_images(self, model, tokenizer, images):
+        encode = getattr(self.module, "encode_images", None)
+        return tokenizer.encode_to_tokens(images) if encode is None else encode(model, tokenizer, images)
+
     @property
     def sampling_defaults(self) -> type:
         return self.module.SamplingDefaults
@@ -83,6 +90,11 @@ class Family:
     @property
     def checkpoint_keys(self) -> tuple[str, ...]:
         return getattr(self.module, "CHECKPOINT_KEYS", WRAPPER_KEYS)
+
+    @property
+    def training_loss(self):
+        """(model, classes, tokens, mask, generator) -> scalar, or None (discrete families: cross-entropy)."""
+        return getattr(self.module, "training_loss", None)
 
     @property
     def teacher_forced_loss(self):

@@ -574,6 +574,42 @@ def diffusion_loss(
     return (err * weight).sum((0, 2)) / weight.sum((0, 2)).clamp(min=1)
 
 
+def training_loss(
+    model: MAR,
+    classes: torch.Tensor,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    generator: torch.Generator,
+    repeats: int = 4,
+) -> torch.Tensor:
+    """The official training objective (DiffLoss, learn_sigma, MSE loss type): eps-MSE plus the
+    variational bound that trains the variance interpolation v (the predicted mean's gradient stopped
+    in it), in bits, over the masked tokens with `repeats` draws of step and noise each (official
+    diffusion_batch_mul = 4). At step 0 the bound's decoder term is a Gaussian NLL of the latent; the
+    official discretised one assumes 8-bit pixels, which latents are not. `generator` on tokens' device."""
+    c, dev = tokens.shape[-1], tokens.device
+    z = model.decode(model.encode(tokens, mask, classes), mask)
+    pick = mask.nonzero(as_tuple=True)
+    z, x0 = z[pick].repeat(repeats, 1), tokens[pick].float().repeat(repeats, 1)
+    schedule = diffusion_schedule().to(dev)
+    t = torch.randint(0, schedule.num_steps, (x0.shape[0],), generator=generator, device=dev)
+    noise = torch.randn(x0.shape, generator=generator, device=dev)
+    abar = schedule.alphas_cumprod[t][:, None].float()
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+    out = model.diffloss.net(x_t, t, z).float()
+    eps, v = out[:, :c], out[:, c:]
+    coef_x0, coef_xt = (schedule.posterior_coef_x0[t][:, None].float(), schedule.posterior_coef_xt[t][:, None].float())
+    x0_pred = (x_t - (1 - abar).sqrt() * eps.detach()) / abar.sqrt()
+    mean_p, mean_q = coef_x0 * x0_pred + coef_xt * x_t, coef_x0 * x0 + coef_xt * x_t
+    log_var_q = schedule.posterior_log_variance[t][:, None].float()
+    frac = (v + 1) / 2
+    log_var_p = frac * schedule.betas[t][:, None].float().log() + (1 - frac) * log_var_q
+    kl = 0.5 * (-1 + log_var_p - log_var_q + (log_var_q - log_var_p).exp() + (mean_q - mean_p) ** 2 * (-log_var_p).exp())
+    nll = 0.5 * (math.log(2 * math.pi) + log_var_p + (x0 - mean_p) ** 2 * (-log_var_p).exp())
+    vb = torch.where(t[:, None] == 0, nll, kl).mean(-1) / math.log(2.0)
+    return ((eps - noise).pow(2).mean(-1) + vb).mean()
+
+
 def teacher_forced_loss(model: MAR, classes: torch.Tensor, tokens: torch.Tensor, generator) -> torch.Tensor:
     """The family's held-out fidelity loss: the diffusion loss under training-style masks (one seeded
     ratio and order per batch), so every mask ratio the model meets in sampling is scored."""
@@ -700,6 +736,14 @@ class DecodePlan(common.DecodePlan):
         self.tokens[image, index] = latents.to(self.tokens.dtype)
         self.mask = mask_next
         self.round += 1
+
+
+@torch.no_grad()
+def encode_images(model: MAR, tokenizer, images: torch.Tensor) -> torch.Tensor:
+    """Token latents (B, n, C) in raster order of uint8 images (B, H, W, 3): the VAE's posterior mean
+    times 0.2325, patchified (patch size 1)."""
+    latents = tokenizer.encode_latents(images) * LATENT_SCALE
+    return latents.flatten(2).transpose(1, 2).contiguous()
 
 
 def decode_images(model: MAR, tokenizer, tokens: torch.Tensor) -> torch.Tensor:

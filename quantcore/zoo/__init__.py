@@ -27,9 +27,10 @@ import torch
 
 from quantcore.checkpoint import load_checkpoint
 from quantcore.errors import ConfigError
-from quantcore.models import rar, var
+from quantcore.models import family, mar, rar, var
 from quantcore.models.common import ModelEntry
 from quantcore.models.llamagen import LlamaGenConfig, SamplingDefaults
+from quantcore.tokenizers.kl16 import AutoencoderKL, KLConfig
 from quantcore.tokenizers.maskgit_vqgan import MaskGITConfig, MaskGITVQGAN
 from quantcore.tokenizers.var_vqvae import VQVAE, VARVQConfig
 from quantcore.tokenizers.vq16 import VQConfig, VQModel
@@ -74,12 +75,25 @@ ZOO_MASKGIT = MaskGITConfig(
     num_res_blocks=1,
     norm_groups=8,
 )
+ZOO_KL_NAME = "KL-zoo"
+# MAR's KL VAE at 32x32: two downsamplings to 8x8 latents of 8 channels, attention at 8x8 (as KL-16's
+# encoder at its 16x16 level). Rescaled after training so that MAR's 0.2325 gives unit-variance tokens.
+ZOO_KL = KLConfig(
+    embed_dim=8,
+    ch=24,
+    ch_mult=(1, 2, 2),
+    num_res_blocks=1,
+    resolution=32,
+    attn_resolutions=(8,),
+    norm_groups=8,
+)
 # name -> (config, model class, weights): every tokenizer the registry learns from the zoo.
 ZOO_TOKENIZERS = {
     ZOO_VQ_NAME: (ZOO_VQ, VQModel, TOKENIZER_WEIGHTS),
     ZOO_VQ16_NAME: (ZOO_VQ16, VQModel, WEIGHTS_DIR / "vq-zoo-16.safetensors"),
     ZOO_VAR_VQ_NAME: (ZOO_VAR_VQ, VQVAE, WEIGHTS_DIR / "var-vqvae-zoo.safetensors"),
     ZOO_MASKGIT_NAME: (ZOO_MASKGIT, MaskGITVQGAN, WEIGHTS_DIR / "maskgit-zoo.safetensors"),
+    ZOO_KL_NAME: (ZOO_KL, AutoencoderKL, WEIGHTS_DIR / "kl-zoo.safetensors"),
 }
 CLASSIFIER_WEIGHTS = WEIGHTS_DIR / "proxy-classifier.safetensors"
 TRAINING_JSON = WEIGHTS_DIR / "training.json"
@@ -126,6 +140,22 @@ BUNDLED_CONFIGS = {
         **{**_TINY, "dim": 128, "n_layer": 8, "n_head": 4, "grid_size": 16, "tokenizer": ZOO_VQ16_NAME}
     ),
     "deep-var": var.VARConfig(depth=8, embed_dim=128, **_ZOO_VAR),
+    # 64 tokens of 8 channels; the buffer (MAR's sinks) a quarter of the tokens, as 64 of MAR's 256.
+    "tiny-mar": mar.MARConfig(
+        encoder_dim=96,
+        encoder_depth=3,
+        decoder_dim=96,
+        decoder_depth=3,
+        n_head=4,
+        diffloss_depth=3,
+        diffloss_width=128,
+        num_classes=10,
+        grid_size=8,
+        token_dim=ZOO_KL.embed_dim,
+        buffer_size=16,
+        calibration_iters=16,
+        tokenizer=ZOO_KL_NAME,
+    ),
 }
 FAMILIES = {
     "tiny-llamagen": "llamagen",
@@ -134,6 +164,7 @@ FAMILIES = {
     "tiny-rar": "rar",
     "deep-llamagen": "llamagen",
     "deep-var": "var",
+    "tiny-mar": "mar",
 }
 # Chosen from the CFG sweep in training.json: the scale with the best proxy-FID among those >= 80% accuracy.
 CFG_SCALES = {
@@ -143,6 +174,7 @@ CFG_SCALES = {
     "tiny-rar": 4.0,
     "deep-llamagen": 2.0,  # tiny-llamagen's until its own training run sweeps it (PENDING)
     "deep-var": 4.0,
+    "tiny-mar": 3.0,
 }
 # Each family's sampling settings for the tiny models: the official knobs with the swept CFG scale. VAR
 # keeps its top-k 900 (all 512 codes) and top-p 0.96; RAR's cosine CFG ramp uses exponent 1.
@@ -153,6 +185,8 @@ SAMPLING = {
     "tiny-rar": rar.SamplingDefaults(cfg_scale=CFG_SCALES["tiny-rar"], cfg_pow=1.0),
     "deep-llamagen": SamplingDefaults(cfg_scale=CFG_SCALES["deep-llamagen"]),
     "deep-var": var.SamplingDefaults(cfg_scale=CFG_SCALES["deep-var"]),
+    # 16 rounds for 64 tokens (the official 64 for 256) and 50 of the 1000 diffusion steps
+    "tiny-mar": mar.SamplingDefaults(cfg_scale=CFG_SCALES["tiny-mar"], num_iter=16, num_sampling_steps="50"),
 }
 NOTES = (
     "trained by the project on Fashion-MNIST (32x32 RGB, {tokens} tokens of {tokenizer}); quality figures "
@@ -238,5 +272,7 @@ def heldout_sequences(
     for teacher-forced fidelity (`quantcore.eval.fidelity`): sequences no bundled model trained on."""
     images, labels = load_fashion_mnist("test", root)
     device = next(tokenizer.parameters()).device
-    tokens = tokenizer.encode_to_tokens(torch.from_numpy(to_rgb32(images[:count])).to(device))
+    tokens = family(model.family).encode_images(
+        model, tokenizer, torch.from_numpy(to_rgb32(images[:count])).to(device)
+    )
     return torch.from_numpy(labels[:count].astype("int64")).to(device), generation_order(model, tokens)

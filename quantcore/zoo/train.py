@@ -4,10 +4,10 @@
         [--device cuda] [--epochs N] [--limit N]
 
 STAGE: classifier, tokenizer, llamagen, par, var-tokenizer, var, rar-tokenizer, rar, tokenizer-16,
-deep-llamagen, deep-var, or all. Stages read what earlier stages wrote to --out: a tokenizer is evaluated
-with the classifier, and each generator trains on its tokenizer's tokens (llamagen and par on
-`tokenizer`'s, var and deep-var on `var-tokenizer`'s, rar on `rar-tokenizer`'s, deep-llamagen on
-`tokenizer-16`'s) and is evaluated with both. Stages run in the order given; `all` runs every
+deep-llamagen, deep-var, kl-tokenizer, mar, or all. Stages read what earlier stages wrote to --out: a
+tokenizer is evaluated with the classifier, and each generator trains on its tokenizer's tokens (llamagen
+and par on `tokenizer`'s, var and deep-var on `var-tokenizer`'s, rar on `rar-tokenizer`'s, deep-llamagen
+on `tokenizer-16`'s, mar on `kl-tokenizer`'s latents) and is evaluated with both. Stages run in the order given; `all` runs every
 stage in the order above. Every stage is seeded, stores fp16 safetensors, evaluates the stored
 (fp16-rounded) weights, and merges its settings, time, device and metrics into --out/training.json.
 """
@@ -33,7 +33,9 @@ from torch.nn import functional as F
 from quantcore.checkpoint import load_checkpoint
 from quantcore.eval.proxy import proxy_features, proxy_metrics
 from quantcore.fastgen import generate_tokens
-from quantcore.models import bind_tokenizer, family_module
+from quantcore.models import bind_tokenizer, family, family_module
+from quantcore.models.mar import LATENT_SCALE
+from quantcore.tokenizers.kl16 import AutoencoderKL
 from quantcore.tokenizers.maskgit_vqgan import MaskGITVQGAN
 from quantcore.tokenizers.var_vqvae import VQVAE
 from quantcore.tokenizers.vq16 import VQModel
@@ -41,6 +43,7 @@ from quantcore.zoo import (
     BUNDLED_CONFIGS,
     FAMILIES,
     SAMPLING,
+    ZOO_KL_NAME,
     ZOO_MASKGIT_NAME,
     ZOO_TOKENIZERS,
     ZOO_VAR_VQ_NAME,
@@ -65,6 +68,8 @@ STAGES = (
     "tokenizer-16",
     "deep-llamagen",
     "deep-var",
+    "kl-tokenizer",
+    "mar",
 )
 GENERATORS = {
     "llamagen": "tiny-llamagen",
@@ -73,6 +78,7 @@ GENERATORS = {
     "rar": "tiny-rar",
     "deep-llamagen": "deep-llamagen",
     "deep-var": "deep-var",
+    "mar": "tiny-mar",
 }
 # Per-stage defaults: epochs, batch size, peak learning rate.
 DEFAULTS = {
@@ -89,6 +95,10 @@ DEFAULTS = {
     # The deep models: a lower peak than the 4-layer ones, so that twice the depth trains stably.
     "deep-llamagen": dict(epochs=12, batch_size=512, lr=1e-3),
     "deep-var": dict(epochs=15, batch_size=512, lr=1e-3),
+    "kl-tokenizer": dict(epochs=8, batch_size=256, lr=1e-3),
+    # MAR's official AdamW (betas 0.9/0.95, wd 0.02, clip 3) at a higher peak for the short run; `seconds`
+    # caps the run (fewer epochs, the cosine schedule fitted to them) so it fits one device call
+    "mar": dict(epochs=40, batch_size=512, lr=1e-3, seconds=330),
 }
 CLASS_DROPOUT = 0.1  # share of labels replaced by the null class, so the model also learns p(x) for CFG
 # CFG scales swept per family. LlamaGen guides every token with weight cfg; VAR ramps the weight
@@ -97,6 +107,7 @@ CFG_SWEEPS = {
     "llamagen": (1.0, 2.0, 3.0, 4.0),
     "var": (0.5, 1.0, 2.0, 3.0, 4.0),
     "rar": (1.0, 2.0, 3.0, 4.0, 6.0),
+    "mar": (1.0, 2.0, 3.0, 4.0, 6.0),  # MAR's linear ramp: 1 at the first round, cfg at the last
 }
 
 
@@ -377,7 +388,7 @@ def train_tokenizer(data: Data, out: Path, hp: dict, seed: int, stage: Tokenizer
     save_fp16(vq, path)
 
     stored = load_zoo_tokenizer(path, stage.name, device)
-    tokens = tokenize(stored, data.test)
+    tokens = torch.cat([stored.encode_to_tokens(part) for part in data.test.split(1000)])
     recon = torch.cat([stored.decode_tokens(t) for t in tokens.split(1000)])
     mse = float(((recon.float() - data.test.float()) / 127.5).pow(2).mean())
     metrics = {
@@ -396,10 +407,95 @@ def train_tokenizer(data: Data, out: Path, hp: dict, seed: int, stage: Tokenizer
     return metrics
 
 
+KL_WEIGHT = 1e-6  # LDM's KL weight against the summed reconstruction error (MAR's KL-16 recipe)
+
+
+def kl_losses(vae: AutoencoderKL, x: torch.Tensor, gen: torch.Generator, amp: bool) -> tuple[torch.Tensor, dict]:
+    """LDM's AutoencoderKL objective without the GAN and perceptual terms: MSE reconstruction of a
+    posterior sample (reparameterised) plus KL_WEIGHT times the KL to N(0, I), both summed per image."""
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
+        h = vae.encoder(x)
+    mean, logvar = vae.quant_conv(h.float()).chunk(2, dim=1)
+    logvar = logvar.clamp(-30.0, 20.0)
+    z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=gen, device=x.device)
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
+        recon = vae.decoder(vae.post_quant_conv(z))
+    recon_loss = F.mse_loss(recon.float(), x)
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum() / x.shape[0]
+    loss = recon_loss + KL_WEIGHT * kl / x[0].numel()  # the summed objective, divided by pixels per image
+    return loss, {"recon": recon_loss.item(), "kl": kl.item()}
+
+
 @torch.no_grad()
-def tokenize(vq: nn.Module, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> tokens (N, L) in the tokenizer's order (raster; VAR: scale by scale)."""
-    return torch.cat([vq.encode_to_tokens(part) for part in images.split(batch_size)])
+def rescale_latents(vae: AutoencoderKL, images: torch.Tensor) -> float:
+    """Scale the latent space so that MAR's 0.2325 gives unit-variance tokens, as it does KL-16's: the
+    posterior mean and std times s in quant_conv, post_quant_conv's input weights divided by s (an exact
+    reparameterisation: decoded images do not change). Returns s."""
+    std = float(torch.cat([vae.encode_latents(part) for part in images.split(1000)]).std())
+    s = 1.0 / (LATENT_SCALE * std)
+    e = vae.config.embed_dim
+    vae.quant_conv.weight[:e] *= s
+    vae.quant_conv.bias[:e] *= s
+    vae.quant_conv.bias[e:] += 2.0 * math.log(s)  # log-variance
+    vae.post_quant_conv.weight /= s
+    return s
+
+
+def train_kl_tokenizer(data: Data, out: Path, hp: dict, seed: int) -> dict:
+    device = data.train.device
+    config, model_class, weights = ZOO_TOKENIZERS[ZOO_KL_NAME]
+    torch.manual_seed(seed)
+    gen = torch.Generator(device).manual_seed(seed)
+    vae = model_class(config).to(device)
+    opt = torch.optim.AdamW(vae.parameters(), lr=hp["lr"], betas=(0.9, 0.95), weight_decay=0.0)
+    steps_per_epoch = data.train.shape[0] // hp["batch_size"]
+    total, step = hp["epochs"] * steps_per_epoch, 0
+    for epoch in range(hp["epochs"]):
+        vae.train()
+        sums = {"recon": 0.0, "kl": 0.0}
+        for idx in batches(data.train.shape[0], hp["batch_size"], gen):
+            x = random_flip(to_float(data.train[idx]), gen)
+            loss, parts = kl_losses(vae, x, gen, amp=device.type == "cuda")
+            set_lr(opt, cosine_lr(step, total, hp["lr"], warmup=200))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sums = {k: sums[k] + parts[k] for k in sums}
+            step += 1
+        means = " ".join(f"{k} {v / steps_per_epoch:.4f}" for k, v in sums.items())
+        log(f"{ZOO_KL_NAME} epoch {epoch + 1}/{hp['epochs']} {means}")
+    vae.eval()
+    scale = rescale_latents(vae, data.train)
+    path = out / weights.name
+    save_fp16(vae, path)
+
+    stored = load_zoo_tokenizer(path, ZOO_KL_NAME, device)
+    latents = torch.cat([stored.encode_latents(part) for part in data.test.split(1000)])
+    recon = torch.cat([stored.decode_latents(part) for part in latents.split(1000)])
+    mse = float(((recon.float() - data.test.float()) / 127.5).pow(2).mean())
+    metrics = {
+        "final_train_recon_mse": sums["recon"] / steps_per_epoch,
+        "test_recon_mse": mse,
+        "test_psnr_db": 10 * math.log10(4.0 / mse),  # signal range [-1, 1] spans 2
+        "latent_rescale": scale,
+        "test_token_std": float(latents.std() * LATENT_SCALE),  # MAR's tokens: ~1 by the rescale
+    }
+    if (out / "proxy-classifier.safetensors").is_file():
+        classifier = load_classifier(out / "proxy-classifier.safetensors", device)
+        _, probs = proxy_features(classifier, recon)
+        metrics["proxy_accuracy_on_reconstructions"] = float(
+            (probs.argmax(1) == data.test_labels.cpu().numpy()).mean()
+        )
+    log(f"{ZOO_KL_NAME} metrics {metrics}")
+    return metrics
+
+
+@torch.no_grad()
+def tokenize(model: nn.Module, vq: nn.Module, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> `model`'s tokens (N, L) in the tokenizer's order (raster; VAR: scale by
+    scale), or MAR's latents (N, L, C)."""
+    encode = family(model.family).encode_images
+    return torch.cat([encode(model, vq, part) for part in images.split(batch_size)])
 
 
 HEADS = {"llamagen": "output", "var": "head", "rar": "lm_head"}
@@ -429,18 +525,35 @@ def init_generator(model: nn.Module) -> None:
 def sequence_loss(
     model: nn.Module, classes: torch.Tensor, tokens: torch.Tensor, batch_size: int = 500
 ) -> float:
-    """Mean teacher-forced cross-entropy (nats per token) of sequences in generation order."""
+    """Mean teacher-forced cross-entropy (nats per token) of sequences in generation order; for a family
+    with its own held-out loss (MAR's diffusion loss), that loss, seeded, per sequence."""
+    held_out = family(model.family).teacher_forced_loss
     total = 0.0
     for c, t in zip(classes.split(batch_size), tokens.split(batch_size), strict=True):
+        if held_out is not None:
+            total += float(held_out(model, c, t, torch.Generator().manual_seed(0)).sum())
+            continue
         logits = model.sequence_logits(c, t)
         total += float(F.cross_entropy(logits.flatten(0, 1), t.flatten(), reduction="sum"))
-    return total / tokens.numel()
+    return total / (tokens.shape[0] if held_out is not None else tokens.numel())
+
+
+def step_loss(model: nn.Module, classes: torch.Tensor, tokens: torch.Tensor, gens) -> torch.Tensor:
+    """One batch's training loss: next-token (next-scale) cross-entropy, or the family's own objective
+    (MAR: a training mask from the CPU generator, the diffusion draws from the device one)."""
+    objective = family(model.family).training_loss
+    if objective is not None:
+        mask_gen, gen = gens
+        return objective(model, classes, tokens, model.training_mask(tokens.shape[0], mask_gen), gen)
+    logits = model.sequence_logits(classes, tokens)
+    return F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
 
 
 def train_generator(data: Data, out: Path, hp: dict, seed: int, name: str, per_class: int) -> dict:
     """Teacher-forced next-token (VAR: next-scale) training of a bundled generator, in its generation
     order (RAR: raster only; the official RAR anneals from random permutations to raster, but our
-    sampler decodes in raster order)."""
+    sampler decodes in raster order); MAR with its masked diffusion objective on the posterior means.
+    With hp["seconds"], the epochs that fit in it at the first epoch's pace (the schedule refitted)."""
     device = data.train.device
     config, family = BUNDLED_CONFIGS[name], FAMILIES[name]
     vq = load_zoo_tokenizer(out / ZOO_TOKENIZERS[config.tokenizer][2].name, config.tokenizer, device)
@@ -448,13 +561,16 @@ def train_generator(data: Data, out: Path, hp: dict, seed: int, name: str, per_c
     torch.manual_seed(seed)
     gen = torch.Generator(device).manual_seed(seed)
     model = family_module(family).build(config).to(device)
-    init_generator(model)
+    if family != "mar":  # MAR keeps its official initialisation (build)
+        init_generator(model)
     bind_tokenizer(model, vq)
+    mask_gen = torch.Generator().manual_seed(seed)
     # Training set: every image and its mirror image, tokenized once, in generation order.
     flipped = data.train.flip(2)
-    train_tokens = generation_order(model, torch.cat([tokenize(vq, data.train), tokenize(vq, flipped)]))
+    train_tokens = torch.cat([tokenize(model, vq, data.train), tokenize(model, vq, flipped)])
+    train_tokens = generation_order(model, train_tokens)
     train_labels = torch.cat([data.train_labels, data.train_labels])
-    test_tokens = generation_order(model, tokenize(vq, data.test))
+    test_tokens = generation_order(model, tokenize(model, vq, data.test))
     log(f"{name}: {train_tokens.shape[0]} training sequences of {train_tokens.shape[1]} tokens")
 
     # Weight decay on the linears' weights only (embeddings, position tables and biases are exempt).
@@ -462,15 +578,17 @@ def train_generator(data: Data, out: Path, hp: dict, seed: int, name: str, per_c
     decay = [p for p in model.parameters() if id(p) in linear]
     rest = [p for p in model.parameters() if id(p) not in linear]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}],
+        [{"params": decay, "weight_decay": 0.02 if family == "mar" else 0.05}, {"params": rest, "weight_decay": 0.0}],
         lr=hp["lr"],
         betas=(0.9, 0.95),
     )
     amp = device.type == "cuda"  # bf16 autocast on the GPU; plain fp32 on CPU
     steps_per_epoch = train_tokens.shape[0] // hp["batch_size"]
-    total, step = hp["epochs"] * steps_per_epoch, 0
+    epochs = hp["epochs"]
+    total, step = epochs * steps_per_epoch, 0
     start = time.time()
-    for epoch in range(hp["epochs"]):
+    epoch = 0
+    while epoch < epochs:
         model.train()
         loss_sum = 0.0
         for idx in batches(train_tokens.shape[0], hp["batch_size"], gen):
@@ -478,20 +596,25 @@ def train_generator(data: Data, out: Path, hp: dict, seed: int, name: str, per_c
             drop = torch.rand(classes.shape[0], generator=gen, device=device) < CLASS_DROPOUT
             classes = torch.where(drop, model.null_class, classes)
             with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-                logits = model.sequence_logits(classes, tokens)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
+                loss = step_loss(model, classes, tokens, (mask_gen, gen))
             set_lr(opt, cosine_lr(step, total, hp["lr"], warmup=500))
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0 if family == "mar" else 1.0)
             opt.step()
             loss_sum += loss.item()
             step += 1
         model.eval()
         test_loss = sequence_loss(model, data.test_labels, test_tokens)
         rate = step / (time.time() - start)
+        epoch += 1
+        if epoch == 1 and hp.get("seconds"):
+            fit = max(1, int(hp["seconds"] / (time.time() - start)))
+            if fit < epochs:
+                epochs, total = fit, fit * steps_per_epoch
+                log(f"{name}: {epochs} epochs fit in {hp['seconds']} s; cosine schedule refitted to them")
         log(
-            f"{name} epoch {epoch + 1}/{hp['epochs']} train {loss_sum / steps_per_epoch:.4f} "
+            f"{name} epoch {epoch}/{epochs} train {loss_sum / steps_per_epoch:.4f} "
             f"test {test_loss:.4f} ({rate:.1f} steps/s)"
         )
     path = out / f"{name}.safetensors"
@@ -501,6 +624,7 @@ def train_generator(data: Data, out: Path, hp: dict, seed: int, name: str, per_c
     stored = load_checkpoint(family_module(family).build(config), path).to(device).eval()
     bind_tokenizer(stored, vq)
     metrics = {
+        "epochs": epochs,
         "final_train_loss": loss_sum / steps_per_epoch,
         "test_loss": sequence_loss(stored, data.test_labels, test_tokens),
         "cfg_sweep": evaluate_generator(stored, vq, data, out, per_class, SAMPLING[name]),
@@ -551,6 +675,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", default=None, help="folder with the Fashion-MNIST IDX .gz files")
     parser.add_argument("--epochs", type=int, default=None, help="override every run stage's epochs")
     parser.add_argument("--batch-size", type=int, default=None, help="override every run stage's batch size")
+    parser.add_argument("--seconds", type=float, default=None, help="cap every generator stage's training time")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N images per split")
     parser.add_argument("--eval-per-class", type=int, default=100, help="generated images per class")
     parser.add_argument("--seed", type=int, default=0)
@@ -567,9 +692,13 @@ def main(argv: list[str] | None = None) -> None:
             hp["epochs"] = args.epochs
         if args.batch_size is not None:
             hp["batch_size"] = args.batch_size
+        if args.seconds is not None:
+            hp["seconds"] = args.seconds
         start = time.time()
         if stage == "classifier":
             metrics = train_classifier(data, args.out, hp, args.seed)
+        elif stage == "kl-tokenizer":
+            metrics = train_kl_tokenizer(data, args.out, hp, args.seed)
         elif stage in TOKENIZER_STAGES:
             metrics = train_tokenizer(data, args.out, hp, args.seed, TOKENIZER_STAGES[stage])
         else:
