@@ -5,7 +5,8 @@
 # Everything stops by DEADLINE_S seconds after the start so that the results can be packed into $OUT.
 # Runs: 2026-12-02 (H200, DEADLINE_S=520) `tokenizer-16 deep-llamagen` and `deep-var` side by side:
 # tokenizer-16 and deep-var finished, deep-llamagen (then width 192) was cut at epoch 7 of 12;
-# 2026-12-03 `deep-llamagen deep-llamagen` (width 128). bench/zoo/README.md has what came back.
+# 2026-12-03 `deep-llamagen deep-llamagen` (width 128) beside `tiny-mar kl-tokenizer mar` (BITS="w6a6 w8a8").
+# bench/zoo/README.md has what came back.
 set -u
 START=$(date +%s)
 DEADLINE=$((START + ${DEADLINE_S:-560}))
@@ -14,6 +15,7 @@ shift
 W=quantcore/zoo/weights
 LOGS=bench/zoo/deep-logs
 mkdir -p "$LOGS" "$OUT"
+touch "$LOGS/start-$MODEL"  # the weights this run writes are the ones newer than this
 export PYTHONUNBUFFERED=1
 RECIPES=fp,rtn,smoothquant,os+,ptq4arvg,ptq4arvg-staged,dtwq
 
@@ -30,8 +32,8 @@ compare() {  # BITS IMAGES THREADS
 
 timeout "$(left)" python3 -m quantcore.zoo.train "$@" --device cuda --out $W >"$LOGS/train-$MODEL.log" 2>&1 &&
     python3 bench/quality/ranges.py --model "$MODEL" --out "bench/quality/$MODEL" >"$LOGS/ranges-$MODEL.log" 2>&1 &&
-    for bits in w6a6 w8a8 w4a8; do compare "$bits" "${IMAGES:-100}" 5 & done
+    for bits in ${BITS:-w6a6 w8a8 w4a8}; do compare "$bits" "${IMAGES:-100}" "${THREADS:-5}" & done
 wait
-echo "finished after $(($(date +%s) - START)) s" | tee "$LOGS/finished.txt"
-tar cf "$OUT/weights.tar" $W/$MODEL.safetensors $W/training.json
-tar cf "$OUT/bench.tar" "$LOGS" "bench/quality/$MODEL"
+echo "$MODEL finished after $(($(date +%s) - START)) s" | tee "$LOGS/finished-$MODEL.txt"
+tar cf "$OUT/weights-$MODEL.tar" $(find $W -name '*.safetensors' -newer "$LOGS/start-$MODEL") $W/training.json
+tar cf "$OUT/bench-$MODEL.tar" "$LOGS" "bench/quality/$MODEL"

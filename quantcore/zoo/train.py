@@ -98,7 +98,7 @@ DEFAULTS = {
     "kl-tokenizer": dict(epochs=8, batch_size=256, lr=1e-3),
     # MAR's official AdamW (betas 0.9/0.95, wd 0.02, clip 3) at a higher peak for the short run; `seconds`
     # caps the run (fewer epochs, the cosine schedule fitted to them) so it fits one device call
-    "mar": dict(epochs=40, batch_size=512, lr=1e-3, seconds=330),
+    "mar": dict(epochs=40, batch_size=512, lr=1e-3, seconds=300),
 }
 CLASS_DROPOUT = 0.1  # share of labels replaced by the null class, so the model also learns p(x) for CFG
 # CFG scales swept per family. LlamaGen guides every token with weight cfg; VAR ramps the weight
