@@ -4,7 +4,7 @@
     PYTHONPATH=. python bench/speed/run.py report DIR/gpu-*.json --out bench/speed      # merge the parts
     PYTHONPATH=. python bench/speed/run.py cpu --out bench/speed                        # on the CPU machine
 
-GPU: full-size LlamaGen-B/L/XL, VAR-d16/d20 and RAR-B/L with random weights (speed does not depend on
+GPU: full-size LlamaGen-B/L/XL, VAR-d16/d20, RAR-B/L and MAR-B/L with random weights (speed does not depend on
 their values), class-conditional generation with CFG (2 x batch rows), for compiled bf16, W8A8 fp8,
 W8A8 int8, weight-only W8 and W4. Every variant runs `quantcore.fastgen.FastSampler` with
 `compile=True`: each transformer block, the head and the sampling go through `torch.compile`, the KV
@@ -48,13 +48,14 @@ from quantcore.quant.real import pack_codes, summarize, to_real
 from quantcore.registry import get_spec
 from quantcore.tokenizers import build_tokenizer
 
-GPU_MODELS = ("llamagen-b", "llamagen-l", "llamagen-xl", "var-d16", "var-d20", "rar-b", "rar-l")
+GPU_MODELS = ("llamagen-b", "llamagen-l", "llamagen-xl", "var-d16", "var-d20", "rar-b", "rar-l", "mar-b", "mar-l")
 GPU_VARIANTS = ("bf16", "w8a8-fp8", "w8a8-int8", "w8", "w4")
-BATCHES = {"llamagen": (1, 8, 32, 64), "rar": (1, 8, 32, 64), "var": (1, 8, 16, 32, 64)}
+BATCHES = {"llamagen": (1, 8, 32, 64), "rar": (1, 8, 32, 64), "var": (1, 8, 16, 32, 64), "mar": (1, 8, 32, 64)}
 EIGHT_BIT = ("w8a8-fp8", "w8a8-int8", "w8")
 # VAR's ten scale shapes: torch.compile with dynamic shapes took ~300 s per batch size on an H200 (2026-11-27),
-# more than a device call allows, so VAR runs eager kernels replayed from one CUDA graph in every variant
-EAGER_FAMILIES = ("var",)
+# more than a device call allows, so VAR runs eager kernels replayed from one CUDA graph in every variant;
+# MAR's encoder width changes every round, so its plan runs eager step by step (no graph) in every variant
+EAGER_FAMILIES = ("var", "mar")
 # Datasheet dense peaks (H100/H200 SXM, TFLOP/s); the measured copy bandwidth replaces the HBM figure.
 PEAK_TFLOPS = {"bf16": 989.0, "int8": 1979.0, "fp8": 1979.0, "w8": 989.0, "w4": 989.0}
 
@@ -233,8 +234,11 @@ def linear_shapes(name: str) -> dict[str, tuple[int, int]]:
 
 
 def gemm_rows(name: str) -> tuple[int, ...]:
-    """Rows per GEMM call: decode steps (2 x batch) for one-token families, VAR's last scale."""
+    """Rows per GEMM call: decode steps (2 x batch) for one-token families, VAR's last scale, MAR's
+    decoder (every buffer and image position)."""
     family = get_spec(name).family
+    if family == "mar":
+        return tuple(2 * b * get_spec(name).config.seq_len for b in (1, 8))
     if family == "var":
         last = get_spec(name).config.patch_nums[-1] ** 2
         return tuple(2 * b * last for b in (1, 16))
