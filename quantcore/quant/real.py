@@ -459,7 +459,7 @@ def _fastest(
     if best == "simulated":
         dtype_name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, dtype)
         reason = f"no real kernel faster than the dequantized {dtype_name} GEMM at {rows} rows"
-    return best, reason, {"timings_ms": {p: round(t, 4) for p, t in times.items()}, "rows": rows}
+    return best, reason, {"timings_ms": {p: round(t, 5) for p, t in times.items()}, "rows": rows}
 
 
 def _smallest(default: str) -> str:
