@@ -19,13 +19,14 @@ The integer identity (a = q_x - o_x and b = q_w - o_w are int8, z' = z - o the s
 
 `sum_k b - K z_w'` and z_w' are precomputed per output row; `sum_k a` is one row reduction per call.
 
-`to_real(model, objective=...)` chooses among a layer's candidates: the real paths its quantizers allow
-(int8-gpu and fp8-gpu for W8A8, w4-gpu and w8-gpu for <= 4-bit weight-only layers, else the one path
-above) and "simulated" (the QuantLinear kept: fake-quantized input, dequantized-weight GEMM in the model
-dtype). None: the fixed choice above. "speed" (CUDA only): every candidate timed at `tune_rows` input
-rows, the fastest kept, so no layer runs slower than its simulated GEMM. "memory": no timing, the
-fewest resident weight bits (w4-gpu < the 8-bit paths < simulated), ties to the default choice. Each
-layer's entry records the objective and, for "speed", `timings_ms` per candidate and `rows`.
+The objective of `to_real(model, objective=...)` chooses among a layer's candidates: the real paths
+its quantizers allow (`plan_layer`'s path, or both int8-gpu and fp8-gpu where W8A8 "auto" may take
+fp8, both w4-gpu and w8-gpu for <= 4-bit weight-only layers) and "simulated" (the QuantLinear kept:
+fake-quantized input, dequantized-weight GEMM in the model dtype). None: the choice described above.
+"speed" (CUDA only): every candidate timed at `tune_rows` input rows and the fastest kept, so no layer
+runs slower than its simulated GEMM (a tie stays simulated). "memory": no timing, the fewest resident
+weight bits (w4-gpu < the 8-bit paths < simulated); ties go to the default path, int8-gpu for "auto".
+Each layer's entry records the objective and, for "speed", `timings_ms` per candidate and `rows`.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ OBJECTIVES = (None, "speed", "memory")
 # Resident bits per weight of each real path (sub-8-bit codes run as int8 except on w4-gpu); every one is
 # below the float weight a simulated layer keeps, so "memory" never picks "simulated" over a real path.
 WEIGHT_BITS = {"int8-cpu": 8, "int8-gpu": 8, "fp8-gpu": 8, "w8-gpu": 8, "w4-gpu": 4}
-# The real paths a layer may run instead of plan_layer's default, that default first (it wins ties).
+# plan_layer's paths that leave a choice -> the real candidates, the default first (it wins ties).
 ALTERNATIVES = {"auto": ("int8-gpu", "fp8-gpu"), "w4-gpu": ("w4-gpu", "w8-gpu")}
 E4M3_MAX = 448.0
 # Up to this many rows a GPU int8 layer runs the fused Triton kernel (quantize + GEMM + epilogue in one
