@@ -1,7 +1,7 @@
 """The engine's entry points for the CLI, the worker and notebooks.
 
 quantize_job(spec, out_dir, progress, should_cancel) -> manifest   (what a job runs)
-load_generator(source, real=True)                     -> ImageGenerator (model name or artifact)
+load_generator(source, real=True, objective=None)     -> ImageGenerator (model name or artifact)
 """
 
 from __future__ import annotations
@@ -37,20 +37,23 @@ def load_generator(
     device: str | torch.device = "auto",
     real: bool = True,
     chunk_size: int = 8,
+    objective: str | None = None,
 ) -> ImageGenerator:
     """An image generator for a registered model name or an artifact folder.
 
     An artifact runs its quantized layers on real low-bit kernels where the device supports them
-    (`quantcore.quant.real.to_real`); `real=False` keeps every layer simulated. `generator.execution`
-    records the path of each quantized layer. `device` as in `quantize_job`; `chunk_size`: images per
-    generation batch.
+    (`quantcore.quant.real.to_real`); `real=False` keeps every layer simulated. `objective` is
+    to_real's: None (the default kernels), "speed" (each layer's fastest, timed; CUDA only) or
+    "memory" (the fewest weight bits). `generator.execution` records the path of each quantized layer
+    (with an objective, also the choice and its timings). `device` as in `quantize_job`;
+    `chunk_size`: images per generation batch.
     """
     device = devices.resolve_device(device)
     if Path(source).is_dir():
         model, tokenizer, manifest = load_artifact(source, device)
         spec = get_spec(manifest["model"]["name"])
         if real:
-            execution = to_real(model)
+            execution = to_real(model, objective=objective)
         else:
             execution = {
                 n: {"path": "simulated", "reason": "real=False"} for n, _ in iter_quant_modules(model)

@@ -186,7 +186,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_writable(args.out, folder=False)
     torch.set_grad_enabled(False)
     generator = load_generator(
-        args.model, args.checkpoint, args.tokenizer_checkpoint, args.device, real=not args.simulate
+        args.model,
+        args.checkpoint,
+        args.tokenizer_checkpoint,
+        args.device,
+        real=not args.simulate,
+        objective=args.objective,
     )
     seeds = args.seeds or [args.seed + i for i in range(len(args.classes))]
     total = generator.progress_total(len(args.classes))
@@ -427,6 +432,11 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (first CUDA device, else CPU), cpu, cuda, cuda:N")
     p.add_argument(
         "--simulate", action="store_true", help="keep quantized layers simulated (no int8/fp8 kernels)"
+    )
+    p.add_argument(
+        "--objective",
+        choices=("speed", "memory"),  # to_real's OBJECTIVES, spelled out: the parser imports no torch
+        help="artifacts: per layer the fastest kernel, timed (speed, CUDA only), or the smallest (memory)",
     )
     p.add_argument("--out", type=Path, required=True, help="PNG file to write")
     p.add_argument("--json", action="store_true")

@@ -20,7 +20,16 @@ from quantcore.errors import ConfigError
 from quantcore.fastgen import generate_tokens
 from quantcore.pipeline import quantize
 from quantcore.quant.modules import QuantMatMul, iter_quant_modules
-from quantcore.quant.real import Int8Linear, RealQuantLinear, pack_codes, to_real, unpack_codes
+from quantcore.quant.real import (
+    OBJECTIVES,
+    Int8Linear,
+    RealQuantLinear,
+    _fastest,
+    _smallest,
+    pack_codes,
+    to_real,
+    unpack_codes,
+)
 from quantcore.recipe import Recipe
 
 EXACT = 1e-6
@@ -98,6 +107,61 @@ def test_dynamic_token_acts_run_exactly(calibrated):
     assert max(layer_errors(sim, real, report, calib).values()) <= EXACT
 
 
+def test_objective_none_records_what_it_always_did(calibrated):
+    sim, _ = _quantized(calibrated, "llamagen-tiny")
+    report = to_real(copy.deepcopy(sim))
+    assert not any({"objective", "timings_ms", "rows"} & set(e) for e in report.values())
+
+
+def test_memory_objective_on_the_cpu_keeps_int8_where_eligible_and_simulated_elsewhere(calibrated):
+    sim, _ = _quantized(calibrated, "par-tiny")
+    sim.layers[0].attention.wo.input_quantizer.set_passthrough([0])
+    default = to_real(copy.deepcopy(sim))
+    report = to_real(copy.deepcopy(sim), objective="memory")
+    assert {n: e["path"] for n, e in report.items()} == {n: e["path"] for n, e in default.items()}
+    assert report["layers.0.attention.wo"]["path"] == "simulated"
+    assert "sink" in report["layers.0.attention.wo"]["reason"]
+    linears = [e for n, e in report.items() if "matmul" not in n]
+    assert "int8-cpu" in {e["path"] for e in linears}
+    assert all(e["objective"] == "memory" and "timings_ms" not in e for e in linears)
+    weight_only, _ = _quantized(calibrated, "llamagen-tiny", preset="rtn", bits=(8, None))
+    report = to_real(weight_only, objective="memory")
+    assert {e["path"] for e in report.values()} == {"simulated"}
+
+
+def test_memory_objective_ranks_paths_by_weight_bits_and_ties_go_to_the_default():
+    assert _smallest("w4-gpu") == "w4-gpu"  # not its w8-gpu alternative
+    assert _smallest("auto") == "int8-gpu"  # int8 and fp8 tie at 8 bits: the exact codes
+    assert _smallest("fp8-gpu") == "fp8-gpu" and _smallest("int8-cpu") == "int8-cpu"
+
+
+def test_speed_objective_keeps_the_fastest_candidate_and_never_one_slower_than_simulated(calibrated):
+    """The choice from recorded timings (a pre-filled timing cache: no timing on the CPU)."""
+    sim, _ = _quantized(calibrated, "llamagen-tiny")
+    layer = sim.layers[0].attention.wo
+    shape = (layer.in_features, layer.out_features, 64)
+    times = {"simulated": 0.010, "int8-gpu": 0.012, "fp8-gpu": 0.008}
+    cache = {(path, *shape): ms for path, ms in times.items()}
+    path, reason, record = _fastest(layer, "auto", "", 64, torch.bfloat16, cache)
+    assert (path, reason, record) == ("fp8-gpu", "", {"timings_ms": times, "rows": 64})
+    cache[("fp8-gpu", *shape)] = 0.010  # a tie with the baseline keeps the baseline
+    path, reason, record = _fastest(layer, "auto", "", 64, torch.bfloat16, cache)
+    assert path == "simulated" and set(record["timings_ms"]) == set(times)
+    assert reason == "no real kernel faster than the dequantized bf16 GEMM at 64 rows"
+    path, _, record = _fastest(layer, "int8-gpu", "", 64, torch.bfloat16, cache)
+    assert path == "simulated" and set(record["timings_ms"]) == {"simulated", "int8-gpu"}
+
+
+def test_objective_errors_name_the_choices_and_speed_needs_cuda(calibrated):
+    sim, _ = _quantized(calibrated, "llamagen-tiny")
+    with pytest.raises(ConfigError, match="objective must be one of") as error:
+        to_real(copy.deepcopy(sim), objective="latency")
+    assert all(repr(choice) in str(error.value) for choice in OBJECTIVES)
+    with pytest.raises(ConfigError, match="CUDA device"):
+        to_real(sim, objective="speed")
+    assert not any(isinstance(m, RealQuantLinear) for m in sim.modules())  # refused before converting
+
+
 @pytest.mark.parametrize("bits", [4, 6])
 def test_pack_round_trip(bits):
     codes = torch.randint(0, 2**bits, (5, 24), dtype=torch.uint8)
@@ -136,6 +200,9 @@ def test_artifact_loads_real_by_default_and_simulated_on_request(tmp_path, capsy
     assert cli_main([*args, "--json", "--no-progress", "--simulate"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["execution"]["layers.0.feed_forward.w2"]["path"] == "simulated"
+    assert cli_main([*args, "--json", "--no-progress", "--objective", "memory"]) == 0
+    entry = json.loads(capsys.readouterr().out)["execution"]["layers.0.feed_forward.w2"]
+    assert entry["path"] == "int8-cpu" and entry["objective"] == "memory"
 
 
 @pytest.mark.parametrize(("bits", "packing"), [((8, 8), 8), ((6, 6), 6), ((4, 8), 4), ((4, None), 4)])

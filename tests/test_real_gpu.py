@@ -3,6 +3,7 @@
 Skipped where there is no CUDA device (CI). Tolerances: int8 is exact in the integer codes, so it
 matches a float64 simulation to float32 rounding; fp8 re-encodes on the e4m3 grid (3 mantissa bits);
 weight-only paths compute in bf16 where the simulation rounds the dequantized weight to bf16 first.
+The objectives of `to_real` (speed: timed candidates; memory: fewest weight bits) meet the same bounds.
 """
 
 import copy
@@ -116,3 +117,52 @@ def test_fused_w8a8_kernel_is_the_integer_gemm(m, a_bits):
     )
     assert out.shape == (m, n)
     assert float((out.double() - ref).norm() / ref.norm()) < 8e-3  # the bf16 output rounding
+
+
+# Per converted path, the bounds of the tests above (max |real - sim64| / max |sim64| per layer).
+TOLERANCE = {"int8-gpu": 2e-3, "fp8-gpu": 8e-2, "w8-gpu": 2e-2, "w4-gpu": 2e-2}
+
+
+def _candidates(layer, weight_only: bool) -> set[str]:
+    """The paths the speed objective must have timed for `layer` (plan_layer's rules, spelled out)."""
+    if weight_only:
+        return {"simulated", "w8-gpu"} | ({"w4-gpu"} if layer.in_features % 2 == 0 else set())
+    multiples_of_16 = layer.in_features % 16 == 0 and layer.out_features % 16 == 0
+    fp8 = torch.cuda.get_device_capability() >= (8, 9) and multiples_of_16
+    return {"simulated", "int8-gpu"} | ({"fp8-gpu"} if fp8 else set())
+
+
+@pytest.mark.parametrize(("w_bits", "a_bits", "dtype"), [(8, 8, torch.float32), (4, None, torch.bfloat16)])
+def test_speed_objective_times_every_candidate_and_keeps_none_slower_than_simulated(w_bits, a_bits, dtype):
+    pytest.importorskip("triton")
+    sim, calib = _quantized(w_bits, a_bits, dtype)
+    real = copy.deepcopy(sim)
+    report = to_real(real, objective="speed")
+    linears = {n: e for n, e in report.items() if "matmul" not in n}
+    assert linears
+    for name, entry in linears.items():
+        times = entry["timings_ms"]
+        assert entry["objective"] == "speed" and entry["rows"] == 64
+        assert set(times) == _candidates(sim.get_submodule(name), a_bits is None), name
+        assert all(ms > 0 for ms in times.values())
+        assert times[entry["path"]] <= times["simulated"], entry
+        if entry["path"] == "simulated":
+            assert entry["reason"].startswith("no real kernel faster than the dequantized"), entry
+    errors = layer_errors(sim, real, report, calib)
+    assert all(errors[n] < TOLERANCE[report[n]["path"]] for n in errors), errors
+
+
+@pytest.mark.parametrize(
+    ("w_bits", "a_bits", "dtype", "path"),
+    [(4, None, torch.bfloat16, "w4-gpu"), (8, 8, torch.float32, "int8-gpu")],
+)
+def test_memory_objective_keeps_the_fewest_weight_bits(w_bits, a_bits, dtype, path):
+    pytest.importorskip("triton")
+    sim, calib = _quantized(w_bits, a_bits, dtype)
+    real = copy.deepcopy(sim)
+    report = to_real(real, objective="memory")
+    linears = {n: e for n, e in report.items() if "matmul" not in n}
+    assert {e["path"] for e in linears.values()} == {path}  # W8A8: int8 and fp8 tie, int8 is the default
+    assert all(e["objective"] == "memory" and "timings_ms" not in e for e in linears.values())
+    errors = layer_errors(sim, real, report, calib)
+    assert len(errors) == len(linears) and max(errors.values()) < TOLERANCE[path], errors

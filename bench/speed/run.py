@@ -6,10 +6,12 @@
 
 GPU: full-size LlamaGen-B/L/XL, VAR-d16/d20, RAR-B/L and MAR-B/L with random weights (speed does not depend on
 their values), class-conditional generation with CFG (2 x batch rows), for compiled bf16, W8A8 fp8,
-W8A8 int8, weight-only W8 and W4. Every variant runs `quantcore.fastgen.FastSampler` with
-`compile=True`: each transformer block, the head and the sampling go through `torch.compile`, the KV
-caches are static, and decoding replays a CUDA graph (LlamaGen/RAR: one token step; VAR: the whole
-multi-scale generation). All variants of a model run in the same call on the same card, so the ratios
+W8A8 int8, weight-only W8 and W4, and planner-speed (weight-only W4 converted with
+`to_real(objective="speed")`: per layer the fastest of w4-gpu, w8-gpu and the simulated layer, whose
+GEMM is a bf16 GEMM on the dequantized weight, timed at batch 1's 2 rows). Every variant runs
+`quantcore.fastgen.FastSampler` with `compile=True`: each transformer block, the head and the sampling
+go through `torch.compile`, the KV caches are static, and decoding replays a CUDA graph (LlamaGen/RAR:
+one token step; VAR: the whole multi-scale generation). All variants of a model run in the same call on the same card, so the ratios
 compare like with like. Quantized variants get synthetic calibrated parameters (per-row min/max weight
 ranges; STWQ group tables on block inputs, per-tensor on the head input, as the ptq4arvg recipe
 produces) and go through `quantcore.quant.real.to_real`, exactly as an artifact would. Attention
@@ -49,7 +51,8 @@ from quantcore.registry import get_spec
 from quantcore.tokenizers import build_tokenizer
 
 GPU_MODELS = ("llamagen-b", "llamagen-l", "llamagen-xl", "var-d16", "var-d20", "rar-b", "rar-l", "mar-b", "mar-l")
-GPU_VARIANTS = ("bf16", "w8a8-fp8", "w8a8-int8", "w8", "w4")
+GPU_VARIANTS = ("bf16", "w8a8-fp8", "w8a8-int8", "w8", "w4", "planner-speed")
+PLANNER_ROWS = 2  # planner-speed times its candidates at batch 1's decode shape (CFG: 2 rows)
 BATCHES = {"llamagen": (1, 8, 32, 64), "rar": (1, 8, 32, 64), "var": (1, 8, 16, 32, 64), "mar": (1, 8, 32, 64)}
 EIGHT_BIT = ("w8a8-fp8", "w8a8-int8", "w8")
 # VAR's ten scale shapes: torch.compile with dynamic shapes took ~300 s per batch size on an H200 (2026-11-27),
@@ -123,9 +126,18 @@ def build_variant(name: str, variant: str, device: str):
     model = random_model(name, device, torch.bfloat16)
     if variant == "bf16":
         return model, {}
-    bits = {"w8a8-fp8": (8, 8), "w8a8-int8": (8, 8), "w8": (8, None), "w4": (4, None)}[variant]
-    synthetic_quantize(model, *bits)
-    report = to_real(model, w8a8="fp8" if variant == "w8a8-fp8" else "int8")
+    bits = {
+        "w8a8-fp8": (8, 8),
+        "w8a8-int8": (8, 8),
+        "w8": (8, None),
+        "w4": (4, None),
+        "planner-speed": (4, None),
+    }
+    synthetic_quantize(model, *bits[variant])
+    if variant == "planner-speed":
+        report = to_real(model, objective="speed", tune_rows=PLANNER_ROWS)
+    else:
+        report = to_real(model, w8a8="fp8" if variant == "w8a8-fp8" else "int8")
     torch.cuda.empty_cache()
     return model, report
 

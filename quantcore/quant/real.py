@@ -18,6 +18,15 @@ The integer identity (a = q_x - o_x and b = q_w - o_w are int8, z' = z - o the s
     sum_k (q_x - z_x)(q_w - z_w) = sum_k a b - z_x' (sum_k b - K z_w') - z_w' sum_k a
 
 `sum_k b - K z_w'` and z_w' are precomputed per output row; `sum_k a` is one row reduction per call.
+
+The objective of `to_real(model, objective=...)` chooses among a layer's candidates: the real paths
+its quantizers allow (`plan_layer`'s path, or both int8-gpu and fp8-gpu where W8A8 "auto" may take
+fp8, both w4-gpu and w8-gpu for <= 4-bit weight-only layers) and "simulated" (the QuantLinear kept:
+fake-quantized input, dequantized-weight GEMM in the model dtype). None: the choice described above.
+"speed" (CUDA only): every candidate timed at `tune_rows` input rows and the fastest kept, so no layer
+runs slower than its simulated GEMM (a tie stays simulated). "memory": no timing, the fewest resident
+weight bits (w4-gpu < the 8-bit paths < simulated); ties go to the default path, int8-gpu for "auto".
+Each layer's entry records the objective and, for "speed", `timings_ms` per candidate and `rows`.
 """
 
 from __future__ import annotations
@@ -34,6 +43,12 @@ from quantcore.quant.quantizer import FusedOnGPU, UniformQuantizer, dequantize_c
 
 PATHS = ("int8-cpu", "int8-gpu", "fp8-gpu", "w8-gpu", "w4-gpu", "simulated")
 W8A8_CHOICES = ("auto", "int8", "fp8")
+OBJECTIVES = (None, "speed", "memory")
+# Resident bits per weight of each real path (sub-8-bit codes run as int8 except on w4-gpu); every one is
+# below the float weight a simulated layer keeps, so "memory" never picks "simulated" over a real path.
+WEIGHT_BITS = {"int8-cpu": 8, "int8-gpu": 8, "fp8-gpu": 8, "w8-gpu": 8, "w4-gpu": 4}
+# plan_layer's paths that leave a choice -> the real candidates, the default first (it wins ties).
+ALTERNATIVES = {"auto": ("int8-gpu", "fp8-gpu"), "w4-gpu": ("w4-gpu", "w8-gpu")}
 E4M3_MAX = 448.0
 # Up to this many rows a GPU int8 layer runs the fused Triton kernel (quantize + GEMM + epilogue in one
 # launch, bf16 tensor cores on exact integer operands): decode steps are bound by weight bytes and
@@ -411,22 +426,46 @@ def _time_ms(fn: Callable[[], object], reps: int = 20) -> float:
     return start.elapsed_time(end) / reps
 
 
+def _layer_timings(
+    ql: QuantLinear, paths: tuple[str, ...], rows: int, dtype: torch.dtype, cache: dict
+) -> dict[str, float]:
+    """ms per call of each path's module for this layer at `rows` input rows, timed once per
+    (path, K, N, rows); "simulated" times the QuantLinear itself."""
+    shape = (ql.in_features, ql.out_features, rows)
+    missing = [path for path in paths if (path, *shape) not in cache]
+    if missing:
+        # (1, rows, K): per-position tables see one position repeated
+        x = torch.randn(rows, ql.in_features, device=ql.weight.device, dtype=dtype)[None]
+        pos = torch.zeros(1, dtype=torch.long, device=x.device).expand(rows)
+        for path in missing:
+            module = ql if path == "simulated" else RealQuantLinear.from_quant_linear(ql, path)
+            cache[(path, *shape)] = _time_ms(lambda m=module: m(x, pos))
+    return {path: cache[(path, *shape)] for path in paths}
+
+
 def _pick_w8a8(ql: QuantLinear, rows: int, dtype: torch.dtype, cache: dict) -> tuple[str, str]:
     """The faster of the int8 and fp8 modules for this layer's (K, N) at `rows` input rows."""
-    key = (ql.in_features, ql.out_features, rows)
-    if key not in cache:
-        x = torch.randn(rows, ql.in_features, device=ql.weight.device, dtype=dtype)
-        pos = torch.zeros(1, dtype=torch.long, device=x.device)
-        x = x[None]  # (1, rows, K): per-position tables see one position repeated
-        pos = pos.expand(rows)
-        times = {}
-        for path in ("int8-gpu", "fp8-gpu"):
-            module = RealQuantLinear.from_quant_linear(ql, path)
-            times[path] = _time_ms(lambda m=module: m(x, pos))
-        cache[key] = times
-    times = cache[key]
+    times = _layer_timings(ql, ALTERNATIVES["auto"], rows, dtype, cache)
     best = min(times, key=times.get)
     return best, f"timed at {rows} rows: int8 {times['int8-gpu']:.4f} ms, fp8 {times['fp8-gpu']:.4f} ms"
+
+
+def _fastest(
+    ql: QuantLinear, default: str, reason: str, rows: int, dtype: torch.dtype, cache: dict
+) -> tuple[str, str, dict]:
+    """Objective "speed": (path, reason, record) of the fastest candidate, "simulated" among them."""
+    candidates = ("simulated", *ALTERNATIVES.get(default, (default,)))  # first: a tie stays simulated
+    times = _layer_timings(ql, candidates, rows, dtype, cache)
+    best = min(candidates, key=times.get)
+    if best == "simulated":
+        dtype_name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, dtype)
+        reason = f"no real kernel faster than the dequantized {dtype_name} GEMM at {rows} rows"
+    return best, reason, {"timings_ms": {p: round(t, 5) for p, t in times.items()}, "rows": rows}
+
+
+def _smallest(default: str) -> str:
+    """Objective "memory": the candidate real path with the fewest resident weight bits."""
+    return min(ALTERNATIVES.get(default, (default,)), key=WEIGHT_BITS.get)
 
 
 @torch.no_grad()
@@ -436,20 +475,31 @@ def to_real(
     *,
     w8a8: str = "auto",
     tune_rows: int = 64,
+    objective: str | None = None,
 ) -> dict[str, dict]:
     """Swap every eligible QuantLinear of `model` for its real module, in place; returns the execution map.
 
     `w8a8` picks the GPU W8A8 path: "int8" (exact codes), "fp8", or "auto" (per (K, N) shape, the
     faster at `tune_rows` input rows, timed once here so that the choice is fixed and recorded).
+    `objective` (OBJECTIVES; module docstring): None keeps that choice; "speed" times each layer's
+    candidates, "simulated" included, at `tune_rows` rows on a CUDA device and keeps the fastest;
+    "memory" keeps the fewest weight bits. With an objective, W8A8 candidates are those `w8a8` allows
+    ("auto": int8 and fp8), and every linear's entry records `objective` ("speed": `timings_ms`, `rows`).
     Layers that stay simulated are listed with the reason; attention matmuls always stay simulated,
     and where their K and V quantizers are static per-tensor the KV cache stores their 8-bit codes
     (`kv_cache` in the matmuls' entries; KVCodec).
     """
     if w8a8 not in W8A8_CHOICES:
         raise ConfigError(f"w8a8 must be one of {W8A8_CHOICES}, got {w8a8!r}")
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
+    if objective == "speed" and device.type != "cuda":
+        raise ConfigError(
+            f"objective 'speed' times the kernels on a CUDA device; got {device} (use None or 'memory')"
+        )
     dtype = next(model.parameters()).dtype
     report: dict[str, dict] = {}
     timings: dict = {}
@@ -458,14 +508,20 @@ def to_real(
             report[name] = {"path": "simulated", "reason": "attention matmul (activation x activation)"}
             continue
         path, reason = plan_layer(module, device, w8a8)
-        if path == "auto":
+        chosen = {} if objective is None else {"objective": objective}
+        if objective == "speed" and path != "simulated":
+            path, reason, timed = _fastest(module, path, reason, tune_rows, dtype, timings)
+            chosen |= timed
+        elif objective == "memory" and path != "simulated":
+            path = _smallest(path)
+        elif path == "auto":
             path, reason = _pick_w8a8(module, tune_rows, dtype, timings)
         if path == "simulated":
-            report[name] = {"path": path, "reason": reason}
+            report[name] = {"path": path, "reason": reason} | chosen
             continue
         real = RealQuantLinear.from_quant_linear(module, path)
         swap_module(model, name, real)
-        report[name] = real.describe_execution() | ({"reason": reason} if reason else {})
+        report[name] = real.describe_execution() | ({"reason": reason} if reason else {}) | chosen
     for name, module in model.named_modules():
         if hasattr(module, "kv_codec"):
             module.kv_codec, reason = kv_codec_for(module)
