@@ -43,3 +43,11 @@ def save_png(image: np.ndarray, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(png_bytes(image))
     return path
+
+
+def compact_png(path: str | Path) -> None:
+    """Rewrite a PNG as an adaptive 256-colour one (about half the bytes), for the committed figures and
+    grids that only need looking at; idempotent (a palette image is left as it is)."""
+    image = Image.open(path)
+    if image.mode != "P":
+        image.convert("RGB").quantize(256).save(path, format="PNG", optimize=True)

@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from quantcore.images import compact_png
+
 PAGES = ("login", "jobs", "report", "report-plots", "compare", "generate", "artifacts", "models")
 CHROMEDRIVER = "/usr/bin/chromedriver"
 SMALL_JOB = {"calibration_num_samples": "16", "calibration_batch_size": "16", "evaluation_num_images": "8"}
@@ -138,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             driver.save_screenshot(str(args.out / f"{page}.png"))
     finally:
         driver.quit()
+    for shot in args.out.glob("*.png"):
+        compact_png(shot)  # 256 colours: half the bytes of the tree's budget
     print(f"wrote {', '.join(p + '.png' for p in PAGES)} to {args.out}")
     return 0
 

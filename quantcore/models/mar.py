@@ -473,8 +473,9 @@ class MAR(nn.Module):
         """The mask of the last generation round (where the official PTQ4ARVG hook captures its inputs):
         its count under `calibration_iters` rounds, at positions of one fixed order."""
         cfg = self.config
-        order = torch.randperm(cfg.num_tokens, generator=torch.Generator().manual_seed(0))
-        mask = torch.zeros(cfg.num_tokens, dtype=torch.bool)
+        # CPU draws (device="cpu" also inside a `torch.device("cuda")` block): the same mask on every device
+        order = torch.randperm(cfg.num_tokens, generator=torch.Generator().manual_seed(0), device="cpu")
+        mask = torch.zeros(cfg.num_tokens, dtype=torch.bool, device="cpu")
         mask[order[: masked_before_last_round(cfg.num_tokens, cfg.calibration_iters)]] = True
         return mask.to(device).expand(batch, -1)
 
@@ -505,12 +506,13 @@ class MAR(nn.Module):
         """A random order per image masking ceil(n * r) tokens, r from the official truncated normal on
         [mask_ratio_min, 1] (loc 1, std 0.25), drawn once per batch."""
         n = self.config.num_tokens
-        lo = torch.special.ndtr(torch.tensor((self.config.mask_ratio_min - 1.0) / 0.25, dtype=torch.float64))
-        u = lo + (0.5 - lo) * torch.rand((), generator=generator, dtype=torch.float64)
+        cpu = {"device": "cpu"}  # `generator` is a CPU one, also inside a `torch.device("cuda")` block
+        lo = torch.special.ndtr(torch.tensor((self.config.mask_ratio_min - 1.0) / 0.25, dtype=torch.float64, **cpu))
+        u = lo + (0.5 - lo) * torch.rand((), generator=generator, dtype=torch.float64, **cpu)
         ratio = 1.0 + 0.25 * float(torch.special.ndtri(u))
         count = math.ceil(n * ratio)
-        orders = torch.stack([torch.randperm(n, generator=generator) for _ in range(batch)])
-        mask = torch.zeros(batch, n, dtype=torch.bool)
+        orders = torch.stack([torch.randperm(n, generator=generator, **cpu) for _ in range(batch)])
+        mask = torch.zeros(batch, n, dtype=torch.bool, **cpu)
         mask.scatter_(1, orders[:, :count], True)
         return mask.to(self.fake_latent.device)
 
@@ -563,8 +565,8 @@ def diffusion_loss(
     dev = tokens.device
     z = model.sequence_logits(classes, tokens, mask).to(tokens.dtype)
     schedule = diffusion_schedule().to(dev)
-    t = torch.randint(0, schedule.num_steps, (repeats, b, n), generator=generator).to(dev)
-    noise = torch.randn(repeats, b, n, c, generator=generator).to(dev, torch.float64)
+    t = torch.randint(0, schedule.num_steps, (repeats, b, n), generator=generator, device="cpu").to(dev)
+    noise = torch.randn(repeats, b, n, c, generator=generator, device="cpu").to(dev, torch.float64)
     abar = schedule.alphas_cumprod[t][..., None]
     x_t = abar.sqrt() * tokens.double() + (1 - abar).sqrt() * noise
     cond = z.expand(repeats, -1, -1, -1).reshape(-1, z.shape[-1])
@@ -699,9 +701,11 @@ class DecodePlan(common.DecodePlan):
         orders, noises = [], []
         for seed in seeds:
             g = torch.Generator().manual_seed(int(seed))
-            orders.append(torch.randperm(cfg.num_tokens, generator=g))
+            orders.append(torch.randperm(cfg.num_tokens, generator=g, device="cpu"))
             # per token: x_T, then one draw per diffusion step but the last (which adds no noise)
-            noises.append(torch.randn(cfg.num_tokens, self.schedule.num_steps, cfg.token_dim, generator=g))
+            noises.append(
+                torch.randn(cfg.num_tokens, self.schedule.num_steps, cfg.token_dim, generator=g, device="cpu")
+            )
         self.orders = torch.stack(orders).to(dev)
         self.noise = torch.stack(noises).to(dev)
         self.tokens.zero_()

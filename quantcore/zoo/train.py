@@ -633,6 +633,18 @@ def train_generator(data: Data, out: Path, hp: dict, seed: int, name: str, per_c
     return metrics
 
 
+def reevaluate_generator(data: Data, out: Path, name: str, per_class: int) -> dict:
+    """The CFG sweep of a stored generator under today's sampling defaults (after a change to them),
+    without training: what `--reevaluate` merges into the stage's metrics."""
+    device = data.train.device
+    config, family = BUNDLED_CONFIGS[name], FAMILIES[name]
+    vq = load_zoo_tokenizer(out / ZOO_TOKENIZERS[config.tokenizer][2].name, config.tokenizer, device)
+    stored = load_checkpoint(family_module(family).build(config), out / f"{name}.safetensors").to(device).eval()
+    bind_tokenizer(stored, vq)
+    sweep = evaluate_generator(stored, vq, data, out, per_class, SAMPLING[name])
+    return {"cfg_sweep": sweep, "cfg_sweep_sampling": SAMPLING[name].to_dict()}
+
+
 @torch.no_grad()
 def evaluate_generator(
     model: nn.Module, vq: nn.Module, data: Data, out: Path, per_class: int, sampling
@@ -679,6 +691,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=None, help="use only the first N images per split")
     parser.add_argument("--eval-per-class", type=int, default=100, help="generated images per class")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--reevaluate",
+        action="store_true",
+        help="generator stages: no training, re-run the CFG sweep of the stored weights and merge it in",
+    )
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -695,6 +712,18 @@ def main(argv: list[str] | None = None) -> None:
         if args.seconds is not None:
             hp["seconds"] = args.seconds
         start = time.time()
+        if args.reevaluate:
+            if stage not in GENERATORS:
+                parser.error(f"--reevaluate applies to generator stages ({', '.join(GENERATORS)}), not {stage!r}")
+            entry = json.loads((args.out / "training.json").read_text())[stage]
+            entry["metrics"].update(reevaluate_generator(data, args.out, GENERATORS[stage], args.eval_per_class))
+            entry["reevaluated"] = {
+                "seconds": round(time.time() - start, 1),
+                "device": device_name(device),
+                "eval_per_class": args.eval_per_class,
+            }
+            record(args.out, stage, entry)
+            continue
         if stage == "classifier":
             metrics = train_classifier(data, args.out, hp, args.seed)
         elif stage == "kl-tokenizer":
