@@ -53,7 +53,9 @@ def main() -> None:
     parser.add_argument("--model", default="tiny-llamagen")
     parser.add_argument("--num-images", type=int, default=300)
     parser.add_argument("--calib-samples", type=int, default=128, help="official: 128 (pool of 256)")
-    parser.add_argument("--seed", type=int, default=0, help="calibration seed (another one: the spread of a row)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="calibration seed (another one: the spread of a row)"
+    )
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--bits", default=",".join(BITS))
     parser.add_argument("--threads", type=int, default=1, help="1 is fastest on a shared 2-core CPU")

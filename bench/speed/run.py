@@ -50,10 +50,25 @@ from quantcore.quant.real import pack_codes, summarize, to_real
 from quantcore.registry import get_spec
 from quantcore.tokenizers import build_tokenizer
 
-GPU_MODELS = ("llamagen-b", "llamagen-l", "llamagen-xl", "var-d16", "var-d20", "rar-b", "rar-l", "mar-b", "mar-l")
+GPU_MODELS = (
+    "llamagen-b",
+    "llamagen-l",
+    "llamagen-xl",
+    "var-d16",
+    "var-d20",
+    "rar-b",
+    "rar-l",
+    "mar-b",
+    "mar-l",
+)
 GPU_VARIANTS = ("bf16", "w8a8-fp8", "w8a8-int8", "w8", "w4", "planner-speed")
 PLANNER_ROWS = 2  # planner-speed times its candidates at batch 1's decode shape (CFG: 2 rows)
-BATCHES = {"llamagen": (1, 8, 32, 64), "rar": (1, 8, 32, 64), "var": (1, 8, 16, 32, 64), "mar": (1, 8, 32, 64)}
+BATCHES = {
+    "llamagen": (1, 8, 32, 64),
+    "rar": (1, 8, 32, 64),
+    "var": (1, 8, 16, 32, 64),
+    "mar": (1, 8, 32, 64),
+}
 EIGHT_BIT = ("w8a8-fp8", "w8a8-int8", "w8")
 # VAR's ten scale shapes: torch.compile with dynamic shapes took ~300 s per batch size on an H200 (2026-11-27),
 # more than a device call allows, so VAR runs eager kernels replayed from one CUDA graph in every variant;

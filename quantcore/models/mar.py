@@ -507,7 +507,9 @@ class MAR(nn.Module):
         [mask_ratio_min, 1] (loc 1, std 0.25), drawn once per batch."""
         n = self.config.num_tokens
         cpu = {"device": "cpu"}  # `generator` is a CPU one, also inside a `torch.device("cuda")` block
-        lo = torch.special.ndtr(torch.tensor((self.config.mask_ratio_min - 1.0) / 0.25, dtype=torch.float64, **cpu))
+        lo = torch.special.ndtr(
+            torch.tensor((self.config.mask_ratio_min - 1.0) / 0.25, dtype=torch.float64, **cpu)
+        )
         u = lo + (0.5 - lo) * torch.rand((), generator=generator, dtype=torch.float64, **cpu)
         ratio = 1.0 + 0.25 * float(torch.special.ndtri(u))
         count = math.ceil(n * ratio)
@@ -600,13 +602,22 @@ def training_loss(
     x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
     out = model.diffloss.net(x_t, t, z).float()
     eps, v = out[:, :c], out[:, c:]
-    coef_x0, coef_xt = (schedule.posterior_coef_x0[t][:, None].float(), schedule.posterior_coef_xt[t][:, None].float())
+    coef_x0, coef_xt = (
+        schedule.posterior_coef_x0[t][:, None].float(),
+        schedule.posterior_coef_xt[t][:, None].float(),
+    )
     x0_pred = (x_t - (1 - abar).sqrt() * eps.detach()) / abar.sqrt()
     mean_p, mean_q = coef_x0 * x0_pred + coef_xt * x_t, coef_x0 * x0 + coef_xt * x_t
     log_var_q = schedule.posterior_log_variance[t][:, None].float()
     frac = (v + 1) / 2
     log_var_p = frac * schedule.betas[t][:, None].float().log() + (1 - frac) * log_var_q
-    kl = 0.5 * (-1 + log_var_p - log_var_q + (log_var_q - log_var_p).exp() + (mean_q - mean_p) ** 2 * (-log_var_p).exp())
+    kl = 0.5 * (
+        -1
+        + log_var_p
+        - log_var_q
+        + (log_var_q - log_var_p).exp()
+        + (mean_q - mean_p) ** 2 * (-log_var_p).exp()
+    )
     nll = 0.5 * (math.log(2 * math.pi) + log_var_p + (x0 - mean_p) ** 2 * (-log_var_p).exp())
     vb = torch.where(t[:, None] == 0, nll, kl).mean(-1) / math.log(2.0)
     return ((eps - noise).pow(2).mean(-1) + vb).mean()

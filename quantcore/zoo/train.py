@@ -410,7 +410,9 @@ def train_tokenizer(data: Data, out: Path, hp: dict, seed: int, stage: Tokenizer
 KL_WEIGHT = 1e-6  # LDM's KL weight against the summed reconstruction error (MAR's KL-16 recipe)
 
 
-def kl_losses(vae: AutoencoderKL, x: torch.Tensor, gen: torch.Generator, amp: bool) -> tuple[torch.Tensor, dict]:
+def kl_losses(
+    vae: AutoencoderKL, x: torch.Tensor, gen: torch.Generator, amp: bool
+) -> tuple[torch.Tensor, dict]:
     """LDM's AutoencoderKL objective without the GAN and perceptual terms: MSE reconstruction of a
     posterior sample (reparameterised) plus KL_WEIGHT times the KL to N(0, I), both summed per image."""
     with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
@@ -578,7 +580,10 @@ def train_generator(data: Data, out: Path, hp: dict, seed: int, name: str, per_c
     decay = [p for p in model.parameters() if id(p) in linear]
     rest = [p for p in model.parameters() if id(p) not in linear]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.02 if family == "mar" else 0.05}, {"params": rest, "weight_decay": 0.0}],
+        [
+            {"params": decay, "weight_decay": 0.02 if family == "mar" else 0.05},
+            {"params": rest, "weight_decay": 0.0},
+        ],
         lr=hp["lr"],
         betas=(0.9, 0.95),
     )
@@ -639,7 +644,9 @@ def reevaluate_generator(data: Data, out: Path, name: str, per_class: int) -> di
     device = data.train.device
     config, family = BUNDLED_CONFIGS[name], FAMILIES[name]
     vq = load_zoo_tokenizer(out / ZOO_TOKENIZERS[config.tokenizer][2].name, config.tokenizer, device)
-    stored = load_checkpoint(family_module(family).build(config), out / f"{name}.safetensors").to(device).eval()
+    stored = (
+        load_checkpoint(family_module(family).build(config), out / f"{name}.safetensors").to(device).eval()
+    )
     bind_tokenizer(stored, vq)
     sweep = evaluate_generator(stored, vq, data, out, per_class, SAMPLING[name])
     return {"cfg_sweep": sweep, "cfg_sweep_sampling": SAMPLING[name].to_dict()}
@@ -687,7 +694,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", default=None, help="folder with the Fashion-MNIST IDX .gz files")
     parser.add_argument("--epochs", type=int, default=None, help="override every run stage's epochs")
     parser.add_argument("--batch-size", type=int, default=None, help="override every run stage's batch size")
-    parser.add_argument("--seconds", type=float, default=None, help="cap every generator stage's training time")
+    parser.add_argument(
+        "--seconds", type=float, default=None, help="cap every generator stage's training time"
+    )
     parser.add_argument("--limit", type=int, default=None, help="use only the first N images per split")
     parser.add_argument("--eval-per-class", type=int, default=100, help="generated images per class")
     parser.add_argument("--seed", type=int, default=0)
@@ -714,9 +723,13 @@ def main(argv: list[str] | None = None) -> None:
         start = time.time()
         if args.reevaluate:
             if stage not in GENERATORS:
-                parser.error(f"--reevaluate applies to generator stages ({', '.join(GENERATORS)}), not {stage!r}")
+                parser.error(
+                    f"--reevaluate applies to generator stages ({', '.join(GENERATORS)}), not {stage!r}"
+                )
             entry = json.loads((args.out / "training.json").read_text())[stage]
-            entry["metrics"].update(reevaluate_generator(data, args.out, GENERATORS[stage], args.eval_per_class))
+            entry["metrics"].update(
+                reevaluate_generator(data, args.out, GENERATORS[stage], args.eval_per_class)
+            )
             entry["reevaluated"] = {
                 "seconds": round(time.time() - start, 1),
                 "device": device_name(device),
