@@ -271,6 +271,18 @@ def test_quant_linear_off_equals_fp_and_on_uses_the_cached_fake_weight():
     assert ql.quantized_weight() is not wq  # an in-place weight edit invalidates the cache
 
 
+def test_quant_linear_compiles_with_its_weight_cache():
+    """A layer the planner keeps simulated runs inside the compiled sampler: the cache check must not
+    reach the graph (its version key is a data-dependent guard dynamo refuses)."""
+    ql = QuantLinear.from_linear(Linear(16, 24), 4, 8)
+    ql.calibrate_weight()
+    ql.weight_quant = True
+    x = torch.randn(3, 16, generator=_gen(12))
+    eager = ql(x)  # the warm-up fills the cache the graph reads
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(ql, fullgraph=True, backend="eager")(x), eager)
+
+
 def test_model_mode_api_and_rebuild_from_descriptions():
     torch.manual_seed(0)
     model = _quantize_tiny(_Tiny())

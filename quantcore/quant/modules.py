@@ -127,6 +127,14 @@ class QuantLinear(nn.Module):
         wq = self.weight_quantizer
         if not tracing_or_capturing() and not bool(wq.initialized):
             raise QuantcoreError("weight quantizer is on but not calibrated; call calibrate_weight() first")
+        if torch.compiler.is_compiling():
+            # A compiled graph keeps its weights fixed: it reads the cache the eager warm-up filled (or
+            # traces the quantize op); the version key below cannot be traced (data-dependent guard).
+            return (
+                self._wq_cache
+                if self._wq_cache is not None
+                else wq.quantize(self.weight, None).to(self.weight.dtype)
+            )
         # In-place edits and load_state_dict bump _version; .to() changes data_ptr.
         key = tuple((t._version, t.data_ptr()) for t in (self.weight, wq.scale, wq.zero_point))
         if self._wq_key != key:
