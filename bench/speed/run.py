@@ -43,7 +43,7 @@ import torch
 from torch.nn import functional as F
 
 from quantcore.fastgen import FastSampler
-from quantcore.models import bind_tokenizer, family_module
+from quantcore.models import bind_tokenizer, family
 from quantcore.quant.modules import QuantLinear, QuantMatMul, make_act_quantizer, swap_module
 from quantcore.quant.quantizer import params_from_range
 from quantcore.quant.real import pack_codes, summarize, to_real
@@ -100,7 +100,7 @@ def random_model(name: str, device: str, dtype: torch.dtype, seed: int = 0) -> t
 @torch.no_grad()
 def synthetic_quantize(model, w_bits: int, a_bits: int | None) -> None:
     """QuantLinears with the parameter shapes the ptq4arvg recipe produces, without calibration data."""
-    layout = family_module(model.family).quant_layout(model)
+    layout = family(model.family).quant_layout(model)
     heads = {n for s in layout.fold_sites if s.head for n in s.linears}
     for name in layout.all_linears:
         ql = QuantLinear.from_linear(model.get_submodule(name), w_bits, a_bits or 8)
@@ -253,7 +253,7 @@ def linear_shapes(name: str) -> dict[str, tuple[int, int]]:
     """(K, N) of each distinct linear of a model, named by its first occurrence."""
     model = get_spec(name).build("meta")
     shapes: dict[tuple[int, int], str] = {}
-    for layer in family_module(model.family).quant_layout(model).all_linears:
+    for layer in family(model.family).quant_layout(model).all_linears:
         w = model.get_submodule(layer).weight
         key = (w.shape[1], w.shape[0])
         shapes.setdefault(key, re.sub(r"^(layers|blocks)\.\d+\.", "", layer))
@@ -263,10 +263,10 @@ def linear_shapes(name: str) -> dict[str, tuple[int, int]]:
 def gemm_rows(name: str) -> tuple[int, ...]:
     """Rows per GEMM call: decode steps (2 x batch) for one-token families, VAR's last scale, MAR's
     decoder (every buffer and image position)."""
-    family = get_spec(name).family
-    if family == "mar":
+    family_name = get_spec(name).family
+    if family_name == "mar":
         return tuple(2 * b * get_spec(name).config.seq_len for b in (1, 8))
-    if family == "var":
+    if family_name == "var":
         last = get_spec(name).config.patch_nums[-1] ** 2
         return tuple(2 * b * last for b in (1, 16))
     return tuple(2 * b for b in (1, 8, 32, 64))

@@ -33,7 +33,7 @@ from torch.nn import functional as F
 from quantcore.checkpoint import load_checkpoint
 from quantcore.eval.proxy import proxy_features, proxy_metrics
 from quantcore.fastgen import generate_tokens
-from quantcore.models import bind_tokenizer, family, family_module
+from quantcore.models import bind_tokenizer, family
 from quantcore.models.mar import LATENT_SCALE
 from quantcore.tokenizers.kl16 import AutoencoderKL
 from quantcore.tokenizers.maskgit_vqgan import MaskGITVQGAN
@@ -557,13 +557,13 @@ def train_generator(data: Data, out: Path, hp: dict, seed: int, name: str, per_c
     sampler decodes in raster order); MAR with its masked diffusion objective on the posterior means.
     With hp["seconds"], the epochs that fit in it at the first epoch's pace (the schedule refitted)."""
     device = data.train.device
-    config, family = BUNDLED_CONFIGS[name], FAMILIES[name]
+    config, family_name = BUNDLED_CONFIGS[name], FAMILIES[name]
     vq = load_zoo_tokenizer(out / ZOO_TOKENIZERS[config.tokenizer][2].name, config.tokenizer, device)
     vq.requires_grad_(False)  # VAR's teacher-forced inputs run through its (frozen) quantizer
     torch.manual_seed(seed)
     gen = torch.Generator(device).manual_seed(seed)
-    model = family_module(family).build(config).to(device)
-    if family != "mar":  # MAR keeps its official initialisation (build)
+    model = family(family_name).build(config).to(device)
+    if family_name != "mar":  # MAR keeps its official initialisation (build)
         init_generator(model)
     bind_tokenizer(model, vq)
     mask_gen = torch.Generator().manual_seed(seed)
@@ -581,7 +581,7 @@ def train_generator(data: Data, out: Path, hp: dict, seed: int, name: str, per_c
     rest = [p for p in model.parameters() if id(p) not in linear]
     opt = torch.optim.AdamW(
         [
-            {"params": decay, "weight_decay": 0.02 if family == "mar" else 0.05},
+            {"params": decay, "weight_decay": 0.02 if family_name == "mar" else 0.05},
             {"params": rest, "weight_decay": 0.0},
         ],
         lr=hp["lr"],
@@ -605,7 +605,7 @@ def train_generator(data: Data, out: Path, hp: dict, seed: int, name: str, per_c
             set_lr(opt, cosine_lr(step, total, hp["lr"], warmup=500))
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0 if family == "mar" else 1.0)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0 if family_name == "mar" else 1.0)
             opt.step()
             loss_sum += loss.item()
             step += 1
@@ -626,7 +626,7 @@ def train_generator(data: Data, out: Path, hp: dict, seed: int, name: str, per_c
     save_fp16(model, path)
 
     # fp16 storage, fp32 compute
-    stored = load_checkpoint(family_module(family).build(config), path).to(device).eval()
+    stored = load_checkpoint(family(family_name).build(config), path).to(device).eval()
     bind_tokenizer(stored, vq)
     metrics = {
         "epochs": epochs,
@@ -642,11 +642,9 @@ def reevaluate_generator(data: Data, out: Path, name: str, per_class: int) -> di
     """The CFG sweep of a stored generator under today's sampling defaults (after a change to them),
     without training: what `--reevaluate` merges into the stage's metrics."""
     device = data.train.device
-    config, family = BUNDLED_CONFIGS[name], FAMILIES[name]
+    config, family_name = BUNDLED_CONFIGS[name], FAMILIES[name]
     vq = load_zoo_tokenizer(out / ZOO_TOKENIZERS[config.tokenizer][2].name, config.tokenizer, device)
-    stored = (
-        load_checkpoint(family_module(family).build(config), out / f"{name}.safetensors").to(device).eval()
-    )
+    stored = load_checkpoint(family(family_name).build(config), out / f"{name}.safetensors").to(device).eval()
     bind_tokenizer(stored, vq)
     sweep = evaluate_generator(stored, vq, data, out, per_class, SAMPLING[name])
     return {"cfg_sweep": sweep, "cfg_sweep_sampling": SAMPLING[name].to_dict()}
@@ -659,7 +657,7 @@ def evaluate_generator(
     """Proxy metrics of `per_class` images per class at each CFG scale of the family's sweep (seed =
     1000c + i), the other sampling settings from `sampling` (the bundled model's defaults)."""
     device = data.train.device
-    family = family_module(model.family)
+    descriptor = family(model.family)
     classifier = load_classifier(out / "proxy-classifier.safetensors", device)
     test_features, _ = proxy_features(classifier, data.test)
     labels = torch.arange(10, device=device).repeat_interleave(per_class)
@@ -672,7 +670,7 @@ def evaluate_generator(
             labels.split(500), [seeds[i : i + 500] for i in range(0, len(seeds), 500)], strict=True
         ):
             tokens = generate_tokens(model, c, s, **settings)
-            images.append(family.decode_images(model, vq, tokens))
+            images.append(descriptor.decode_images(model, vq, tokens))
         images = torch.cat(images)
         sweep[str(scale)] = proxy_metrics(classifier, images, labels.cpu().numpy(), test_features)
         log(f"  cfg {scale}: {sweep[str(scale)]}")
