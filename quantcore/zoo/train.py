@@ -80,7 +80,8 @@ GENERATORS = {
     "deep-var": "deep-var",
     "mar": "tiny-mar",
 }
-# Per-stage defaults: epochs, batch size, peak learning rate.
+# Per-stage defaults: epochs, batch size, peak learning rate; generators also weight_decay (0.05), clip (1.0)
+# and seconds (no cap) where they differ.
 DEFAULTS = {
     "classifier": dict(epochs=15, batch_size=256, lr=2e-3),
     "tokenizer": dict(epochs=10, batch_size=256, lr=1e-3),
@@ -98,7 +99,7 @@ DEFAULTS = {
     "kl-tokenizer": dict(epochs=8, batch_size=256, lr=1e-3),
     # MAR's official AdamW (betas 0.9/0.95, wd 0.02, clip 3) at a higher peak for the short run; `seconds`
     # caps the run (fewer epochs, the cosine schedule fitted to them) so it fits one device call
-    "mar": dict(epochs=40, batch_size=512, lr=1e-3, seconds=300),
+    "mar": dict(epochs=40, batch_size=512, lr=1e-3, weight_decay=0.02, clip=3.0, seconds=300),
 }
 CLASS_DROPOUT = 0.1  # share of labels replaced by the null class, so the model also learns p(x) for CFG
 # CFG scales swept per family. LlamaGen guides every token with weight cfg; VAR ramps the weight
@@ -581,7 +582,7 @@ def train_generator(data: Data, out: Path, hp: dict, seed: int, name: str, per_c
     rest = [p for p in model.parameters() if id(p) not in linear]
     opt = torch.optim.AdamW(
         [
-            {"params": decay, "weight_decay": 0.02 if family_name == "mar" else 0.05},
+            {"params": decay, "weight_decay": hp.get("weight_decay", 0.05)},
             {"params": rest, "weight_decay": 0.0},
         ],
         lr=hp["lr"],
@@ -605,7 +606,7 @@ def train_generator(data: Data, out: Path, hp: dict, seed: int, name: str, per_c
             set_lr(opt, cosine_lr(step, total, hp["lr"], warmup=500))
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0 if family_name == "mar" else 1.0)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), hp.get("clip", 1.0))
             opt.step()
             loss_sum += loss.item()
             step += 1
