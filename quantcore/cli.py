@@ -165,8 +165,6 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
     from quantcore.api import load_generator
     from quantcore.artifact import read_manifest
     from quantcore.fastgen import check_classes, sampling_settings
@@ -184,7 +182,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sampling_settings(spec.family, spec.entry.sampling.to_dict() | _given(sampling))
     check_classes(args.classes, spec.config.num_classes)
     check_writable(args.out, folder=False)
-    torch.set_grad_enabled(False)
     generator = load_generator(
         args.model,
         args.checkpoint,

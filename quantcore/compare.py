@@ -337,12 +337,12 @@ class _Calibrations:
         return self.sets[selection]
 
 
+@torch.no_grad()  # not torch.set_grad_enabled(False): callers keep their grad mode
 def run_compare(spec: CompareSpec, out_dir: str | Path, progress: Progress | None = None) -> dict:
     """Measure every row of `spec`, write report.json, timings.json, report.md and one grid per row."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report_progress = progress or (lambda stage, fraction: None)
-    torch.set_grad_enabled(False)
     loaded = load_generator(spec.model, spec.checkpoint, spec.tokenizer_checkpoint, real=False)
     fp = _generator(loaded.model, loaded, spec.model, spec.batch_size)
     bundled = spec.model in zoo.BUNDLED and spec.checkpoint is None

@@ -17,6 +17,7 @@ from quantcore.zoo.train import main, rescale_latents
 TINY = MODELS["mar-tiny"].config
 
 
+@torch.enable_grad()  # whatever an earlier test left on
 def test_training_loss_trains_the_eps_and_the_variance_outputs():
     torch.manual_seed(0)
     model = mar.build(TINY)

@@ -104,6 +104,7 @@ def resolve_reference(
     return load_reference(source, features, need_manifold, progress)
 
 
+@torch.no_grad()  # not torch.set_grad_enabled(False): callers keep their grad mode
 def evaluate(
     source: str,
     num_images: int,
@@ -126,7 +127,6 @@ def evaluate(
 
     report = progress or (lambda stage, fraction: None)
     device = resolve_device(device)
-    torch.set_grad_enabled(False)
     started = time.perf_counter()
     generator = load_generator(source, checkpoint, tokenizer_checkpoint, device, real, batch_size)
     is_artifact = Path(source).is_dir()

@@ -683,6 +683,7 @@ def evaluate_generator(
 # ---------------------------------------------------------------------------------------------------
 
 
+@torch.enable_grad()  # training, whatever grad mode an in-process caller left on
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m quantcore.zoo.train", description=__doc__.splitlines()[0]
