@@ -55,13 +55,15 @@ def test_latent_rescale_is_exact_and_gives_mar_unit_tokens():
     torch.manual_seed(0)
     vae = AutoencoderKL(ZOO_KL).eval()
     images = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8)
-    before = vae.decode_latents(vae.encode_latents(images)).float()
+    untouched = vae.encode_latents(images)
+    assert abs(float(untouched.std()) * LATENT_SCALE - 1.0) > 0.5  # far from unit tokens before
+    before = vae.decode_latents(untouched).float()
     scale = rescale_latents(vae, images)
     latents = vae.encode_latents(images)
     assert float((latents * LATENT_SCALE).std()) == pytest.approx(1.0, rel=1e-4)
     after = vae.decode_latents(latents).float()
     assert (after - before).abs().max() <= 1.0  # the same images up to uint8 rounding
-    assert scale > 0
+    assert torch.allclose(latents, untouched * scale, rtol=1e-4, atol=1e-6)  # the same latents, scaled
 
 
 @pytest.mark.skipif(

@@ -33,6 +33,7 @@ projection is a `quantcore.nn.Linear` that receives its token positions (index 0
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 
@@ -328,8 +329,10 @@ class DiffusionSchedule:
         return DiffusionSchedule(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
 
 
+@functools.cache  # built once per respacing (a Python loop over 1000 steps): training asks every batch
 def diffusion_schedule(sampling_steps: str = "", num_steps: int = TRAIN_DIFFUSION_STEPS) -> DiffusionSchedule:
-    """The official `create_diffusion(sampling_steps, noise_schedule="cosine")`; "" = every step."""
+    """The official `create_diffusion(sampling_steps, noise_schedule="cosine")`; "" = every step. The
+    tables are shared between callers: read them, do not write them."""
     base = torch.tensor(
         [
             min(1 - _alpha_bar((i + 1) / num_steps) / _alpha_bar(i / num_steps), 0.999)

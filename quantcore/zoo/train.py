@@ -391,20 +391,26 @@ def train_tokenizer(data: Data, out: Path, hp: dict, seed: int, stage: Tokenizer
     stored = load_zoo_tokenizer(path, stage.name, device)
     tokens = torch.cat([stored.encode_to_tokens(part) for part in data.test.split(1000)])
     recon = torch.cat([stored.decode_tokens(t) for t in tokens.split(1000)])
-    mse = float(((recon.float() - data.test.float()) / 127.5).pow(2).mean())
     metrics = {
         "final_train_recon_mse": sums["recon"] / steps_per_epoch,
-        "test_recon_mse": mse,
-        "test_psnr_db": 10 * math.log10(4.0 / mse),  # signal range [-1, 1] spans 2
+        **reconstruction_metrics(data, out, recon),
         "test_codebook_usage": float(torch.unique(tokens).numel() / codebook_size),
     }
+    log(f"{stage.name} metrics {metrics}")
+    return metrics
+
+
+def reconstruction_metrics(data: Data, out: Path, recon: torch.Tensor) -> dict:
+    """A tokenizer's uint8 reconstructions of the test split against it: MSE and PSNR on the [-1, 1]
+    scale, and the proxy classifier's accuracy on them where out/ holds the classifier."""
+    mse = float(((recon.float() - data.test.float()) / 127.5).pow(2).mean())
+    metrics = {"test_recon_mse": mse, "test_psnr_db": 10 * math.log10(4.0 / mse)}  # [-1, 1] spans 2
     if (out / "proxy-classifier.safetensors").is_file():
-        classifier = load_classifier(out / "proxy-classifier.safetensors", device)
+        classifier = load_classifier(out / "proxy-classifier.safetensors", data.test.device)
         _, probs = proxy_features(classifier, recon)
         metrics["proxy_accuracy_on_reconstructions"] = float(
             (probs.argmax(1) == data.test_labels.cpu().numpy()).mean()
         )
-    log(f"{stage.name} metrics {metrics}")
     return metrics
 
 
@@ -475,20 +481,12 @@ def train_kl_tokenizer(data: Data, out: Path, hp: dict, seed: int) -> dict:
     stored = load_zoo_tokenizer(path, ZOO_KL_NAME, device)
     latents = torch.cat([stored.encode_latents(part) for part in data.test.split(1000)])
     recon = torch.cat([stored.decode_latents(part) for part in latents.split(1000)])
-    mse = float(((recon.float() - data.test.float()) / 127.5).pow(2).mean())
     metrics = {
         "final_train_recon_mse": sums["recon"] / steps_per_epoch,
-        "test_recon_mse": mse,
-        "test_psnr_db": 10 * math.log10(4.0 / mse),  # signal range [-1, 1] spans 2
+        **reconstruction_metrics(data, out, recon),
         "latent_rescale": scale,
         "test_token_std": float(latents.std() * LATENT_SCALE),  # MAR's tokens: ~1 by the rescale
     }
-    if (out / "proxy-classifier.safetensors").is_file():
-        classifier = load_classifier(out / "proxy-classifier.safetensors", device)
-        _, probs = proxy_features(classifier, recon)
-        metrics["proxy_accuracy_on_reconstructions"] = float(
-            (probs.argmax(1) == data.test_labels.cpu().numpy()).mean()
-        )
     log(f"{ZOO_KL_NAME} metrics {metrics}")
     return metrics
 
@@ -541,10 +539,9 @@ def sequence_loss(
     return total / (tokens.shape[0] if held_out is not None else tokens.numel())
 
 
-def step_loss(model: nn.Module, classes: torch.Tensor, tokens: torch.Tensor, gens) -> torch.Tensor:
-    """One batch's training loss: next-token (next-scale) cross-entropy, or the family's own objective
-    (MAR: a training mask from the CPU generator, the diffusion draws from the device one)."""
-    objective = family(model.family).training_loss
+def step_loss(model: nn.Module, objective, classes: torch.Tensor, tokens: torch.Tensor, gens) -> torch.Tensor:
+    """One batch's training loss: next-token (next-scale) cross-entropy, or the family's own
+    `objective` (MAR: a training mask from the CPU generator, the diffusion draws from the device one)."""
     if objective is not None:
         mask_gen, gen = gens
         return objective(model, classes, tokens, model.training_mask(tokens.shape[0], mask_gen), gen)
@@ -558,13 +555,13 @@ def train_generator(data: Data, out: Path, hp: dict, seed: int, name: str, per_c
     sampler decodes in raster order); MAR with its masked diffusion objective on the posterior means.
     With hp["seconds"], the epochs that fit in it at the first epoch's pace (the schedule refitted)."""
     device = data.train.device
-    config, family_name = BUNDLED_CONFIGS[name], FAMILIES[name]
-    vq = load_zoo_tokenizer(out / ZOO_TOKENIZERS[config.tokenizer][2].name, config.tokenizer, device)
+    config, descriptor = BUNDLED_CONFIGS[name], family(FAMILIES[name])
+    vq = trained_tokenizer(out, name, device)
     vq.requires_grad_(False)  # VAR's teacher-forced inputs run through its (frozen) quantizer
     torch.manual_seed(seed)
     gen = torch.Generator(device).manual_seed(seed)
-    model = family(family_name).build(config).to(device)
-    if family_name != "mar":  # MAR keeps its official initialisation (build)
+    model = descriptor.build(config).to(device)
+    if descriptor.name != "mar":  # MAR keeps its official initialisation (build)
         init_generator(model)
     bind_tokenizer(model, vq)
     mask_gen = torch.Generator().manual_seed(seed)
@@ -602,7 +599,7 @@ def train_generator(data: Data, out: Path, hp: dict, seed: int, name: str, per_c
             drop = torch.rand(classes.shape[0], generator=gen, device=device) < CLASS_DROPOUT
             classes = torch.where(drop, model.null_class, classes)
             with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-                loss = step_loss(model, classes, tokens, (mask_gen, gen))
+                loss = step_loss(model, descriptor.training_loss, classes, tokens, (mask_gen, gen))
             set_lr(opt, cosine_lr(step, total, hp["lr"], warmup=500))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -626,9 +623,7 @@ def train_generator(data: Data, out: Path, hp: dict, seed: int, name: str, per_c
     path = out / f"{name}.safetensors"
     save_fp16(model, path)
 
-    # fp16 storage, fp32 compute
-    stored = load_checkpoint(family(family_name).build(config), path).to(device).eval()
-    bind_tokenizer(stored, vq)
+    stored = stored_generator(out, name, vq)  # fp16 storage, fp32 compute
     metrics = {
         "epochs": epochs,
         "final_train_loss": loss_sum / steps_per_epoch,
@@ -639,14 +634,25 @@ def train_generator(data: Data, out: Path, hp: dict, seed: int, name: str, per_c
     return metrics
 
 
+def trained_tokenizer(out: Path, name: str, device: torch.device) -> nn.Module:
+    """The tokenizer a bundled generator trains on, as an earlier stage wrote it to out/."""
+    tokenizer = BUNDLED_CONFIGS[name].tokenizer
+    return load_zoo_tokenizer(out / ZOO_TOKENIZERS[tokenizer][2].name, tokenizer, device)
+
+
+def stored_generator(out: Path, name: str, vq: nn.Module) -> nn.Module:
+    """A bundled generator from its stored (fp16) weights in out/, on vq's device, bound to vq."""
+    model = family(FAMILIES[name]).build(BUNDLED_CONFIGS[name])
+    model = load_checkpoint(model, out / f"{name}.safetensors").to(next(vq.parameters()).device).eval()
+    bind_tokenizer(model, vq)
+    return model
+
+
 def reevaluate_generator(data: Data, out: Path, name: str, per_class: int) -> dict:
     """The CFG sweep of a stored generator under today's sampling defaults (after a change to them),
     without training: what `--reevaluate` merges into the stage's metrics."""
-    device = data.train.device
-    config, family_name = BUNDLED_CONFIGS[name], FAMILIES[name]
-    vq = load_zoo_tokenizer(out / ZOO_TOKENIZERS[config.tokenizer][2].name, config.tokenizer, device)
-    stored = load_checkpoint(family(family_name).build(config), out / f"{name}.safetensors").to(device).eval()
-    bind_tokenizer(stored, vq)
+    vq = trained_tokenizer(out, name, data.train.device)
+    stored = stored_generator(out, name, vq)
     sweep = evaluate_generator(stored, vq, data, out, per_class, SAMPLING[name])
     return {"cfg_sweep": sweep, "cfg_sweep_sampling": SAMPLING[name].to_dict()}
 
