@@ -28,7 +28,8 @@ class MatMul(nn.Module):
 
 
 # The K/V cache of an attention layer lives in its `k_cache` / `v_cache` (B, H, L, D); with a
-# `kv_codec` (quantcore.quant.real.KVCodec) they hold 8-bit codes instead of the model dtype.
+# `kv_codec` (quantcore.quant.real.KVCodec) they hold 8-bit codes instead of the model dtype, and with a
+# `fused_attention` (quantcore.quant.real.FusedAttention) cached decoding reads them in one GPU kernel.
 
 
 def allocate_kv_caches(attentions, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
@@ -57,3 +58,13 @@ def read_kv(
     k, v = attention.k_cache[:b, :, :length], attention.v_cache[:b, :, :length]
     codec = attention.kv_codec
     return (k, v) if codec is None else (codec.decode(k, 0, dtype), codec.decode(v, 1, dtype))
+
+
+def fused_attention(
+    attention: nn.Module, q: torch.Tensor, b: int, pos: torch.Tensor, length: int, causal: bool, scale: float
+) -> torch.Tensor:
+    """softmax(scale q K^T) V (b, H, T, D) over the first `length` cached positions, in the layer's
+    fused kernel; `causal` hides the keys after each query's position in `pos`."""
+    return attention.fused_attention(
+        q, attention.k_cache[:b], attention.v_cache[:b], pos, length, causal, scale
+    )

@@ -38,7 +38,15 @@ from torch.nn import functional as F
 from quantcore.errors import ConfigError
 from quantcore.models import common
 from quantcore.models.common import ModelEntry
-from quantcore.nn import Linear, MatMul, allocate_kv_caches, free_kv_caches, read_kv, write_kv
+from quantcore.nn import (
+    Linear,
+    MatMul,
+    allocate_kv_caches,
+    free_kv_caches,
+    fused_attention,
+    read_kv,
+    write_kv,
+)
 from quantcore.quant.layout import FoldSite, OfficialCalibration, QuantLayout
 
 
@@ -271,6 +279,8 @@ class Attention(nn.Module):
         self.register_buffer("k_cache", None, persistent=False)
         self.register_buffer("v_cache", None, persistent=False)
         self.kv_codec = None  # 8-bit cache storage (quantcore.quant.real.KVCodec), set by to_real
+        self.fused_attention = None  # one kernel over the cache (quantcore.quant.real.FusedAttention)
+        self.causal = not config.par_regions  # PAR's groups see each other: its masks are not causal
 
     def forward(
         self, x: torch.Tensor, pos: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor, use_cache: bool
@@ -283,6 +293,9 @@ class Attention(nn.Module):
         v = v.view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
         if use_cache:
             write_kv(self, b, pos, k, v)
+            if self.fused_attention is not None and self.causal:
+                out = fused_attention(self, q, b, pos, mask.shape[-1], True, 1 / math.sqrt(self.head_dim))
+                return self.wo(out.transpose(1, 2).reshape(b, t, -1), pos)
             k, v = read_kv(self, b, mask.shape[-1], q.dtype)
         if self.n_kv_head != self.n_head:
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)

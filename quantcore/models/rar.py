@@ -46,7 +46,15 @@ from torch.nn import functional as F
 from quantcore.errors import ConfigError
 from quantcore.models import common
 from quantcore.models.common import ModelEntry, modulate
-from quantcore.nn import Linear, MatMul, allocate_kv_caches, free_kv_caches, read_kv, write_kv
+from quantcore.nn import (
+    Linear,
+    MatMul,
+    allocate_kv_caches,
+    free_kv_caches,
+    fused_attention,
+    read_kv,
+    write_kv,
+)
 from quantcore.quant.layout import AdaLNRows, FoldSite, OfficialCalibration, QuantLayout
 
 PREFIX = 2  # cls token and class token in front of the image tokens
@@ -175,6 +183,7 @@ class Attention(nn.Module):
         self.register_buffer("k_cache", None, persistent=False)
         self.register_buffer("v_cache", None, persistent=False)
         self.kv_codec = None  # 8-bit cache storage (quantcore.quant.real.KVCodec), set by to_real
+        self.fused_attention = None  # one kernel over the cache (quantcore.quant.real.FusedAttention)
 
     def forward(
         self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, use_cache: bool
@@ -184,6 +193,9 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if use_cache:
             write_kv(self, b, pos, k, v)
+            if self.fused_attention is not None:  # the mask is causal
+                out = fused_attention(self, q, b, pos, mask.shape[-1], True, 1 / math.sqrt(self.head_dim))
+                return self.proj(out.transpose(1, 2).reshape(b, t, d), pos)
             k, v = read_kv(self, b, mask.shape[-1], q.dtype)
         scores = self.matmul_qk(q, k.transpose(-2, -1)) / math.sqrt(self.head_dim)
         probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)

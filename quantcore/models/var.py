@@ -59,7 +59,15 @@ from torch.nn import functional as F
 from quantcore.errors import ConfigError
 from quantcore.models import common
 from quantcore.models.common import ModelEntry, modulate
-from quantcore.nn import Linear, MatMul, allocate_kv_caches, free_kv_caches, read_kv, write_kv
+from quantcore.nn import (
+    Linear,
+    MatMul,
+    allocate_kv_caches,
+    free_kv_caches,
+    fused_attention,
+    read_kv,
+    write_kv,
+)
 from quantcore.quant.layout import AdaLNRows, FoldSite, OfficialCalibration, QuantLayout
 from quantcore.tokenizers.var_vqvae import OFFICIAL_PATCH_NUMS
 
@@ -229,6 +237,7 @@ class SelfAttention(nn.Module):
         self.register_buffer("k_cache", None, persistent=False)
         self.register_buffer("v_cache", None, persistent=False)
         self.kv_codec = None  # 8-bit cache storage (quantcore.quant.real.KVCodec), set by to_real
+        self.fused_attention = None  # one kernel over the cache (quantcore.quant.real.FusedAttention)
 
     def qkv_bias(self) -> torch.Tensor:
         """The checkpoint's qkv bias, added after mat_qkv (which holds only folded-in bias)."""
@@ -246,6 +255,10 @@ class SelfAttention(nn.Module):
             write_kv(self, b, pos, k, v)
             # the bias spans every cached key; without one, up to the last position
             kv_len = attn_bias.shape[-1] if attn_bias is not None else int(pos.max()) + 1
+            if self.fused_attention is not None:
+                # cached decoding: every query sees every cached key (the scale's bias slice is all zero)
+                out = fused_attention(self, q, b, pos, kv_len, False, 1.0)
+                return self.proj(out.transpose(1, 2).reshape(b, t, c), pos)
             k, v = read_kv(self, b, kv_len, q.dtype)
         scores = self.matmul_qk(q, k.transpose(-2, -1))  # attn_l2_norm: scale 1
         if attn_bias is not None:

@@ -39,7 +39,13 @@ from torch.nn import functional as F
 
 from quantcore.errors import ConfigError
 from quantcore.quant.modules import QuantLinear, QuantMatMul, iter_quant_modules, swap_module
-from quantcore.quant.quantizer import FusedOnGPU, UniformQuantizer, dequantize_codes, quantize_codes
+from quantcore.quant.quantizer import (
+    FusedOnGPU,
+    LogSqrt2Quantizer,
+    UniformQuantizer,
+    dequantize_codes,
+    quantize_codes,
+)
 
 PATHS = ("int8-cpu", "int8-gpu", "fp8-gpu", "w8-gpu", "w4-gpu", "simulated")
 W8A8_CHOICES = ("auto", "int8", "fp8")
@@ -363,6 +369,85 @@ class KVCodec:
         return kv_decode(codes, q.scale, q.zero_point.float(), dtype)
 
 
+class FusedAttention:
+    """A layer's attention over its K/V cache in one kernel (`quantcore::cached_attention`), with the
+    recipe's numerics: the query through its own quantizer, K/V read as the cache's 8-bit codes (or in the
+    model dtype where the layer's matmuls are not quantized), the softmax output fake-quantized in the
+    kernel where the recipe quantizes it. Attached by `install_fused_attention`; a plain object, so the
+    quantizers stay owned by their matmuls. The models call it for cached decoding only.
+    """
+
+    def __init__(self, q_quantizer, kv_params: list[float], p_kind: int, p_params: list[float]):
+        self.q_quantizer, self.kv_params, self.p_kind, self.p_params = q_quantizer, kv_params, p_kind, p_params
+
+    def __call__(self, q, k_cache, v_cache, pos, kv_len: int, causal: bool, sm_scale: float) -> torch.Tensor:
+        """(b, H, T, D) for queries q at positions `pos` over the first `kv_len` cached keys."""
+        if self.q_quantizer is not None:
+            q = self.q_quantizer(q)
+        return torch.ops.quantcore.cached_attention(
+            q, k_cache, v_cache, pos, kv_len, causal, sm_scale, self.kv_params, self.p_kind, self.p_params
+        )
+
+
+def _quantizer_on(q) -> bool:
+    return q is not None and q.mode != "off"
+
+
+def _probability_params(q) -> tuple[int, list[float], str]:
+    """(kind, params, reason) of a softmax-output quantizer for the kernel; reason non-empty = not fusable."""
+    from quantcore.kernels.attention import P_LOG_SQRT2, P_NONE, P_UNIFORM
+
+    if not _quantizer_on(q):
+        return P_NONE, [], ""
+    if q.mode != "on" or not bool(q.initialized):
+        return P_NONE, [], f"the probability quantizer is in mode {q.mode!r}"
+    if q.passthrough is not None and q.passthrough.numel():
+        return P_NONE, [], "sink rows of the probabilities stay in FP"
+    if isinstance(q, LogSqrt2Quantizer):
+        return P_LOG_SQRT2, [float(q.scale), 0.0, float(2**q.n_bits)], ""
+    if isinstance(q, UniformQuantizer) and q.granularity == "tensor":
+        return P_UNIFORM, [float(q.scale), float(q.zero_point), float(2**q.n_bits - 1)], ""
+    return P_NONE, [], "the probability quantizer is not per-tensor uniform or log-sqrt2"
+
+
+def fused_attention_for(attention: nn.Module, device: torch.device) -> tuple[FusedAttention | None, str]:
+    """The fused cached-attention kernel for one attention layer, or None and why not."""
+    if device.type != "cuda" or not _triton_available():
+        return None, "the fused attention kernel needs CUDA and Triton"
+    head_dim = getattr(attention, "head_dim", 0)
+    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
+        return None, f"head_dim {head_dim} is not a power of two in 16..256"
+    qk, pv = attention.matmul_qk, attention.matmul_pv
+    quantized = [isinstance(m, QuantMatMul) for m in (qk, pv)]
+    if not any(quantized):
+        return FusedAttention(None, [1.0, 0.0, 1.0, 0.0], 0, []), ""
+    if not all(quantized):
+        return None, "only one of the attention matmuls is quantized"
+    if attention.kv_codec is None:
+        return None, "K/V are not cached as 8-bit codes"
+    p_kind, p_params, reason = _probability_params(pv.a_quantizer)
+    if reason:
+        return None, reason
+    k, v = attention.kv_codec.quantizers
+    kv_params = [float(k.scale), float(k.zero_point), float(v.scale), float(v.zero_point)]
+    return FusedAttention(qk.a_quantizer if _quantizer_on(qk.a_quantizer) else None, kv_params, p_kind, p_params), ""
+
+
+def install_fused_attention(model: nn.Module, device: torch.device | None = None) -> dict[str, str]:
+    """Give every cached attention layer of `model` the fused kernel where it applies; {layer: reason}
+    for the layers that keep the matmul path ("" = fused). Also for unquantized models."""
+    if device is None:
+        device = next(model.parameters()).device
+    device = torch.device(device)
+    if device.type == "cuda" and _triton_available():
+        import quantcore.kernels.attention  # noqa: F401  (registers quantcore::cached_attention)
+    reasons = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "fused_attention"):
+            module.fused_attention, reasons[name] = fused_attention_for(module, device)
+    return reasons
+
+
 # ---------------------------------------------------------------------------------------------------
 # Planning and conversion
 # ---------------------------------------------------------------------------------------------------
@@ -485,9 +570,10 @@ def to_real(
     candidates, "simulated" included, at `tune_rows` rows on a CUDA device and keeps the fastest;
     "memory" keeps the fewest weight bits. With an objective, W8A8 candidates are those `w8a8` allows
     ("auto": int8 and fp8), and every linear's entry records `objective` ("speed": `timings_ms`, `rows`).
-    Layers that stay simulated are listed with the reason; attention matmuls always stay simulated,
-    and where their K and V quantizers are static per-tensor the KV cache stores their 8-bit codes
-    (`kv_cache` in the matmuls' entries; KVCodec).
+    Layers that stay simulated are listed with the reason. Attention matmuls stay modules; where their
+    K and V quantizers are static per-tensor the KV cache stores their 8-bit codes (`kv_cache` in the
+    matmuls' entries; KVCodec), and on CUDA cached decoding runs the fused kernel over that cache
+    (`decode` in the entries; FusedAttention), the matmuls otherwise.
     """
     if w8a8 not in W8A8_CHOICES:
         raise ConfigError(f"w8a8 must be one of {W8A8_CHOICES}, got {w8a8!r}")
@@ -529,6 +615,10 @@ def to_real(
                 if f"{name}.{matmul}" in report:
                     cache = "8-bit codes" if module.kv_codec is not None else f"model dtype ({reason})"
                     report[f"{name}.{matmul}"]["kv_cache"] = cache
+    for name, reason in install_fused_attention(model, device).items():
+        for matmul in ("matmul_qk", "matmul_pv"):
+            if f"{name}.{matmul}" in report:
+                report[f"{name}.{matmul}"]["decode"] = "fused kernel" if not reason else f"matmuls ({reason})"
     return report
 
 

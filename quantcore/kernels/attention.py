@@ -1,0 +1,250 @@
+"""Attention over a layer's static K/V cache in one fused kernel (Triton, CUDA only).
+
+    quantcore::cached_attention   out (B, H, T, D) = softmax(scale * q k^T) v over the first keys of the
+                                  cache, K/V read as 8-bit codes (decoded in registers) or in bf16
+
+Why: at serving batch sizes a decode step is dominated by reading the cache (LlamaGen-XL batch 256: ~54 GB
+in bf16 at the last step, against 1.5 GB of weights). The eager path decodes the codes into a bf16 copy
+of the whole cache and multiplies under a mask; this kernel reads each code once, and only the keys a
+query can see (causal: up to its own position, which it reads from `q_pos` on the device, so one CUDA
+graph serves every step).
+
+Numerics, the recipe's (quantcore.quant.modules.QuantMatMul with per-tensor uniform K/V quantizers):
+k_hat = ((code - z_k) s_k).to(bf16), the same values the simulated path's KVCodec.decode gives; the
+query arrives already fake-quantized by its own quantizer. Where the recipe quantizes the softmax output
+(uniform per-tensor or log-sqrt2), the probabilities must be the normalized ones, which an online softmax
+does not have: the kernel then runs twice, a first pass for each query's max and sum (reads K only), a
+second that normalizes, rounds to bf16 as the simulated path does, fake-quantizes and multiplies by V.
+Scores stay in fp32 (the simulated path rounds them to bf16: the one numeric difference, measured in
+tests/test_real_gpu.py).
+
+Work split: one program per (batch x head, block of BLOCK_M queries, key split). Few rows (decode at
+batch 1: 2 rows x 20 heads) would leave the GPU idle, so the keys are split over up to 64 programs per
+query block and a combine kernel merges the partial (max, sum, accumulator) triples.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_N = 64
+TARGET_PROGRAMS = 4 * 132  # enough programs for every multiprocessor of an H100/H200, a few times over
+MAX_SPLITS = 64
+NEG = -1.0e30  # "minus infinity" that keeps exp() and max() free of NaN for fully masked rows
+
+# probability quantizer kinds (quantcore.quant.quantizer): none, uniform per-tensor, log-sqrt2
+P_NONE, P_UNIFORM, P_LOG_SQRT2 = 0, 1, 2
+# passes: one online-softmax pass; the statistics pass and the quantized-probability pass
+ONLINE, STATS, QUANT_P = 0, 1, 2
+
+
+@triton.jit
+def _rint(x):
+    """Round half to even, as torch.round (exact for |x| < 2^22: x + 0.5 does not round)."""
+    r = tl.floor(x + 0.5)
+    odd = r - 2.0 * tl.floor(r * 0.5)
+    return tl.where((r - x == 0.5) & (odd == 1.0), r - 1.0, r)
+
+
+@triton.jit
+def _attention_body(
+    q_ptr, k_ptr, v_ptr, qpos_ptr, acc_ptr, stat_ptr, gstat_ptr,
+    kv_len, T, H, GROUP, CHUNK, SPLITS,
+    sq_b, sq_h, sq_t,
+    sk_b, sk_h, sk_l,
+    sm_scale, k_scale, k_zp, v_scale, v_zp, p_scale, p_zp, P_QMAX,
+    PASS: tl.constexpr, CODES: tl.constexpr, CAUSAL: tl.constexpr, P_KIND: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    OP = q_ptr.dtype.element_ty  # operands in the model dtype, as the simulated matmuls take them
+    bh = tl.program_id(0)
+    mb = tl.program_id(1)
+    split = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    kvh = h // GROUP
+    rm = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    rd = tl.arange(0, D)
+    rn = tl.arange(0, BLOCK_N)
+    m_ok = rm < T
+    q = tl.load(q_ptr + b * sq_b + h * sq_h + rm[:, None] * sq_t + rd[None, :], mask=m_ok[:, None], other=0.0)
+    hi = kv_len
+    if CAUSAL:
+        qpos = tl.load(qpos_ptr + rm, mask=m_ok, other=0)
+        hi = tl.minimum(kv_len, tl.max(qpos) + 1)
+    lo = split * CHUNK
+    end = tl.minimum(lo + CHUNK, hi)
+    k_base = k_ptr + b * sk_b + kvh * sk_h
+    v_base = v_ptr + b * sk_b + kvh * sk_h
+    row = bh * T + rm  # query row index into the statistics buffers
+    if PASS == 2:  # the global max and sum of this query row, from the statistics pass
+        m_i = tl.load(gstat_ptr + row * 2, mask=m_ok, other=0.0)
+        l_i = tl.load(gstat_ptr + row * 2 + 1, mask=m_ok, other=1.0)
+        inv_l = 1.0 / tl.where(l_i > 0, l_i, 1.0)
+    else:
+        m_i = tl.full((BLOCK_M,), NEG, tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, D), tl.float32)
+    for start in range(lo, end, BLOCK_N):
+        keys = start + rn
+        n_ok = keys < end
+        k = tl.load(k_base + keys[:, None] * sk_l + rd[None, :], mask=n_ok[:, None], other=0)
+        if CODES:
+            k = ((k.to(tl.float32) - k_zp) * k_scale).to(OP)
+        s = tl.dot(q, tl.trans(k.to(OP)), input_precision=PRECISION) * sm_scale
+        seen = n_ok[None, :]
+        if CAUSAL:
+            seen = seen & (keys[None, :] <= qpos[:, None])
+        s = tl.where(seen, s, NEG)
+        if PASS == 1:
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.where(seen, tl.exp(s - m_new[:, None]), 0.0), axis=1)
+            m_i = m_new
+        else:
+            v = tl.load(v_base + keys[:, None] * sk_l + rd[None, :], mask=n_ok[:, None], other=0)
+            if CODES:
+                v = ((v.to(tl.float32) - v_zp) * v_scale).to(OP)
+            v = v.to(OP)
+            if PASS == 0:
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                alpha = tl.exp(m_i - m_new)
+                p = tl.where(seen, tl.exp(s - m_new[:, None]), 0.0)
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(OP), v, input_precision=PRECISION)
+                m_i = m_new
+            else:  # normalized probabilities in the model dtype, fake-quantized as the recipe does
+                p = tl.where(seen, tl.exp(s - m_i[:, None]) * inv_l[:, None], 0.0)
+                p = p.to(OP).to(tl.float32)
+                if P_KIND == 1:
+                    code = _rint(tl.div_rn(p, p_scale)) + p_zp
+                    code = tl.minimum(tl.maximum(code, 0.0), P_QMAX)
+                    p = (code - p_zp) * p_scale
+                if P_KIND == 2:  # P_QMAX holds the level count 2^b here
+                    code = _rint(-2.0 * tl.log2(tl.div_rn(p, p_scale)))
+                    under = code >= P_QMAX
+                    code = tl.minimum(tl.maximum(code, 0.0), P_QMAX - 1)
+                    odd = tl.where(code - 2.0 * tl.floor(code * 0.5) == 1.0, 1.4142135623730951, 1.0)
+                    p = tl.where(under, 0.0, tl.exp2(-tl.ceil(code * 0.5)) * odd * p_scale)
+                acc += tl.dot(p.to(OP), v, input_precision=PRECISION)
+    srow = row * SPLITS + split
+    if PASS != 2:
+        tl.store(stat_ptr + srow * 2, m_i, mask=m_ok)
+        tl.store(stat_ptr + srow * 2 + 1, l_i, mask=m_ok)
+    if PASS != 1:
+        tl.store(acc_ptr + srow[:, None] * D + rd[None, :], acc, mask=m_ok[:, None])
+
+
+@triton.jit
+def _combine(acc_ptr, stat_ptr, out_ptr, gstat_ptr, ROWS, SPLITS,
+             PASS: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
+    """Merge the key splits of BLOCK_R query rows: the output (ONLINE: rescaled by each split's max;
+    QUANT_P: a plain sum) or, after the STATS pass, each row's global (max, sum)."""
+    rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rs = tl.arange(0, BLOCK_S)
+    rd = tl.arange(0, D)
+    r_ok = rr < ROWS
+    ok = r_ok[:, None] & (rs[None, :] < SPLITS)
+    srow = rr[:, None] * SPLITS + rs[None, :]
+    if PASS == 2:
+        total = tl.zeros((BLOCK_R, D), tl.float32)
+        for s in range(0, SPLITS):
+            total += tl.load(acc_ptr + (rr * SPLITS + s)[:, None] * D + rd[None, :], mask=r_ok[:, None], other=0.0)
+        tl.store(out_ptr + rr[:, None] * D + rd[None, :], total.to(out_ptr.dtype.element_ty), mask=r_ok[:, None])
+    else:
+        m = tl.load(stat_ptr + srow * 2, mask=ok, other=NEG)
+        l = tl.load(stat_ptr + srow * 2 + 1, mask=ok, other=0.0)
+        m_all = tl.max(m, axis=1)
+        w = tl.exp(m - m_all[:, None])
+        l_all = tl.sum(w * l, axis=1)
+        if PASS == 1:
+            tl.store(gstat_ptr + rr * 2, m_all, mask=r_ok)
+            tl.store(gstat_ptr + rr * 2 + 1, l_all, mask=r_ok)
+        else:
+            total = tl.zeros((BLOCK_R, D), tl.float32)
+            for s in range(0, SPLITS):
+                ms = tl.load(stat_ptr + (rr * SPLITS + s) * 2, mask=r_ok, other=NEG)
+                a = tl.load(acc_ptr + (rr * SPLITS + s)[:, None] * D + rd[None, :], mask=r_ok[:, None], other=0.0)
+                total += a * tl.exp(ms - m_all)[:, None]
+            total = total / tl.where(l_all > 0, l_all, 1.0)[:, None]
+            tl.store(out_ptr + rr[:, None] * D + rd[None, :], total.to(out_ptr.dtype.element_ty), mask=r_ok[:, None])
+
+
+def _splits(programs: int, kv_len: int) -> int:
+    """Key splits so that the grid has about TARGET_PROGRAMS programs (fewer where the keys run out)."""
+    want = -(-TARGET_PROGRAMS // max(programs, 1))
+    return max(1, min(want, MAX_SPLITS, -(-kv_len // BLOCK_N)))
+
+
+def _run_pass(pass_, q, k_cache, v_cache, q_pos, kv_len, causal, codes, params, gstat, p_kind, p_qmax):
+    b, h, t, d = q.shape
+    group = h // k_cache.shape[1]
+    block_m = 16 if t <= 16 else 64
+    m_blocks = triton.cdiv(t, block_m)
+    splits = _splits(b * h * m_blocks, kv_len)
+    chunk = triton.cdiv(triton.cdiv(kv_len, splits), BLOCK_N) * BLOCK_N
+    rows = b * h * t
+    acc = torch.empty(rows * splits, d, device=q.device, dtype=torch.float32)
+    stat = torch.empty(rows * splits, 2, device=q.device, dtype=torch.float32)
+    sm_scale, k_scale, k_zp, v_scale, v_zp, p_scale, p_zp = params
+    _attention_body[(b * h, m_blocks, splits)](
+        q, k_cache, v_cache, q_pos, acc, stat, gstat,
+        kv_len, t, h, group, chunk, splits,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        sm_scale, k_scale, k_zp, v_scale, v_zp, p_scale, p_zp, p_qmax,
+        PASS=pass_, CODES=codes, CAUSAL=causal, P_KIND=p_kind, D=d, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2,
+    )  # fmt: skip
+    return acc, stat, splits
+
+
+def _merge(pass_, acc, stat, splits, rows, d, out, gstat):
+    block_r = 16
+    _combine[(triton.cdiv(rows, block_r),)](
+        acc, stat, out, gstat, rows, splits,
+        PASS=pass_, D=d, BLOCK_S=triton.next_power_of_2(splits), BLOCK_R=block_r, num_warps=4,
+    )  # fmt: skip
+
+
+@torch.library.custom_op("quantcore::cached_attention", mutates_args=())
+def cached_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    q_pos: torch.Tensor,
+    kv_len: int,
+    causal: bool,
+    sm_scale: float,
+    kv_params: list[float],
+    p_kind: int,
+    p_params: list[float],
+) -> torch.Tensor:
+    """(B, H, T, D) in q's dtype for q (B, H, T, D) and caches (B' >= B, H_kv, L, D), uint8 codes or q's
+    dtype. Keys 0..kv_len-1 are read; `causal` also hides keys after each query's position `q_pos` (T,).
+    kv_params = [s_k, z_k, s_v, z_v] (ignored for float caches); p_params = [scale, zero-point, qmax]
+    (uniform) or [scale, 0, 2^b] (log-sqrt2) of the probability quantizer, p_kind one of P_*."""
+    b, h, t, d = q.shape
+    q = q.contiguous()
+    codes = k_cache.dtype == torch.uint8
+    params = (sm_scale, *kv_params, *(p_params[:2] if p_kind else (1.0, 0.0)))
+    p_qmax = p_params[2] if p_kind else 1.0
+    rows = b * h * t
+    out = torch.empty(b, h, t, d, device=q.device, dtype=q.dtype)
+    gstat = torch.empty(rows, 2, device=q.device, dtype=torch.float32)
+    args = (q, k_cache, v_cache, q_pos, kv_len, causal, codes, params)
+    if p_kind == P_NONE:
+        acc, stat, splits = _run_pass(ONLINE, *args, gstat, p_kind, p_qmax)
+        _merge(ONLINE, acc, stat, splits, rows, d, out, gstat)
+        return out
+    acc, stat, splits = _run_pass(STATS, *args, gstat, p_kind, p_qmax)
+    _merge(STATS, acc, stat, splits, rows, d, out, gstat)
+    acc, stat, splits = _run_pass(QUANT_P, *args, gstat, p_kind, p_qmax)
+    _merge(QUANT_P, acc, stat, splits, rows, d, out, gstat)
+    return out
+
+
+@cached_attention.register_fake
+def _(q, k_cache, v_cache, q_pos, kv_len, causal, sm_scale, kv_params, p_kind, p_params):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
