@@ -276,7 +276,11 @@ def test_an_8bit_kv_cache_samples_exactly_what_the_simulated_cache_did(name):
     assert torch.equal(generate(coded, classes, seeds, **sampling), plain)
     # to_real attaches it too, and the caches then hold uint8 codes (a quarter of the fp32 bytes)
     report = to_real(model)
-    assert next(e for n, e in report.items() if n.endswith("matmul_qk"))["kv_cache"] == "8-bit codes"
+    entry = next(e for n, e in report.items() if n.endswith("matmul_qk"))
+    assert entry["kv_cache"] == "8-bit codes"
+    # the fused attention kernel is CUDA's: on the CPU decoding stays on the matmuls, and says why
+    assert entry["decode"] == "matmuls (the fused attention kernel needs CUDA and Triton)"
+    assert all(m.fused_attention is None for m in model.modules() if hasattr(m, "fused_attention"))
     sampler = FastSampler(model, 2, sampling)
     caches = [t for _, k, v in sampler.plan.caches for t in (k, v)]
     assert len(caches) == 2 * len(attentions) and all(t.dtype == torch.uint8 for t in caches)
@@ -334,3 +338,17 @@ def test_fused_prologue_and_epilogue_equal_their_eager_form_at_every_row_count()
             assert torch.equal(
                 kv_decode.compiled(codes, s, z, x.dtype), kv_decode.eager(codes, s, z, x.dtype)
             )
+
+
+def test_var_cached_decoding_sees_every_cached_key():
+    """The fused kernel ignores VAR's attention bias in cached decoding: each scale's slice of it must
+    be all zero (queries see every earlier scale and their own), as the official bias makes it."""
+    from quantcore.fastgen import FastSampler
+    from quantcore.registry import get_spec, load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer("tiny-var")
+    plan = FastSampler(model, 1, get_spec("tiny-var").entry.sampling.to_dict()).plan
+    assert len(plan.scales) == len(model.config.scale_bounds) > 1
+    assert all(bool((bias == 0).all()) for _, _, _, bias in plan.scales)
+    full = model.attn_bias_for_masking[0, 0]
+    assert bool(torch.isinf(full).any())  # the table itself does mask: the slices are what matter

@@ -164,3 +164,98 @@ def test_memory_objective_keeps_the_fewest_weight_bits(w_bits, a_bits, dtype, pa
     assert all(e["objective"] == "memory" and "timings_ms" not in e for e in linears.values())
     errors = layer_errors(sim, real, report, calib)
     assert len(errors) == len(linears) and max(errors.values()) < TOLERANCE[path], errors
+
+
+# ---------------------------------------------------------------------------------------------------
+# The fused cached-attention kernel (quantcore/kernels/attention.py)
+# ---------------------------------------------------------------------------------------------------
+
+# max |kernel - reference| / max |reference|; the reference takes the same bf16 operands in fp32.
+# One pass rounds the unnormalized probabilities to bf16 for the tensor cores; with a probability
+# quantizer a few probabilities move across a code boundary (one step of the grid each).
+ATTENTION_TOLERANCE = {0: 1e-2, 1: 3e-2, 2: 5e-2}
+
+
+def _attention_reference(q, kc, vc, qpos, kv_len, causal, scale, kv, p_kind, p):
+    from quantcore.quant.quantizer import dequantize_codes, fake_quant, log_sqrt2_quant
+
+    k, v = kc[: q.shape[0], :, :kv_len], vc[: q.shape[0], :, :kv_len]
+    if kc.dtype == torch.uint8:
+        k, v = (dequantize_codes(c, s, z).to(q.dtype) for c, s, z in ((k, kv[0], kv[1]), (v, kv[2], kv[3])))
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1).float(), v.repeat_interleave(group, 1).float()
+    s = q.float() @ k.transpose(-1, -2) * scale
+    if causal:
+        s = s.masked_fill(torch.arange(kv_len, device=q.device)[None] > qpos[:, None], float("-inf"))
+    probs = torch.softmax(s, -1).to(q.dtype).float()
+    if p_kind == 1:
+        probs = fake_quant(probs, torch.tensor(p[0]), torch.tensor(p[1]), 8).to(q.dtype).float()
+    if p_kind == 2:
+        probs = log_sqrt2_quant(probs, torch.tensor(p[0]), 8).to(q.dtype).float()
+    return probs @ v
+
+
+@pytest.mark.parametrize(
+    "b,h,kv_heads,t,length,kv_len,causal,codes,p_kind",
+    [
+        (2, 20, 20, 1, 577, 577, True, True, 0),  # LlamaGen decode, 8-bit cache
+        (1, 16, 16, 1, 577, 300, True, False, 0),  # bf16 cache, keys split over programs
+        (4, 8, 2, 1, 257, 257, True, True, 1),  # grouped KV heads, uniform probabilities
+        (3, 4, 4, 2, 100, 100, True, True, 2),  # RAR's two-token prefix, log-sqrt2 probabilities
+        (2, 16, 16, 100, 680, 424, False, True, 1),  # a VAR scale: every cached key visible
+        (64, 16, 16, 1, 577, 577, True, True, 1),  # serving batch: one split per query
+    ],
+)
+def test_cached_attention_kernel_matches_reference(b, h, kv_heads, t, length, kv_len, causal, codes, p_kind):
+    pytest.importorskip("triton")
+    import quantcore.kernels.attention  # noqa: F401
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    d = 64
+    q = torch.randn(b, h, t, d, device="cuda", generator=g).to(torch.bfloat16)
+    shape = (b + 1, kv_heads, length, d)  # a larger cache than the batch, as the plans allocate
+    if codes:
+        kc, vc = (torch.randint(0, 256, shape, device="cuda", dtype=torch.uint8, generator=g) for _ in "kv")
+    else:
+        kc, vc = (torch.randn(shape, device="cuda", generator=g).to(torch.bfloat16) for _ in "kv")
+    kv = [0.02, 128.0, 0.03, 120.0]
+    p = [1 / 255, 0.0, 255.0] if p_kind == 1 else [1.0, 0.0, 256.0]
+    qpos = torch.arange(kv_len - t, kv_len, device="cuda")
+    got = torch.ops.quantcore.cached_attention(q, kc, vc, qpos, kv_len, causal, 0.125, kv, p_kind, p)
+    ref = _attention_reference(q, kc, vc, qpos, kv_len, causal, 0.125, kv, p_kind, p)
+    err = float((got.float() - ref).abs().max() / ref.abs().max())
+    assert err < ATTENTION_TOLERANCE[p_kind], err
+
+
+@pytest.mark.parametrize("name", ["tiny-llamagen", "tiny-rar", "tiny-var"])
+@pytest.mark.parametrize("attention", [True, "kv"])
+def test_fused_attention_decodes_what_the_matmul_path_decodes(name, attention):
+    """The real model with the fused kernel against the same real model on its attention matmuls."""
+    pytest.importorskip("triton")
+    from quantcore.fastgen import FastSampler
+    from quantcore.models import bind_tokenizer
+    from quantcore.registry import get_spec, load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(name, device="cuda")
+    model = model.to(torch.bfloat16)
+    bind_tokenizer(model, tokenizer.float())  # VAR's scale inputs come from the fp32 VQ-VAE
+    sampling = get_spec(name).entry.sampling.to_dict()
+    calib = build_calibration_set(model, CalibrationSpec(num_samples=8, batch_size=8), sampling)
+    recipe = Recipe.preset("ptq4arvg", 8, 8).model_copy(update={"quantize_attention": attention})
+    quantize(model, recipe, calib)
+    report = to_real(model)
+    decode = {e["decode"] for n, e in report.items() if n.endswith("matmul_qk")}
+    assert decode == {"fused kernel"}, decode
+    classes, seeds = torch.arange(8, device="cuda") % 10, list(range(8))
+    fused = FastSampler(model, 8, sampling, compile=True).generate(classes, seeds)
+    kernels = {}
+    for module in model.modules():
+        if getattr(module, "fused_attention", None) is not None:
+            kernels[module], module.fused_attention = module.fused_attention, None
+    plain = FastSampler(model, 8, sampling, compile=True).generate(classes, seeds)
+    for module, kernel in kernels.items():
+        module.fused_attention = kernel
+    # the kernel keeps fp32 scores where the matmul path rounds them to bf16: a flip now and then, and
+    # an image follows another path from its first flip, so compare first tokens and the share alike
+    assert (fused[:, 0] == plain[:, 0]).float().mean() >= 0.75
+    assert (fused == plain).float().mean() >= 0.5

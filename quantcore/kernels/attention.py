@@ -150,8 +150,12 @@ def _combine(acc_ptr, stat_ptr, out_ptr, gstat_ptr, ROWS, SPLITS,
     if PASS == 2:
         total = tl.zeros((BLOCK_R, D), tl.float32)
         for s in range(0, SPLITS):
-            total += tl.load(acc_ptr + (rr * SPLITS + s)[:, None] * D + rd[None, :], mask=r_ok[:, None], other=0.0)
-        tl.store(out_ptr + rr[:, None] * D + rd[None, :], total.to(out_ptr.dtype.element_ty), mask=r_ok[:, None])
+            total += tl.load(
+                acc_ptr + (rr * SPLITS + s)[:, None] * D + rd[None, :], mask=r_ok[:, None], other=0.0
+            )
+        tl.store(
+            out_ptr + rr[:, None] * D + rd[None, :], total.to(out_ptr.dtype.element_ty), mask=r_ok[:, None]
+        )
     else:
         m = tl.load(stat_ptr + srow * 2, mask=ok, other=NEG)
         l = tl.load(stat_ptr + srow * 2 + 1, mask=ok, other=0.0)
@@ -165,10 +169,16 @@ def _combine(acc_ptr, stat_ptr, out_ptr, gstat_ptr, ROWS, SPLITS,
             total = tl.zeros((BLOCK_R, D), tl.float32)
             for s in range(0, SPLITS):
                 ms = tl.load(stat_ptr + (rr * SPLITS + s) * 2, mask=r_ok, other=NEG)
-                a = tl.load(acc_ptr + (rr * SPLITS + s)[:, None] * D + rd[None, :], mask=r_ok[:, None], other=0.0)
+                a = tl.load(
+                    acc_ptr + (rr * SPLITS + s)[:, None] * D + rd[None, :], mask=r_ok[:, None], other=0.0
+                )
                 total += a * tl.exp(ms - m_all)[:, None]
             total = total / tl.where(l_all > 0, l_all, 1.0)[:, None]
-            tl.store(out_ptr + rr[:, None] * D + rd[None, :], total.to(out_ptr.dtype.element_ty), mask=r_ok[:, None])
+            tl.store(
+                out_ptr + rr[:, None] * D + rd[None, :],
+                total.to(out_ptr.dtype.element_ty),
+                mask=r_ok[:, None],
+            )
 
 
 def _splits(programs: int, kv_len: int) -> int:

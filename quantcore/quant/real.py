@@ -32,6 +32,7 @@ Each layer's entry records the objective and, for "speed", `timings_ms` per cand
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -369,6 +370,7 @@ class KVCodec:
         return kv_decode(codes, q.scale, q.zero_point.float(), dtype)
 
 
+@dataclass
 class FusedAttention:
     """A layer's attention over its K/V cache in one kernel (`quantcore::cached_attention`), with the
     recipe's numerics: the query through its own quantizer, K/V read as the cache's 8-bit codes (or in the
@@ -377,8 +379,10 @@ class FusedAttention:
     quantizers stay owned by their matmuls. The models call it for cached decoding only.
     """
 
-    def __init__(self, q_quantizer, kv_params: list[float], p_kind: int, p_params: list[float]):
-        self.q_quantizer, self.kv_params, self.p_kind, self.p_params = q_quantizer, kv_params, p_kind, p_params
+    q_quantizer: nn.Module | None
+    kv_params: list[float]  # s_k, z_k, s_v, z_v (unused for a cache in the model dtype)
+    p_kind: int  # quantcore.kernels.attention.P_*
+    p_params: list[float]
 
     def __call__(self, q, k_cache, v_cache, pos, kv_len: int, causal: bool, sm_scale: float) -> torch.Tensor:
         """(b, H, T, D) for queries q at positions `pos` over the first `kv_len` cached keys."""
@@ -430,7 +434,9 @@ def fused_attention_for(attention: nn.Module, device: torch.device) -> tuple[Fus
         return None, reason
     k, v = attention.kv_codec.quantizers
     kv_params = [float(k.scale), float(k.zero_point), float(v.scale), float(v.zero_point)]
-    return FusedAttention(qk.a_quantizer if _quantizer_on(qk.a_quantizer) else None, kv_params, p_kind, p_params), ""
+    return FusedAttention(
+        qk.a_quantizer if _quantizer_on(qk.a_quantizer) else None, kv_params, p_kind, p_params
+    ), ""
 
 
 def install_fused_attention(model: nn.Module, device: torch.device | None = None) -> dict[str, str]:
