@@ -135,21 +135,33 @@ def test_memory_objective_ranks_paths_by_weight_bits_and_ties_go_to_the_default(
     assert _smallest("fp8-gpu") == "fp8-gpu" and _smallest("int8-cpu") == "int8-cpu"
 
 
-def test_speed_objective_keeps_the_fastest_candidate_and_never_one_slower_than_simulated(calibrated):
+def test_speed_objective_keeps_the_fastest_candidate_and_never_one_slower_than_dequantized(calibrated):
     """The choice from recorded timings (a pre-filled timing cache: no timing on the CPU)."""
     sim, _ = _quantized(calibrated, "llamagen-tiny")
     layer = sim.layers[0].attention.wo
     shape = (layer.in_features, layer.out_features, 64)
-    times = {"simulated": 0.010, "int8-gpu": 0.012, "fp8-gpu": 0.008}
+    times = {"dequantized": 0.010, "int8-gpu": 0.012, "fp8-gpu": 0.008}
     cache = {(path, *shape): ms for path, ms in times.items()}
     path, reason, record = _fastest(layer, "auto", "", 64, torch.bfloat16, cache)
     assert (path, reason, record) == ("fp8-gpu", "", {"timings_ms": times, "rows": 64})
     cache[("fp8-gpu", *shape)] = 0.010  # a tie with the baseline keeps the baseline
     path, reason, record = _fastest(layer, "auto", "", 64, torch.bfloat16, cache)
-    assert path == "simulated" and set(record["timings_ms"]) == set(times)
-    assert reason == "no real kernel faster than the dequantized bf16 GEMM at 64 rows"
+    assert path == "dequantized" and set(record["timings_ms"]) == set(times)
+    assert reason == "no low-bit kernel faster than the dequantized bf16 GEMM at 64 rows"
     path, _, record = _fastest(layer, "int8-gpu", "", 64, torch.bfloat16, cache)
-    assert path == "simulated" and set(record["timings_ms"]) == {"simulated", "int8-gpu"}
+    assert path == "dequantized" and set(record["timings_ms"]) == {"dequantized", "int8-gpu"}
+
+
+def test_a_dequantized_layer_is_the_simulated_layer_with_only_its_dequantized_weight(calibrated):
+    sim, calib = _quantized(calibrated, "llamagen-tiny")
+    layer = sim.layers[0].feed_forward.w2
+    real = RealQuantLinear.from_quant_linear(layer, "dequantized")
+    x = torch.randn(2, 5, layer.in_features)
+    pos = torch.arange(1, 6)
+    assert torch.equal(real(x, pos), layer(x, pos))  # the same fake-quantized input and weight
+    assert not any(t is layer.weight for t in real.buffers())  # the float weight is not kept
+    weight_bytes = layer.weight.numel() * layer.weight.element_size()
+    assert weight_bytes <= real.describe_execution()["resident_bytes"] < 1.1 * weight_bytes
 
 
 def test_objective_errors_name_the_choices_and_speed_needs_cuda(calibrated):

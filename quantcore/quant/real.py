@@ -11,6 +11,8 @@ calibration) and returns, per layer, the path it runs:
     "fp8-gpu"                W8A8 through e4m3 `torch._scaled_mm` with row-wise scales derived from the
                              calibrated ranges (a different 8-bit grid: close to, not equal to, int8)
     "w8-gpu" / "w4-gpu"      weight-only: int8 / packed int4 codes, fused dequantize-GEMM (Triton)
+    "dequantized"            the simulated numerics with only the dequantized weight resident (the
+                             speed planner's choice where no low-bit kernel beats the model-dtype GEMM)
     "simulated"              everything else, with the reason
 
 The integer identity (a = q_x - o_x and b = q_w - o_w are int8, z' = z - o the shifted zero-points):
@@ -21,11 +23,12 @@ The integer identity (a = q_x - o_x and b = q_w - o_w are int8, z' = z - o the s
 
 The objective of `to_real(model, objective=...)` chooses among a layer's candidates: the real paths
 its quantizers allow (`plan_layer`'s path, or both int8-gpu and fp8-gpu where W8A8 "auto" may take
-fp8, both w4-gpu and w8-gpu for <= 4-bit weight-only layers) and "simulated" (the QuantLinear kept:
-fake-quantized input, dequantized-weight GEMM in the model dtype). None: the choice described above.
-"speed" (CUDA only): every candidate timed at `tune_rows` input rows and the fastest kept, so no layer
-runs slower than its simulated GEMM (a tie stays simulated). "memory": no timing, the fewest resident
-weight bits (w4-gpu < the 8-bit paths < simulated); ties go to the default path, int8-gpu for "auto".
+fp8, both w4-gpu and w8-gpu for <= 4-bit weight-only layers) and, for "speed", "dequantized" (fake-
+quantized input, the model-dtype GEMM on the dequantized weight: the simulated layer's numerics and a
+bf16 layer's memory). None: the choice described above. "speed" (CUDA only): every candidate timed at
+`tune_rows` input rows and the fastest kept, so no layer runs slower than its dequantized GEMM (a tie
+stays dequantized). "memory": no timing, the fewest resident weight bits (w4-gpu < the 8-bit paths);
+ties go to the default path, int8-gpu for "auto".
 Each layer's entry records the objective and, for "speed", `timings_ms` per candidate and `rows`.
 """
 
@@ -48,7 +51,7 @@ from quantcore.quant.quantizer import (
     quantize_codes,
 )
 
-PATHS = ("int8-cpu", "int8-gpu", "fp8-gpu", "w8-gpu", "w4-gpu", "simulated")
+PATHS = ("int8-cpu", "int8-gpu", "fp8-gpu", "w8-gpu", "w4-gpu", "dequantized", "simulated")
 W8A8_CHOICES = ("auto", "int8", "fp8")
 OBJECTIVES = (None, "speed", "memory")
 # Resident bits per weight of each real path (sub-8-bit codes run as int8 except on w4-gpu); every one is
@@ -188,7 +191,7 @@ class RealQuantLinear(nn.Module):
     @classmethod
     def from_quant_linear(cls, ql: QuantLinear, path: str) -> RealQuantLinear:
         kinds = {"int8-cpu": Int8Linear, "int8-gpu": Int8Linear, "fp8-gpu": Fp8Linear}
-        kinds |= {"w8-gpu": WeightOnlyLinear, "w4-gpu": WeightOnlyLinear}
+        kinds |= {"w8-gpu": WeightOnlyLinear, "w4-gpu": WeightOnlyLinear, "dequantized": DequantizedLinear}
         if path not in kinds:
             raise ConfigError(f"no real module for path {path!r}; real paths are {sorted(kinds)}")
         module = kinds[path](ql, path)
@@ -347,6 +350,21 @@ class WeightOnlyLinear(RealQuantLinear):
         if self.w_bits == 6:
             out["note"] = "6-bit codes resident as int8 (the 8-bit kernel); packed_bytes is the stored size"
         return out
+
+
+class DequantizedLinear(RealQuantLinear):
+    """The simulated layer's numerics with only its dequantized weight resident: the model-dtype GEMM
+    on (q - z) s and the input fake-quantized by its own quantizer. What the planner keeps where no
+    low-bit kernel beats that GEMM (a QuantLinear would keep the float weight and its cached copy)."""
+
+    path = "dequantized"
+
+    def __init__(self, ql: QuantLinear, path: str):
+        super().__init__(ql)
+        self.register_buffer("weight", ql.quantized_weight().detach().clone())
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(self.input_quantizer(x, pos), self.weight, self.bias)
 
 
 class KVCodec:
@@ -521,7 +539,7 @@ def _layer_timings(
     ql: QuantLinear, paths: tuple[str, ...], rows: int, dtype: torch.dtype, cache: dict
 ) -> dict[str, float]:
     """ms per call of each path's module for this layer at `rows` input rows, timed once per
-    (path, K, N, rows); "simulated" times the QuantLinear itself."""
+    (path, K, N, rows)."""
     shape = (ql.in_features, ql.out_features, rows)
     missing = [path for path in paths if (path, *shape) not in cache]
     if missing:
@@ -529,7 +547,7 @@ def _layer_timings(
         x = torch.randn(rows, ql.in_features, device=ql.weight.device, dtype=dtype)[None]
         pos = torch.zeros(1, dtype=torch.long, device=x.device).expand(rows)
         for path in missing:
-            module = ql if path == "simulated" else RealQuantLinear.from_quant_linear(ql, path)
+            module = RealQuantLinear.from_quant_linear(ql, path)
             cache[(path, *shape)] = _time_ms(lambda m=module: m(x, pos))
     return {path: cache[(path, *shape)] for path in paths}
 
@@ -544,13 +562,13 @@ def _pick_w8a8(ql: QuantLinear, rows: int, dtype: torch.dtype, cache: dict) -> t
 def _fastest(
     ql: QuantLinear, default: str, reason: str, rows: int, dtype: torch.dtype, cache: dict
 ) -> tuple[str, str, dict]:
-    """Objective "speed": (path, reason, record) of the fastest candidate, "simulated" among them."""
-    candidates = ("simulated", *ALTERNATIVES.get(default, (default,)))  # first: a tie stays simulated
+    """Objective "speed": (path, reason, record) of the fastest candidate, "dequantized" among them."""
+    candidates = ("dequantized", *ALTERNATIVES.get(default, (default,)))  # first: it wins a tie
     times = _layer_timings(ql, candidates, rows, dtype, cache)
     best = min(candidates, key=times.get)
-    if best == "simulated":
+    if best == "dequantized":
         dtype_name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, dtype)
-        reason = f"no real kernel faster than the dequantized {dtype_name} GEMM at {rows} rows"
+        reason = f"no low-bit kernel faster than the dequantized {dtype_name} GEMM at {rows} rows"
     return best, reason, {"timings_ms": {p: round(t, 5) for p, t in times.items()}, "rows": rows}
 
 
@@ -573,7 +591,7 @@ def to_real(
     `w8a8` picks the GPU W8A8 path: "int8" (exact codes), "fp8", or "auto" (per (K, N) shape, the
     faster at `tune_rows` input rows, timed once here so that the choice is fixed and recorded).
     `objective` (OBJECTIVES; module docstring): None keeps that choice; "speed" times each layer's
-    candidates, "simulated" included, at `tune_rows` rows on a CUDA device and keeps the fastest;
+    candidates, "dequantized" included, at `tune_rows` rows on a CUDA device and keeps the fastest;
     "memory" keeps the fewest weight bits. With an objective, W8A8 candidates are those `w8a8` allows
     ("auto": int8 and fp8), and every linear's entry records `objective` ("speed": `timings_ms`, `rows`).
     Layers that stay simulated are listed with the reason. Attention matmuls stay modules; where their
