@@ -44,15 +44,20 @@ def load_generator(
     An artifact runs its quantized layers on real low-bit kernels where the device supports them
     (`quantcore.quant.real.to_real`); `real=False` keeps every layer simulated. `objective` is
     to_real's: None (the default kernels), "speed" (each layer's fastest, timed; CUDA only) or
-    "memory" (the fewest weight bits). `generator.execution` records the path of each quantized layer
-    (with an objective, also the choice and its timings). `device` as in `quantize_job`;
+    "memory" (the fewest weight bits). An artifact whose job planned its execution (`execution.
+    objective`) on the same kind of card runs that recorded plan when `objective` is None, untimed.
+    `generator.execution` records the path of each quantized layer (with an objective, also the choice
+    and its timings; `planned: recorded` where it came from the manifest). `device` as in `quantize_job`;
     `chunk_size`: images per generation batch.
     """
     device = devices.resolve_device(device)
     if Path(source).is_dir():
         model, tokenizer, manifest = load_artifact(source, device)
         spec = get_spec(manifest["model"]["name"])
-        if real:
+        recorded = manifest.get("execution", {})
+        if real and objective is None and recorded.get("objective") and _same_card(recorded, device):
+            execution = to_real(model, recorded=recorded["layers"])  # the job's plan, not timed again
+        elif real:
             execution = to_real(model, objective=objective)
         else:
             execution = {
@@ -63,6 +68,23 @@ def load_generator(
         return generator
     model, tokenizer = load_model_and_tokenizer(source, checkpoint, tokenizer_checkpoint, device)
     return ImageGenerator(model, tokenizer, get_spec(source).entry.sampling, source, chunk_size)
+
+
+def planned_execution(quantized: torch.nn.Module, job: JobSpec, device: torch.device) -> dict:
+    """The manifest's execution record: per layer the path a loader on this kind of device runs; with
+    an objective, the planner's choice and its timings, made here on a copy of the model."""
+    objective = job.execution.objective
+    if objective is None:
+        return {"layers": plan_execution(quantized, device)}
+    planned = copy.deepcopy(quantized)
+    layers = to_real(planned, device, objective=objective, tune_rows=job.execution.tune_rows)
+    del planned
+    return {"objective": objective, "tune_rows": job.execution.tune_rows, "layers": layers}
+
+
+def _same_card(record: dict, device: torch.device) -> bool:
+    here = devices.describe_device(device)
+    return all(record.get(k) == here.get(k) for k in ("name", "capability", "torch"))
 
 
 @torch.no_grad()
@@ -267,6 +289,12 @@ def quantize_job(
     recipe = job.resolved_recipe()
     model_spec = get_spec(job.model)
     device = devices.resolve_device(device)
+    if job.execution.objective == "speed" and device.type != "cuda":
+        raise ConfigError(
+            f"execution.objective 'speed' times the kernels on the worker's GPU, but this job runs on "
+            f"{device}; use 'memory' or null, or run it on a CUDA worker",
+            field=("execution", "objective"),
+        )
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ArtifactError(f"artifact folder {out_dir} is not empty; choose a new folder")
@@ -329,7 +357,7 @@ def quantize_job(
         # seconds per phase up to the write (the job record adds the total)
         "timings": {**report_progress.seconds, "until_write": round(time.perf_counter() - started, 3)},
         # per layer, the path a loader on this kind of device runs (the loader records its own)
-        "execution": {**devices.describe_device(device), "layers": plan_execution(quantized, device)},
+        "execution": {**devices.describe_device(device), **planned_execution(quantized, job, device)},
     }
     manifest = save_artifact(
         out_dir, quantized, tokenizer, manifest, tokenizer_file(job.model, job.tokenizer_checkpoint)

@@ -119,6 +119,26 @@ class EvaluationSpec(_Spec):
         return self
 
 
+class ExecutionSpec(_Spec):
+    """How the artifact's layers run: recorded in the manifest, replayed by its loader on the same card."""
+
+    objective: Literal["speed", "memory"] | None = Field(
+        None,
+        description="Plan the real kernels per layer for this objective on the worker's device: 'speed' "
+        "times every candidate kernel (fp8, int8, weight-only w8/w4, the dequantized GEMM) at tune_rows "
+        "input rows and keeps the fastest (CUDA workers only); 'memory' keeps the fewest weight bits. "
+        "The choice and its timings go in the manifest; a loader on the same kind of card runs that "
+        "choice without timing again. null: the default kernels, chosen at load.",
+    )
+    tune_rows: int = Field(
+        2,
+        ge=1,
+        le=4096,
+        description="Input rows the 'speed' objective times at: the serving shape (decode with CFG: 2 x "
+        "batch).",
+    )
+
+
 class JobSpec(_Spec):
     """What to quantize and how."""
 
@@ -137,6 +157,7 @@ class JobSpec(_Spec):
     a_bits: int | None = Field(8, ge=2, le=8, description="Activation bit-width; null = weight-only.")
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
 
     @field_validator("recipe", mode="before")
     @classmethod

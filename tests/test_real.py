@@ -14,6 +14,7 @@ import torch
 
 from conftest import layer_errors, random_llamagen
 from quantcore.api import load_generator, quantize_job
+from quantcore.artifact import load_artifact
 from quantcore.calib import CalibrationSpec, build_calibration_set
 from quantcore.cli import main as cli_main
 from quantcore.errors import ConfigError
@@ -215,6 +216,38 @@ def test_artifact_loads_real_by_default_and_simulated_on_request(tmp_path, capsy
     assert cli_main([*args, "--json", "--no-progress", "--objective", "memory"]) == 0
     entry = json.loads(capsys.readouterr().out)["execution"]["layers.0.feed_forward.w2"]
     assert entry["path"] == "int8-cpu" and entry["objective"] == "memory"
+
+
+def test_a_jobs_planned_execution_is_recorded_and_replayed_by_the_loader(tmp_path):
+    spec = {
+        "model": "llamagen-tiny",
+        "calibration": {"num_samples": 4, "batch_size": 4},
+        "evaluation": {"num_images": 0},
+        "execution": {"objective": "memory"},
+    }
+    manifest = quantize_job(spec, tmp_path / "a")
+    record = manifest["execution"]
+    assert record["objective"] == "memory" and record["name"] == "cpu"
+    assert record["layers"]["layers.0.attention.wqkv"]["objective"] == "memory"
+    generator = load_generator(str(tmp_path / "a"))
+    entry = generator.execution["layers.0.attention.wqkv"]
+    assert entry["planned"] == "recorded" and entry["path"] == "int8-cpu" and entry["objective"] == "memory"
+    assert generator.generate_tokens([1, 2], [3, 4]).shape[0] == 2
+    # an explicit objective plans again; a recorded path this device cannot run is refused by name
+    assert (
+        "planned"
+        not in load_generator(str(tmp_path / "a"), objective="memory").execution["layers.0.attention.wqkv"]
+    )
+    model, _, _ = load_artifact(tmp_path / "a")
+    bad = {"layers.0.attention.wqkv": {"path": "fp8-gpu"}}
+    with pytest.raises(ConfigError, match="recorded plan runs layers.0.attention.wqkv on 'fp8-gpu'"):
+        to_real(model, recorded=bad)
+    # 'speed' needs the worker's GPU: refused before any work, naming the field
+    with pytest.raises(ConfigError, match="execution.objective 'speed'") as error:
+        quantize_job({**spec, "execution": {"objective": "speed"}}, tmp_path / "b", device="cpu")
+    assert error.value.field == ("execution", "objective") and not (tmp_path / "b").exists()
+    with pytest.raises(ConfigError, match="execution.tune_rows"):
+        quantize_job({**spec, "execution": {"objective": "speed", "tune_rows": 0}}, tmp_path / "c")
 
 
 @pytest.mark.parametrize(("bits", "packing"), [((8, 8), 8), ((6, 6), 6), ((4, 8), 4), ((4, None), 4)])

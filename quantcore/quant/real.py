@@ -572,6 +572,21 @@ def _fastest(
     return best, reason, {"timings_ms": {p: round(t, 5) for p, t in times.items()}, "rows": rows}
 
 
+def _replayed(name: str, default: str, reason: str, entry: dict) -> tuple[str, str, dict]:
+    """(path, reason, record) of a recorded plan's entry, checked against the layer's candidates here."""
+    path = entry.get("path")
+    candidates = ("simulated",)
+    if default != "simulated":
+        candidates = ("dequantized", *ALTERNATIVES.get(default, (default,)))
+    if path not in candidates:
+        raise ConfigError(
+            f"the recorded plan runs {name} on {path!r}, which this device cannot run for it (candidates: "
+            f"{', '.join(candidates)}); load with an objective to plan again"
+        )
+    kept = {k: entry[k] for k in ("objective", "timings_ms", "rows") if k in entry}
+    return path, entry.get("reason", reason if path == "simulated" else ""), kept | {"planned": "recorded"}
+
+
 def _smallest(default: str) -> str:
     """Objective "memory": the candidate real path with the fewest resident weight bits."""
     return min(ALTERNATIVES.get(default, (default,)), key=WEIGHT_BITS.get)
@@ -585,6 +600,7 @@ def to_real(
     w8a8: str = "auto",
     tune_rows: int = 64,
     objective: str | None = None,
+    recorded: dict[str, dict] | None = None,
 ) -> dict[str, dict]:
     """Swap every eligible QuantLinear of `model` for its real module, in place; returns the execution map.
 
@@ -598,6 +614,9 @@ def to_real(
     K and V quantizers are static per-tensor the KV cache stores their 8-bit codes (`kv_cache` in the
     matmuls' entries; KVCodec), and on CUDA cached decoding runs the fused kernel over that cache
     (`decode` in the entries; FusedAttention), the matmuls otherwise.
+    `recorded`: an earlier plan's entries ({layer: {"path", ...}}, a manifest's execution record from the
+    same kind of card): each listed linear runs its recorded path, untimed, if that path is one of its
+    candidates here (else ConfigError); the entry keeps the record's objective and timings.
     """
     if w8a8 not in W8A8_CHOICES:
         raise ConfigError(f"w8a8 must be one of {W8A8_CHOICES}, got {w8a8!r}")
@@ -619,7 +638,9 @@ def to_real(
             continue
         path, reason = plan_layer(module, device, w8a8)
         chosen = {} if objective is None else {"objective": objective}
-        if objective == "speed" and path != "simulated":
+        if recorded is not None and name in recorded:
+            path, reason, chosen = _replayed(name, path, reason, recorded[name])
+        elif objective == "speed" and path != "simulated":
             path, reason, timed = _fastest(module, path, reason, tune_rows, dtype, timings)
             chosen |= timed
         elif objective == "memory" and path != "simulated":
