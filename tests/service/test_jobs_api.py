@@ -32,6 +32,7 @@ def test_create_job_returns_202_with_location_and_the_job(service, keys):
         "a_bits": None,
         "calibration": {"num_samples": 8, "selection": "dgc-official", "seed": 3, "batch_size": 16},
         "evaluation": {"num_images": 16, "seed": 10_000, "metrics": [], "reference": None, "bootstrap": 50},
+        "execution": {"objective": None, "tune_rows": 2},
         "webhook": None,
         "webhook_events_filter": None,
     }
