@@ -32,7 +32,7 @@ import triton.language as tl
 BLOCK_N = 64
 TARGET_PROGRAMS = 4 * 132  # enough programs for every multiprocessor of an H100/H200, a few times over
 MAX_SPLITS = 64
-NEG = -1.0e30  # "minus infinity" that keeps exp() and max() free of NaN for fully masked rows
+NEG = tl.constexpr(-1.0e30)  # "minus infinity" that keeps exp() and max() free of NaN for fully masked rows
 
 # probability quantizer kinds (quantcore.quant.quantizer): none, uniform per-tensor, log-sqrt2
 P_NONE, P_UNIFORM, P_LOG_SQRT2 = 0, 1, 2
@@ -56,7 +56,8 @@ def _attention_body(
     sk_b, sk_h, sk_l,
     sm_scale, k_scale, k_zp, v_scale, v_zp, p_scale, p_zp, P_QMAX,
     PASS: tl.constexpr, CODES: tl.constexpr, CAUSAL: tl.constexpr, P_KIND: tl.constexpr,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     OP = q_ptr.dtype.element_ty  # operands in the model dtype, as the simulated matmuls take them
     bh = tl.program_id(0)
@@ -66,10 +67,12 @@ def _attention_body(
     h = bh % H
     kvh = h // GROUP
     rm = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    rd = tl.arange(0, D)
+    rd = tl.arange(0, BLOCK_D)  # the head dim padded to a power of two; the pad lanes read zeros
+    d_ok = rd < D
     rn = tl.arange(0, BLOCK_N)
     m_ok = rm < T
-    q = tl.load(q_ptr + b * sq_b + h * sq_h + rm[:, None] * sq_t + rd[None, :], mask=m_ok[:, None], other=0.0)
+    q_at = q_ptr + b * sq_b + h * sq_h + rm[:, None] * sq_t + rd[None, :]
+    q = tl.load(q_at, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     hi = kv_len
     if CAUSAL:
         qpos = tl.load(qpos_ptr + rm, mask=m_ok, other=0)
@@ -86,11 +89,12 @@ def _attention_body(
     else:
         m_i = tl.full((BLOCK_M,), NEG, tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, D), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for start in range(lo, end, BLOCK_N):
         keys = start + rn
         n_ok = keys < end
-        k = tl.load(k_base + keys[:, None] * sk_l + rd[None, :], mask=n_ok[:, None], other=0)
+        kv_ok = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + keys[:, None] * sk_l + rd[None, :], mask=kv_ok, other=0)
         if CODES:
             k = ((k.to(tl.float32) - k_zp) * k_scale).to(OP)
         s = tl.dot(q, tl.trans(k.to(OP)), input_precision=PRECISION) * sm_scale
@@ -103,7 +107,7 @@ def _attention_body(
             l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.where(seen, tl.exp(s - m_new[:, None]), 0.0), axis=1)
             m_i = m_new
         else:
-            v = tl.load(v_base + keys[:, None] * sk_l + rd[None, :], mask=n_ok[:, None], other=0)
+            v = tl.load(v_base + keys[:, None] * sk_l + rd[None, :], mask=kv_ok, other=0)
             if CODES:
                 v = ((v.to(tl.float32) - v_zp) * v_scale).to(OP)
             v = v.to(OP)
@@ -133,29 +137,26 @@ def _attention_body(
         tl.store(stat_ptr + srow * 2, m_i, mask=m_ok)
         tl.store(stat_ptr + srow * 2 + 1, l_i, mask=m_ok)
     if PASS != 1:
-        tl.store(acc_ptr + srow[:, None] * D + rd[None, :], acc, mask=m_ok[:, None])
+        tl.store(acc_ptr + srow[:, None] * D + rd[None, :], acc, mask=m_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
 def _combine(acc_ptr, stat_ptr, out_ptr, gstat_ptr, ROWS, SPLITS,
-             PASS: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
+             PASS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
     """Merge the key splits of BLOCK_R query rows: the output (ONLINE: rescaled by each split's max;
     QUANT_P: a plain sum) or, after the STATS pass, each row's global (max, sum)."""
     rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rs = tl.arange(0, BLOCK_S)
-    rd = tl.arange(0, D)
+    rd = tl.arange(0, BLOCK_D)
     r_ok = rr < ROWS
+    rd_ok = r_ok[:, None] & (rd[None, :] < D)
     ok = r_ok[:, None] & (rs[None, :] < SPLITS)
     srow = rr[:, None] * SPLITS + rs[None, :]
     if PASS == 2:
-        total = tl.zeros((BLOCK_R, D), tl.float32)
+        total = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
         for s in range(0, SPLITS):
-            total += tl.load(
-                acc_ptr + (rr * SPLITS + s)[:, None] * D + rd[None, :], mask=r_ok[:, None], other=0.0
-            )
-        tl.store(
-            out_ptr + rr[:, None] * D + rd[None, :], total.to(out_ptr.dtype.element_ty), mask=r_ok[:, None]
-        )
+            total += tl.load(acc_ptr + (rr * SPLITS + s)[:, None] * D + rd[None, :], mask=rd_ok, other=0.0)
+        tl.store(out_ptr + rr[:, None] * D + rd[None, :], total.to(out_ptr.dtype.element_ty), mask=rd_ok)
     else:
         m = tl.load(stat_ptr + srow * 2, mask=ok, other=NEG)
         l = tl.load(stat_ptr + srow * 2 + 1, mask=ok, other=0.0)
@@ -166,18 +167,16 @@ def _combine(acc_ptr, stat_ptr, out_ptr, gstat_ptr, ROWS, SPLITS,
             tl.store(gstat_ptr + rr * 2, m_all, mask=r_ok)
             tl.store(gstat_ptr + rr * 2 + 1, l_all, mask=r_ok)
         else:
-            total = tl.zeros((BLOCK_R, D), tl.float32)
+            total = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
             for s in range(0, SPLITS):
                 ms = tl.load(stat_ptr + (rr * SPLITS + s) * 2, mask=r_ok, other=NEG)
-                a = tl.load(
-                    acc_ptr + (rr * SPLITS + s)[:, None] * D + rd[None, :], mask=r_ok[:, None], other=0.0
-                )
+                a = tl.load(acc_ptr + (rr * SPLITS + s)[:, None] * D + rd[None, :], mask=rd_ok, other=0.0)
                 total += a * tl.exp(ms - m_all)[:, None]
             total = total / tl.where(l_all > 0, l_all, 1.0)[:, None]
             tl.store(
                 out_ptr + rr[:, None] * D + rd[None, :],
                 total.to(out_ptr.dtype.element_ty),
-                mask=r_ok[:, None],
+                mask=rd_ok,
             )
 
 
@@ -185,6 +184,11 @@ def _splits(programs: int, kv_len: int) -> int:
     """Key splits so that the grid has about TARGET_PROGRAMS programs (fewer where the keys run out)."""
     want = -(-TARGET_PROGRAMS // max(programs, 1))
     return max(1, min(want, MAX_SPLITS, -(-kv_len // BLOCK_N)))
+
+
+def _block_d(d: int) -> int:
+    """The head dim as the kernels tile it: a power of two, at least the tensor cores' 16."""
+    return max(16, triton.next_power_of_2(d))
 
 
 def _run_pass(pass_, q, k_cache, v_cache, q_pos, kv_len, causal, codes, params, gstat, p_kind, p_qmax):
@@ -204,7 +208,7 @@ def _run_pass(pass_, q, k_cache, v_cache, q_pos, kv_len, causal, codes, params, 
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         sm_scale, k_scale, k_zp, v_scale, v_zp, p_scale, p_zp, p_qmax,
-        PASS=pass_, CODES=codes, CAUSAL=causal, P_KIND=p_kind, D=d, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
+        PASS=pass_, CODES=codes, CAUSAL=causal, P_KIND=p_kind, D=d, BLOCK_D=_block_d(d), BLOCK_M=block_m, BLOCK_N=BLOCK_N,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2,
     )  # fmt: skip
     return acc, stat, splits
@@ -214,7 +218,7 @@ def _merge(pass_, acc, stat, splits, rows, d, out, gstat):
     block_r = 16
     _combine[(triton.cdiv(rows, block_r),)](
         acc, stat, out, gstat, rows, splits,
-        PASS=pass_, D=d, BLOCK_S=triton.next_power_of_2(splits), BLOCK_R=block_r, num_warps=4,
+        PASS=pass_, D=d, BLOCK_D=_block_d(d), BLOCK_S=triton.next_power_of_2(splits), BLOCK_R=block_r, num_warps=4,
     )  # fmt: skip
 
 

@@ -437,8 +437,8 @@ def fused_attention_for(attention: nn.Module, device: torch.device) -> tuple[Fus
     if device.type != "cuda" or not _triton_available():
         return None, "the fused attention kernel needs CUDA and Triton"
     head_dim = getattr(attention, "head_dim", 0)
-    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
-        return None, f"head_dim {head_dim} is not a power of two in 16..256"
+    if not 0 < head_dim <= 256:
+        return None, f"head_dim {head_dim} is not in 1..256"
     qk, pv = attention.matmul_qk, attention.matmul_pv
     quantized = [isinstance(m, QuantMatMul) for m in (qk, pv)]
     if not any(quantized):
