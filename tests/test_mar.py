@@ -187,17 +187,24 @@ def test_cfg_of_one_on_the_diffusion_head_equals_the_conditional_sampler():
     assert not torch.allclose(cooler, plain)  # temperature scales the per-step noise
 
 
+def _same_latents(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Equal up to float32 rounding: a CPU GEMM may block (and so round) rows differently when the
+    batch changes (seen on an Intel Xeon: 4e-3 on latents of magnitude 4e4); the noise, drawn per image
+    from its seed, is what must not depend on the batch, and a wrong draw moves latents by their scale."""
+    return float((x - y).abs().max()) <= 1e-5 * float(x.abs().max())
+
+
 def test_same_seed_same_latents_whatever_the_batch():
     model = random_mar()
     a = generate_tokens(model, torch.tensor([1, 2, 3]), [5, 6, 7], **SAMPLING)
     b = generate_tokens(model, torch.tensor([3, 1]), [7, 5], **SAMPLING)
     assert a.shape == (3, 16, 4) and torch.isfinite(a).all()
-    assert torch.equal(a[2], b[0]) and torch.equal(a[0], b[1])
+    assert _same_latents(a[2], b[0]) and _same_latents(a[0], b[1])
     c = generate_tokens(model, torch.tensor([1]), [8], **SAMPLING)
-    assert not torch.equal(a[0], c[0])
+    assert not _same_latents(a[0], c[0])
     constant = generate_tokens(model, torch.tensor([1]), [5], **{**SAMPLING, "cfg_schedule": "constant"})
     unguided = generate_tokens(model, torch.tensor([1]), [5], **{**SAMPLING, "cfg_scale": 1.0})
-    assert not torch.equal(constant[0], a[0]) and not torch.equal(unguided[0], a[0])
+    assert not _same_latents(constant[0], a[0]) and not _same_latents(unguided[0], a[0])
 
 
 @pytest.mark.parametrize(
