@@ -50,6 +50,14 @@ def layer_errors(sim, real, report, calib, ref_dtype=torch.float64) -> dict[str,
     return errors
 
 
+def assert_int8_exact(errors: dict[str, float], exact: float, bound: float = 2e-3) -> None:
+    """int8 layers (`layer_errors`) are exact in the codes, except where float32 (kernel) and float64
+    (simulation) put one x/scale on opposite sides of a half step: one code of one input, ~6e-4 of the
+    output range (seen in one layer on an H200, 2026-12-02, and on an Intel Xeon CPU, 2026-12-04)."""
+    inexact = {name: e for name, e in errors.items() if e > exact}
+    assert len(inexact) <= 1 and max(errors.values()) < bound, inexact
+
+
 def run_cli(*args, check=True) -> subprocess.CompletedProcess:
     """`python -m quantcore ARGS` in a subprocess; asserts success unless check=False."""
     proc = subprocess.run(

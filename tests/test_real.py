@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import layer_errors, random_llamagen
+from conftest import assert_int8_exact, layer_errors, random_llamagen
 from quantcore.api import load_generator, quantize_job
 from quantcore.artifact import load_artifact
 from quantcore.calib import CalibrationSpec, build_calibration_set
@@ -65,11 +65,8 @@ def test_int8_layers_equal_simulation_and_tokens_agree(calibrated, name, bits):
     assert {n for n, e in report.items() if e["path"] == "int8-cpu"} == linears
     assert all(isinstance(real.get_submodule(n), Int8Linear) for n in linears)
     errors = layer_errors(sim, real, report, calib)
-    # exact in the codes, except where float32 (kernel) and float64 (simulation) put x/scale on opposite
-    # sides of a half step: one code of one input, ~6e-4 of the output range (seen in one layer on an
-    # Intel Xeon, 2026-12-04; the same bound as tests/test_real_gpu.py)
-    inexact = {n: e for n, e in errors.items() if e > EXACT}
-    assert len(errors) == len(linears) and len(inexact) <= 1 and max(errors.values()) < 2e-3, inexact
+    assert len(errors) == len(linears)
+    assert_int8_exact(errors, EXACT)
     classes, seeds = torch.arange(8) % 10, list(range(8))
     ref = generate_tokens(sim, classes, seeds, cfg_scale=2.0)
     got = generate_tokens(real, classes, seeds, cfg_scale=2.0)
