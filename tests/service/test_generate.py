@@ -182,10 +182,15 @@ def test_a_full_generate_queue_answers_503_with_retry_after(tight, keys):
     from concurrent.futures import ThreadPoolExecutor
 
     # each request holds the device 6 s: far longer than the six take to arrive, even on a loaded
-    # machine (at 3 s, one of six arrived after the first had finished while five other suites ran)
-    body = {"model": "scripted-fast", "classes": [1], "sampling": {"delay_s": 6.0}}
+    # machine (at 3 s, one of six arrived after the first had finished while five other suites ran);
+    # each has its own settings, so none can join another's batch (two that arrived before the device
+    # thread took the first ran as one batch: four answered 200)
+    def one(i: int):
+        sampling = {"delay_s": 6.0 + i / 100}
+        return generate(tight, keys["alice"], model="scripted-fast", classes=[1], sampling=sampling, seed=i)
+
     with ThreadPoolExecutor(6) as pool:
-        results = list(pool.map(lambda i: generate(tight, keys["alice"], **body, seed=i), range(6)))
+        results = list(pool.map(one, range(6)))
     codes = sorted(r.status_code for r in results)
     assert codes.count(200) <= 3 and codes.count(503) >= 3, codes  # one on the device, two waiting
     for r in results:
