@@ -257,6 +257,92 @@ def bench_end_to_end(models, variants, reps, log, deadline: float, save, batches
 
 
 # ---------------------------------------------------------------------------------------------------
+# GPU: where one decode step's time goes
+# ---------------------------------------------------------------------------------------------------
+
+# kernel name -> kind, first match wins (Inductor names its fused kernels triton_{poi,red,per}_...)
+KERNEL_KINDS = (
+    ("attention", re.compile(r"_attention_body|_combine|flash|fmha|sdpa|softmax", re.I)),
+    ("gemm", re.compile(r"gemm|cutlass|sm90_|nvjet|_wo_gemm|_a8_linear|scaled_mm|matmul", re.I)),
+    ("fused elementwise / norm", re.compile(r"^triton_", re.I)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    return next((kind for kind, pattern in KERNEL_KINDS if pattern.search(name)), "other")
+
+
+def profile_steps(name: str, variants, batch: int, steps: int, log) -> list[dict]:
+    """GPU time per kernel over `steps` decode steps from the middle of the sequence, step by step (the
+    kernels a graph replays, without the graph), per variant; kernels grouped by KERNEL_KINDS."""
+    from torch.profiler import ProfilerActivity, profile
+
+    spec = get_spec(name)
+    out = []
+    for variant in variants:
+        torch._dynamo.reset()
+        model, _ = build_variant(name, variant, "cuda")
+        sampler = FastSampler(model, batch, spec.entry.sampling.to_dict(), compile=True, graph=False)
+        plan = sampler.plan
+        plan.install_caches()
+        plan.reset(torch.arange(batch, device="cuda") % 1000, list(range(batch)))
+        plan.prologue()
+        middle = plan.steps // 2
+        for _ in range(middle):
+            plan.step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                plan.step()
+            torch.cuda.synchronize()
+        kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
+        total = sum(e.device_time_total for e in kernels)
+        kinds: dict[str, float] = {}
+        for e in kernels:
+            kind = kernel_kind(e.key)
+            kinds[kind] = kinds.get(kind, 0.0) + e.device_time_total
+        top = sorted(kernels, key=lambda e: -e.device_time_total)[:12]
+        row = {
+            "model": name,
+            "variant": variant,
+            "batch": batch,
+            "steps": f"{middle}..{middle + steps - 1} of {plan.steps}",
+            "gpu_ms_per_step": round(total / 1e3 / steps, 3),
+            "ms_per_step_by_kind": {k: round(v / 1e3 / steps, 3) for k, v in sorted(kinds.items())},
+            "top_kernels": [
+                {
+                    "kernel": e.key[:120],
+                    "kind": kernel_kind(e.key),
+                    "calls_per_step": e.count // steps,
+                    "ms_per_step": round(e.device_time_total / 1e3 / steps, 3),
+                }
+                for e in top
+            ],  # fmt: skip
+        }
+        out.append(row)
+        log(json.dumps(row))
+        sampler.close()
+        del sampler, plan, model
+        torch._dynamo.reset()
+        gc.collect()
+        torch.cuda.empty_cache()
+    return out
+
+
+def profile_markdown(rows: list[dict], card: str) -> str:
+    lines = [f"# One decode step, kernel by kernel ({card})", ""]
+    for r in rows:
+        kinds = ", ".join(f"{k} {v} ms" for k, v in r["ms_per_step_by_kind"].items())
+        lines += [f"## {r['model']} {r['variant']} batch {r['batch']}: {r['gpu_ms_per_step']} ms of GPU time "
+                  f"per step (steps {r['steps']})", "", kinds, "",
+                  "| kernel | kind | calls/step | ms/step |", "|---|---|---|---|"]  # fmt: skip
+        lines += [f"| `{k['kernel']}` | {k['kind']} | {k['calls_per_step']} | {k['ms_per_step']} |"
+                  for k in r["top_kernels"]]  # fmt: skip
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
 # GPU: per-GEMM timings against the roofline
 # ---------------------------------------------------------------------------------------------------
 
@@ -750,7 +836,7 @@ def cpu_markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("target", choices=("gpu", "cpu", "report"))
+    parser.add_argument("target", choices=("gpu", "cpu", "report", "profile"))
     parser.add_argument(
         "parts", nargs="*", type=Path, help="report: gpu part files or merged reports to merge"
     )
@@ -761,6 +847,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes (default: the family's)")
     parser.add_argument("--skip-gemms", action="store_true")
+    parser.add_argument("--steps", type=int, default=4, help="profile: decode steps to profile")
     parser.add_argument("--budget-s", type=float, default=480, help="start no new GPU variant after this")
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -793,6 +880,17 @@ def main(argv: list[str] | None = None) -> int:
         part["seconds"] = round(time.perf_counter() - started, 1)
         path.write_text(json.dumps(part, indent=1))
         print(gpu_markdown({"parts": [part], "targets": targets([part])}))
+        return 0
+    if args.target == "profile":  # one model, the first batch given
+        batch = int((args.batches or "256").split(",")[0])
+        rows = profile_steps(args.models.split(",")[0], args.variants.split(","), batch, args.steps, log)
+        card = torch.cuda.get_device_name()
+        stem = f"profile-{args.models.split(',')[0]}-b{batch}"
+        (args.out / f"{stem}.json").write_text(
+            json.dumps({"machine": machine_info("gpu"), "rows": rows}, indent=1)
+        )
+        (args.out / f"{stem}.md").write_text(profile_markdown(rows, card))
+        print(profile_markdown(rows, card))
         return 0
     if args.target == "report":
         parts = []

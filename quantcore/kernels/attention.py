@@ -10,8 +10,9 @@ query can see (causal: up to its own position, which it reads from `q_pos` on th
 graph serves every step).
 
 Numerics, the recipe's (quantcore.quant.modules.QuantMatMul with per-tensor uniform K/V quantizers):
-k_hat = ((code - z_k) s_k).to(bf16), the same values the simulated path's KVCodec.decode gives; the
-query arrives already fake-quantized by its own quantizer. Where the recipe quantizes the softmax output
+the tensor cores take the exact integers code - z, and s_k scales the scores, s_v the accumulator, so
+k_hat = (code - z_k) s_k is used unrounded where the simulated path's KVCodec.decode rounds it to bf16;
+the query arrives already fake-quantized by its own quantizer. Where the recipe quantizes the softmax output
 (uniform per-tensor or log-sqrt2), the probabilities must be the normalized ones, which an online softmax
 does not have: the kernel then runs twice, a first pass for each query's max and sum (reads K only), a
 second that normalizes, rounds to bf16 as the simulated path does, fake-quantizes and multiplies by V.
@@ -38,6 +39,9 @@ NEG = tl.constexpr(-1.0e30)  # "minus infinity" that keeps exp() and max() free 
 P_NONE, P_UNIFORM, P_LOG_SQRT2 = 0, 1, 2
 # passes: one online-softmax pass; the statistics pass and the quantized-probability pass
 ONLINE, STATS, QUANT_P = 0, 1, 2
+# how the kernel turns uint8 codes into numbers for the tensor cores (bench/speed/attention.py times each)
+DECODES = ("convert", "fp16-bits", "prmt")
+DECODE = 0  # measured end to end on an H200 (2026-12-04); the others await bench/speed/attention.py
 
 
 @triton.jit
@@ -49,6 +53,27 @@ def _rint(x):
 
 
 @triton.jit
+def _centred(codes, zp, HALF: tl.constexpr, DECODE: tl.constexpr):
+    """uint8 codes minus their zero-point, exactly (integers in -255..255). "convert": through fp32, two
+    conversion instructions per element, which Hopper issues at a quarter of its fp32 rate (the suspected
+    bound of the 8-bit cache at batch 256, not yet profiled). Where HALF, in fp16 without conversions:
+    the bits 0x6400 | c are the fp16 number 1024 + c, built by integer ops ("fp16-bits") or two byte
+    permutes per four codes ("prmt"), then one fp16 subtraction."""
+    if HALF:
+        if DECODE == 2:
+            x = tl.inline_asm_elementwise(
+                "prmt.b32 $0, $2, 0x64646464, 0x4140;\n\tprmt.b32 $1, $2, 0x64646464, 0x4342;",
+                "=r,=r,r", [codes], dtype=tl.float16, is_pure=True, pack=4,
+            )  # fmt: skip
+        else:
+            x = (codes.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+        centred = x - tl.cast(1024.0 + zp, tl.float16)
+    else:
+        centred = codes.to(tl.float32) - zp
+    return centred
+
+
+@triton.jit
 def _attention_body(
     q_ptr, k_ptr, v_ptr, qpos_ptr, acc_ptr, stat_ptr, gstat_ptr,
     kv_len, T, H, GROUP, CHUNK, SPLITS,
@@ -57,9 +82,14 @@ def _attention_body(
     sm_scale, k_scale, k_zp, v_scale, v_zp, p_scale, p_zp, P_QMAX,
     PASS: tl.constexpr, CODES: tl.constexpr, CAUSAL: tl.constexpr, P_KIND: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, DECODE: tl.constexpr,
 ):  # fmt: skip
-    OP = q_ptr.dtype.element_ty  # operands in the model dtype, as the simulated matmuls take them
+    # The tensor cores take the model dtype, as the simulated matmuls do; over a cache of codes decoded
+    # without conversions they take fp16 (exact for the centred codes; q and p round to 11 bits, not 8;
+    # a query beyond fp16's 65504 would overflow: none of the bundled families comes near it).
+    OP = q_ptr.dtype.element_ty
+    HALF: tl.constexpr = CODES and OP != tl.float32 and DECODE > 0
+    CT = tl.float16 if HALF else OP
     bh = tl.program_id(0)
     mb = tl.program_id(1)
     split = tl.program_id(2)
@@ -73,6 +103,10 @@ def _attention_body(
     m_ok = rm < T
     q_at = q_ptr + b * sq_b + h * sq_h + rm[:, None] * sq_t + rd[None, :]
     q = tl.load(q_at, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    score_scale = sm_scale
+    if CODES:
+        score_scale = sm_scale * k_scale
+    q = q.to(CT)
     hi = kv_len
     if CAUSAL:
         qpos = tl.load(qpos_ptr + rm, mask=m_ok, other=0)
@@ -95,9 +129,9 @@ def _attention_body(
         n_ok = keys < end
         kv_ok = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + keys[:, None] * sk_l + rd[None, :], mask=kv_ok, other=0)
-        if CODES:
-            k = ((k.to(tl.float32) - k_zp) * k_scale).to(OP)
-        s = tl.dot(q, tl.trans(k.to(OP)), input_precision=PRECISION) * sm_scale
+        if CODES:  # code - z exactly, in the compute type; s_k multiplies the sums
+            k = _centred(k, k_zp, HALF, DECODE)
+        s = tl.dot(q, tl.trans(k.to(CT)), input_precision=PRECISION) * score_scale
         seen = n_ok[None, :]
         if CAUSAL:
             seen = seen & (keys[None, :] <= qpos[:, None])
@@ -108,15 +142,15 @@ def _attention_body(
             m_i = m_new
         else:
             v = tl.load(v_base + keys[:, None] * sk_l + rd[None, :], mask=kv_ok, other=0)
-            if CODES:
-                v = ((v.to(tl.float32) - v_zp) * v_scale).to(OP)
-            v = v.to(OP)
+            if CODES:  # s_v multiplies the accumulator at the end
+                v = _centred(v, v_zp, HALF, DECODE)
+            v = v.to(CT)
             if PASS == 0:
                 m_new = tl.maximum(m_i, tl.max(s, axis=1))
                 alpha = tl.exp(m_i - m_new)
                 p = tl.where(seen, tl.exp(s - m_new[:, None]), 0.0)
                 l_i = l_i * alpha + tl.sum(p, axis=1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(OP), v, input_precision=PRECISION)
+                acc = acc * alpha[:, None] + tl.dot(p.to(CT), v, input_precision=PRECISION)
                 m_i = m_new
             else:  # normalized probabilities in the model dtype, fake-quantized as the recipe does
                 p = tl.where(seen, tl.exp(s - m_i[:, None]) * inv_l[:, None], 0.0)
@@ -131,12 +165,14 @@ def _attention_body(
                     code = tl.minimum(tl.maximum(code, 0.0), P_QMAX - 1)
                     odd = tl.where(code - 2.0 * tl.floor(code * 0.5) == 1.0, 1.4142135623730951, 1.0)
                     p = tl.where(under, 0.0, tl.exp2(-tl.ceil(code * 0.5)) * odd * p_scale)
-                acc += tl.dot(p.to(OP), v, input_precision=PRECISION)
+                acc += tl.dot(p.to(CT), v, input_precision=PRECISION)
     srow = row * SPLITS + split
     if PASS != 2:
         tl.store(stat_ptr + srow * 2, m_i, mask=m_ok)
         tl.store(stat_ptr + srow * 2 + 1, l_i, mask=m_ok)
     if PASS != 1:
+        if CODES:
+            acc = acc * v_scale
         tl.store(acc_ptr + srow[:, None] * D + rd[None, :], acc, mask=m_ok[:, None] & d_ok[None, :])
 
 
@@ -209,7 +245,7 @@ def _run_pass(pass_, q, k_cache, v_cache, q_pos, kv_len, causal, codes, params, 
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         sm_scale, k_scale, k_zp, v_scale, v_zp, p_scale, p_zp, p_qmax,
         PASS=pass_, CODES=codes, CAUSAL=causal, P_KIND=p_kind, D=d, BLOCK_D=_block_d(d), BLOCK_M=block_m, BLOCK_N=BLOCK_N,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", DECODE=DECODE, num_warps=4, num_stages=2,
     )  # fmt: skip
     return acc, stat, splits
 

@@ -523,7 +523,8 @@ def plan_layer(ql: QuantLinear, device: torch.device, w8a8: str = "auto") -> tup
     return "int8-gpu", "" if w8a8 != "fp8" else "fp8 needs sm_89+, W8A8 and K, N multiples of 16"
 
 
-def _time_ms(fn: Callable[[], object], reps: int = 20) -> float:
+def time_ms(fn: Callable[[], object], reps: int = 20) -> float:
+    """GPU milliseconds per call of `fn`, CUDA events over `reps` calls after one warm-up call."""
     fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -548,7 +549,7 @@ def _layer_timings(
         pos = torch.zeros(1, dtype=torch.long, device=x.device).expand(rows)
         for path in missing:
             module = RealQuantLinear.from_quant_linear(ql, path)
-            cache[(path, *shape)] = _time_ms(lambda m=module: m(x, pos))
+            cache[(path, *shape)] = time_ms(lambda m=module: m(x, pos))
     return {path: cache[(path, *shape)] for path in paths}
 
 
