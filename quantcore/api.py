@@ -52,17 +52,19 @@ def load_generator(
     """
     device = devices.resolve_device(device)
     if Path(source).is_dir():
-        model, tokenizer, manifest = load_artifact(source, device)
+        # converted on the CPU for `device`, then moved: the device gets no float weight of a real layer
+        model, tokenizer, manifest = load_artifact(source, "cpu" if real else device)
         spec = get_spec(manifest["model"]["name"])
         recorded = manifest.get("execution", {})
         if real and objective is None and recorded.get("objective") and _same_card(recorded, device):
-            execution = to_real(model, recorded=recorded["layers"])  # the job's plan, not timed again
+            execution = to_real(model, device, recorded=recorded["layers"])  # the job's plan, untimed
         elif real:
-            execution = to_real(model, objective=objective)
+            execution = to_real(model, device, objective=objective)
         else:
             execution = {
                 n: {"path": "simulated", "reason": "real=False"} for n, _ in iter_quant_modules(model)
             }
+        model, tokenizer = model.to(device), tokenizer.to(device)
         generator = ImageGenerator(model, tokenizer, spec.entry.sampling, source, chunk_size)
         generator.execution = execution
         return generator

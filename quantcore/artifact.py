@@ -13,8 +13,10 @@
 
 Writes are atomic (a temporary sibling folder renamed into place); loading verifies every hash
 before a byte is deserialised, and nothing is unpickled. Loading turns the codes back into the weight
-(q - z) * s in its recorded dtype, which re-quantizes to the same codes (|q - z| <= 255 and bf16's
-relative rounding 2^-9 keep it within half a step), so a loaded model computes what the saved one did.
+(q - z) * s in its recorded dtype (which re-quantizes to the same codes: |q - z| <= 255 and bf16's
+relative rounding 2^-9 keep it within half a step), so a loaded model computes what the saved one did,
+and keeps the codes themselves on each layer (`QuantLinear.stored_codes`): the real modules are built
+from what was stored, with no codes -> floats -> codes round trip.
 Format 1 artifacts (float weights) still load.
 """
 
@@ -72,11 +74,13 @@ def _packed_model_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor]
     return state, storage
 
 
-def _unpack_weights(state: dict[str, torch.Tensor], storage: dict[str, dict]) -> None:
-    """In place: `<layer>.weight_codes` -> `<layer>.weight` = (q - z) * s in the recorded dtype."""
+def _unpack_weights(state: dict[str, torch.Tensor], storage: dict[str, dict]) -> dict[str, torch.Tensor]:
+    """In place: `<layer>.weight_codes` -> `<layer>.weight` = (q - z) * s in the recorded dtype; returns
+    each layer's codes, unpacked (uint8, (N, K))."""
     from quantcore.quant.quantizer import dequantize_codes
     from quantcore.quant.real import unpack_codes
 
+    stored = {}
     for name, meta in storage.items():
         packed = state.pop(f"{name}.weight_codes")
         n, k = meta["shape"]
@@ -87,6 +91,8 @@ def _unpack_weights(state: dict[str, torch.Tensor], storage: dict[str, dict]) ->
         state[f"{name}.weight"] = weight.to(getattr(torch, meta["dtype"].removeprefix("torch."))).reshape(
             n, k
         )
+        stored[name] = codes.reshape(n, k)
+    return stored
 
 
 def versions() -> dict:
@@ -252,7 +258,7 @@ def load_artifact(artifact_dir: str | Path, device: str | torch.device = "cpu"):
     spec = get_spec(manifest["model"]["name"])
     state = load_file(str(artifact_dir / MODEL_FILE))
     try:
-        _unpack_weights(state, manifest.get("weight_storage", {}))
+        stored = _unpack_weights(state, manifest.get("weight_storage", {}))
     except (KeyError, RuntimeError, ValueError) as exc:
         raise ArtifactError(f"{artifact_dir}: packed weights do not match the manifest: {exc}") from None
     model = rebuild_structure(spec.build("cpu"), manifest["layers"], state)
@@ -266,6 +272,8 @@ def load_artifact(artifact_dir: str | Path, device: str | torch.device = "cpu"):
             tokenizer.load_state_dict(load_file(str(artifact_dir / TOKENIZER_FILE)), strict=True)
     except RuntimeError as exc:
         raise ArtifactError(f"{artifact_dir}: weights do not fit the recorded structure: {exc}") from None
+    for name, codes in stored.items():
+        model.get_submodule(name).stored_codes = codes
     bind_tokenizer(model, tokenizer)
     weight_only = manifest["recipe"]["a_bits"] is None
     set_quant_mode(model, weights="on", acts="off" if weight_only else "on")

@@ -153,6 +153,47 @@ def test_loaded_artifact_reproduces_outputs_bit_for_bit(tmp_path):
     assert manifest["model"]["checkpoint_sha256"] is None
 
 
+def test_an_artifacts_real_layers_are_built_from_its_stored_codes(tmp_path):
+    from safetensors.torch import load_file
+
+    from quantcore.quant.real import Int8Linear, to_real, weight_codes
+
+    spec = {
+        "model": "llamagen-tiny",
+        "recipe": "ptq4arvg",
+        "calibration": {"num_samples": 4, "batch_size": 4},
+    }
+    quantize_job({**spec, "evaluation": {"num_images": 0}}, tmp_path / "a")
+    stored = load_file(str(tmp_path / "a" / MODEL_FILE))
+    model, _, _ = load_artifact(tmp_path / "a")
+    layers = {n: m for n, m in iter_quant_modules(model) if isinstance(m, QuantLinear)}
+    for name, layer in layers.items():
+        assert torch.equal(layer.stored_codes, stored[f"{name}.weight_codes"])  # 8-bit: one byte each
+        codes = weight_codes(layer)
+        layer.stored_codes = None
+        assert torch.equal(codes, weight_codes(layer))  # what re-quantizing the loaded weight would give
+        layer.stored_codes = codes.to(torch.uint8)
+    classes = torch.tensor([1, 2])
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    generator = load_generator(str(tmp_path / "a"))
+    wqkv = generator.model.layers[0].attention.wqkv
+    assert isinstance(wqkv, Int8Linear)
+    assert torch.equal(
+        wqkv.qweight, (stored["layers.0.attention.wqkv.weight_codes"].int() - 128).to(torch.int8)
+    )
+    # the real modules read the stored codes, not the float weight: a weight changed after loading moves
+    # no real layer, until calibrate_weight() (which drops the codes) is asked for
+    for layer in layers.values():
+        layer.weight.data.mul_(1.01)
+    to_real(model)
+    assert torch.equal(
+        model.sequence_logits(classes, tokens), generator.model.sequence_logits(classes, tokens)
+    )
+    layer = next(iter(layers.values()))
+    layer.calibrate_weight()
+    assert layer.stored_codes is None
+
+
 def test_a_bundled_models_manifest_records_trained_weights_and_their_sha256(tmp_path):
     from quantcore import zoo
     from quantcore.checkpoint import file_sha256

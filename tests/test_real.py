@@ -144,13 +144,13 @@ def test_speed_objective_keeps_the_fastest_candidate_and_never_one_slower_than_d
     shape = (layer.in_features, layer.out_features, 64)
     times = {"dequantized": 0.010, "int8-gpu": 0.012, "fp8-gpu": 0.008}
     cache = {(path, *shape): ms for path, ms in times.items()}
-    path, reason, record = _fastest(layer, "auto", "", 64, torch.bfloat16, cache)
+    path, reason, record = _fastest(layer, "auto", "", 64, torch.bfloat16, torch.device("cpu"), cache)
     assert (path, reason, record) == ("fp8-gpu", "", {"timings_ms": times, "rows": 64})
     cache[("fp8-gpu", *shape)] = 0.010  # a tie with the baseline keeps the baseline
-    path, reason, record = _fastest(layer, "auto", "", 64, torch.bfloat16, cache)
+    path, reason, record = _fastest(layer, "auto", "", 64, torch.bfloat16, torch.device("cpu"), cache)
     assert path == "dequantized" and set(record["timings_ms"]) == set(times)
     assert reason == "no low-bit kernel faster than the dequantized bf16 GEMM at 64 rows"
-    path, _, record = _fastest(layer, "int8-gpu", "", 64, torch.bfloat16, cache)
+    path, _, record = _fastest(layer, "int8-gpu", "", 64, torch.bfloat16, torch.device("cpu"), cache)
     assert path == "dequantized" and set(record["timings_ms"]) == {"dequantized", "int8-gpu"}
 
 

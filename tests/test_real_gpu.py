@@ -191,6 +191,32 @@ def _attention_reference(q, kc, vc, qpos, kv_len, causal, scale, kv, p_kind, p):
     return probs @ v
 
 
+def test_an_artifact_converts_on_the_cpu_and_the_gpu_gets_only_the_runtime_form(tmp_path):
+    from quantcore.api import load_generator, quantize_job
+    from quantcore.artifact import load_artifact
+    from quantcore.quant.modules import QuantLinear
+    from quantcore.quant.real import RealQuantLinear
+
+    spec = {
+        "model": "llamagen-tiny",
+        "recipe": "ptq4arvg",
+        "calibration": {"num_samples": 4, "batch_size": 4},
+    }
+    quantize_job({**spec, "evaluation": {"num_images": 0}}, tmp_path / "a", device="cpu")
+    generator = load_generator(str(tmp_path / "a"), device="cuda", objective="memory")
+    model = generator.model
+    real = [m for m in model.modules() if isinstance(m, RealQuantLinear)]
+    assert real and not any(isinstance(m, QuantLinear) for m in model.modules())  # no float weight kept
+    assert all(t.is_cuda for t in [*model.parameters(), *(b for b in model.buffers() if b is not None)])
+    on_gpu, _, _ = load_artifact(tmp_path / "a", "cuda")  # the float model on the GPU, converted there
+    to_real(on_gpu, objective="memory")
+    classes = torch.tensor([1, 2], device="cuda")
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0)).cuda()
+    torch.testing.assert_close(
+        model.sequence_logits(classes, tokens), on_gpu.sequence_logits(classes, tokens), rtol=1e-5, atol=1e-5
+    )
+
+
 @pytest.mark.parametrize(
     "b,h,kv_heads,t,length,kv_len,causal,codes,p_kind",
     [

@@ -73,6 +73,10 @@ class QuantLinear(nn.Module):
         # Fake-quantized weight and the version of (weight, params) it was computed from.
         self._wq_cache: torch.Tensor | None = None
         self._wq_key: tuple | None = None
+        # The integer weight codes an artifact stored (uint8, (N, K)), kept by its loader so the real
+        # modules are built from them, not re-quantized from the float weight (quantcore.quant.real.
+        # weight_codes); calibrate_weight() drops them, as anything that changes the weight must.
+        self.stored_codes: torch.Tensor | None = None
 
     @property
     def in_features(self) -> int:
@@ -116,6 +120,7 @@ class QuantLinear(nn.Module):
 
     def calibrate_weight(self) -> None:
         """Per-row range search on the current weight. Call again after a pass rescales the weight."""
+        self.stored_codes = None
         wq = self.weight_quantizer
         wq.reset_stats()
         wq.observe(self.weight)

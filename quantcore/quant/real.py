@@ -110,7 +110,10 @@ def unpack_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
 
 
 def weight_codes(ql: QuantLinear) -> torch.Tensor:
-    """The integer weight codes q_w in 0..2^b-1 exactly as the simulated path rounds them (int32)."""
+    """The integer weight codes q_w in 0..2^b-1 (int32, on the weight's device): the codes an artifact
+    stored where its loader kept them, else the weight rounded exactly as the simulated path rounds it."""
+    if ql.stored_codes is not None:
+        return ql.stored_codes.to(ql.weight.device, torch.int32)
     wq = ql.weight_quantizer
     w = ql.weight.detach().float()
     return quantize_codes(w, wq.scale[:, None], wq.zero_point.float()[:, None], wq.n_bits).to(torch.int32)
@@ -189,13 +192,16 @@ class RealQuantLinear(nn.Module):
         self.packed_bytes = self.out_features * packed_row if self.w_bits in (4, 6) else None
 
     @classmethod
-    def from_quant_linear(cls, ql: QuantLinear, path: str) -> RealQuantLinear:
+    def from_quant_linear(
+        cls, ql: QuantLinear, path: str, device: torch.device | None = None
+    ) -> RealQuantLinear:
+        """The module of `path` for `ql`, on `device` (default: ql's)."""
         kinds = {"int8-cpu": Int8Linear, "int8-gpu": Int8Linear, "fp8-gpu": Fp8Linear}
         kinds |= {"w8-gpu": WeightOnlyLinear, "w4-gpu": WeightOnlyLinear, "dequantized": DequantizedLinear}
         if path not in kinds:
             raise ConfigError(f"no real module for path {path!r}; real paths are {sorted(kinds)}")
         module = kinds[path](ql, path)
-        return module.to(ql.weight.device)
+        return module.to(ql.weight.device if device is None else device)
 
     def _act_params(self, x: torch.Tensor, pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row (scale, zero-point) of the flattened (M, K) input, as float (M,) tensors (dynamic
@@ -361,7 +367,9 @@ class DequantizedLinear(RealQuantLinear):
 
     def __init__(self, ql: QuantLinear, path: str):
         super().__init__(ql)
-        self.register_buffer("weight", ql.quantized_weight().detach().clone())
+        wq = ql.weight_quantizer
+        weight = dequantize_codes(weight_codes(ql), wq.scale[:, None], wq.zero_point.float()[:, None])
+        self.register_buffer("weight", weight.to(ql.weight.dtype))  # = ql.quantized_weight()
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
         return F.linear(self.input_quantizer(x, pos), self.weight, self.bias)
@@ -537,35 +545,43 @@ def time_ms(fn: Callable[[], object], reps: int = 20) -> float:
 
 
 def _layer_timings(
-    ql: QuantLinear, paths: tuple[str, ...], rows: int, dtype: torch.dtype, cache: dict
+    ql: QuantLinear, paths: tuple[str, ...], rows: int, dtype: torch.dtype, device: torch.device, cache: dict
 ) -> dict[str, float]:
-    """ms per call of each path's module for this layer at `rows` input rows, timed once per
+    """ms per call of each path's module for this layer at `rows` input rows on `device`, timed once per
     (path, K, N, rows)."""
     shape = (ql.in_features, ql.out_features, rows)
     missing = [path for path in paths if (path, *shape) not in cache]
     if missing:
         # (1, rows, K): per-position tables see one position repeated
-        x = torch.randn(rows, ql.in_features, device=ql.weight.device, dtype=dtype)[None]
+        x = torch.randn(rows, ql.in_features, device=device, dtype=dtype)[None]
         pos = torch.zeros(1, dtype=torch.long, device=x.device).expand(rows)
         for path in missing:
-            module = RealQuantLinear.from_quant_linear(ql, path)
+            module = RealQuantLinear.from_quant_linear(ql, path, device)
             cache[(path, *shape)] = time_ms(lambda m=module: m(x, pos))
     return {path: cache[(path, *shape)] for path in paths}
 
 
-def _pick_w8a8(ql: QuantLinear, rows: int, dtype: torch.dtype, cache: dict) -> tuple[str, str]:
+def _pick_w8a8(
+    ql: QuantLinear, rows: int, dtype: torch.dtype, device: torch.device, cache: dict
+) -> tuple[str, str]:
     """The faster of the int8 and fp8 modules for this layer's (K, N) at `rows` input rows."""
-    times = _layer_timings(ql, ALTERNATIVES["auto"], rows, dtype, cache)
+    times = _layer_timings(ql, ALTERNATIVES["auto"], rows, dtype, device, cache)
     best = min(times, key=times.get)
     return best, f"timed at {rows} rows: int8 {times['int8-gpu']:.4f} ms, fp8 {times['fp8-gpu']:.4f} ms"
 
 
 def _fastest(
-    ql: QuantLinear, default: str, reason: str, rows: int, dtype: torch.dtype, cache: dict
+    ql: QuantLinear,
+    default: str,
+    reason: str,
+    rows: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    cache: dict,
 ) -> tuple[str, str, dict]:
     """Objective "speed": (path, reason, record) of the fastest candidate, "dequantized" among them."""
     candidates = ("dequantized", *ALTERNATIVES.get(default, (default,)))  # first: it wins a tie
-    times = _layer_timings(ql, candidates, rows, dtype, cache)
+    times = _layer_timings(ql, candidates, rows, dtype, device, cache)
     best = min(candidates, key=times.get)
     if best == "dequantized":
         dtype_name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, dtype)
@@ -605,6 +621,11 @@ def to_real(
 ) -> dict[str, dict]:
     """Swap every eligible QuantLinear of `model` for its real module, in place; returns the execution map.
 
+    The real modules are built on `device` (default: the model's), from the layers' weight codes
+    (`weight_codes`: an artifact's stored codes where its loader kept them). A model still on the CPU
+    converts for a GPU and is moved after (`model.to(device)`), so the GPU never holds the float weight of
+    a layer that runs real; the attention layers' kernels are chosen for `device` too.
+
     `w8a8` picks the GPU W8A8 path: "int8" (exact codes), "fp8", or "auto" (per (K, N) shape, the
     faster at `tune_rows` input rows, timed once here so that the choice is fixed and recorded).
     `objective` (OBJECTIVES; module docstring): None keeps that choice; "speed" times each layer's
@@ -642,16 +663,16 @@ def to_real(
         if recorded is not None and name in recorded:
             path, reason, chosen = _replayed(name, path, reason, recorded[name])
         elif objective == "speed" and path != "simulated":
-            path, reason, timed = _fastest(module, path, reason, tune_rows, dtype, timings)
+            path, reason, timed = _fastest(module, path, reason, tune_rows, dtype, device, timings)
             chosen |= timed
         elif objective == "memory" and path != "simulated":
             path = _smallest(path)
         elif path == "auto":
-            path, reason = _pick_w8a8(module, tune_rows, dtype, timings)
+            path, reason = _pick_w8a8(module, tune_rows, dtype, device, timings)
         if path == "simulated":
             report[name] = {"path": path, "reason": reason} | chosen
             continue
-        real = RealQuantLinear.from_quant_linear(module, path)
+        real = RealQuantLinear.from_quant_linear(module, path, device)
         swap_module(model, name, real)
         report[name] = real.describe_execution() | ({"reason": reason} if reason else {}) | chosen
     for name, module in model.named_modules():
