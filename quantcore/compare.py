@@ -8,7 +8,10 @@ only by quantization. Each row gets:
   held-out sequences (the test split for bundled models, else the FP model's own samples);
 - for bundled (Fashion-MNIST) models, proxy metrics from the project's classifier: proxy-FID against
   the test split and against the FP model's samples, proxy-IS, proxy class accuracy;
-- the calibration selection (pct, cond/uncond counts).
+- the calibration selection (pct, cond/uncond counts);
+- a real-execution row, `vs_simulated`: KL(simulated || real) and top-1 agreement teacher-forced on the
+  same parameters, and (where its simulated twin was measured) the sampled token agreement with it,
+  which runs cached decoding and so the fused attention kernel where the device has one.
 `report.json` holds only numbers that a rerun on the same machine reproduces exactly; wall-clock times
 and memory go to `timings.json`. `report.md` shows both, with deltas vs FP and ratios vs rtn.
 """
@@ -356,6 +359,7 @@ def run_compare(spec: CompareSpec, out_dir: str | Path, progress: Progress | Non
         result, row_timing = _measure_row(row, fp, ref, spec, calibrations, out_dir, stage, report_progress)
         rows.append(result)
         timings["rows"][row.label] = row_timing
+    _sampled_vs_simulated(rows, fp.model.family)
     report = {
         "model": spec.model,
         "family": fp.model.family,
@@ -402,16 +406,34 @@ def _measure_row(row: RowSpec, fp, ref, spec, calibrations, out_dir, stage, prog
         timing["calibration_seconds"] = round(time.perf_counter() - start, 3)
         timing["peak_rss_delta_mib"] = round(memory.peak_mib, 1)
         result["selection"] = _selection_info(calibration)
-        if row.execution == "real":
+        simulated = copy.deepcopy(model) if row.execution == "real" else None
+        if simulated is not None:
             result["execution_paths"] = summarize(to_real(model))  # layers per path
+            # what the kernels change, on the same parameters: KL(simulated || real) teacher-forced
+            result["vs_simulated"] = _rounded(teacher_forced(simulated, model, *ref.heldout))
+            del simulated
         generator = _generator(model, fp, row.label, spec.batch_size)
         start = time.perf_counter()
         tokens, images = _sample(generator, ref.labels, ref.seeds, lambda f: progress(f"{stage} sample", f))
         timing["sampling_seconds"] = round(time.perf_counter() - start, 3)
     result["metrics"] = _rounded(_row_metrics(generator, fp, ref, tokens, images))
+    result["_tokens"] = tokens  # for the real rows' sampled agreement with their simulated twin
     grid = make_grid(images[: spec.grid_images], ncol=min(fp.num_classes, spec.grid_images))
     result["grid"] = save_png(grid, out_dir / f"grid-{row.label}.png").name
     return result, timing
+
+
+def _sampled_vs_simulated(rows: list[dict], family_name: str) -> None:
+    """In place: each real row whose simulated twin (same recipe, bits, selection) was measured gets the
+    sampled agreement with it under the same seeds (cached decoding: the attention kernels included);
+    the sampled tokens leave every row."""
+    tokens = {r["label"]: r.pop("_tokens") for r in rows}
+    for row in rows:
+        twin = row["label"].removesuffix("-real")
+        if row["execution"] == "real" and twin in tokens:
+            row["vs_simulated"].update(
+                _rounded(sampled_fidelity(family_name, tokens[twin], tokens[row["label"]]))
+            )
 
 
 def _noise_floor(fp: ImageGenerator, ref: _Reference, spec: CompareSpec, progress: Progress) -> dict:
@@ -555,6 +577,14 @@ def render_markdown(report: dict, timings: dict, findings: str | None = None) ->
             + " | ".join(cells)
             + f" | {t.get('calibration_seconds', '–')} | {t.get('peak_rss_delta_mib', '–')} |"
         )
+    real = [r for r in rows if "vs_simulated" in r]
+    if real:
+        lines += ["", "Real kernels against the simulated model with the same parameters (teacher-forced on the "
+                  "held-out sequences; sampled under the same seeds where the simulated row was measured too):", ""]  # fmt: skip
+        lines += [
+            f"- {r['label']}: " + ", ".join(f"{k} {v:.3g}" for k, v in r["vs_simulated"].items())
+            for r in real
+        ]
     if "fp_noise_floor" in report:
         floor = report["fp_noise_floor"]
         lines += [
