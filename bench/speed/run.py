@@ -263,7 +263,7 @@ def bench_end_to_end(models, variants, reps, log, deadline: float, save, batches
 # kernel name -> kind, first match wins (Inductor names its fused kernels triton_{poi,red,per}_...)
 KERNEL_KINDS = (
     ("attention", re.compile(r"_attention_body|_combine|flash|fmha|sdpa|softmax", re.I)),
-    ("gemm", re.compile(r"gemm|cutlass|sm90_|nvjet|_wo_gemm|_a8_linear|scaled_mm|matmul", re.I)),
+    ("gemm", re.compile(r"gemm|cutlass|sm90_|nvjet|_lowbit_body|scaled_mm|matmul", re.I)),
     ("fused elementwise / norm", re.compile(r"^triton_", re.I)),
 )
 
