@@ -166,6 +166,16 @@ def build_variant(name: str, variant: str, device: str):
     return model, report
 
 
+def _attention_kind(report: dict) -> str:
+    """How the variant's cached decoding attends: "matmuls", or the fused kernel and its code decode."""
+    if not any(e.get("decode") == "fused kernel" for e in report.values()):
+        return "matmuls"
+    from quantcore.kernels import attention
+
+    codes = any(e.get("kv_cache") == "8-bit codes" for e in report.values())
+    return f"fused kernel ({attention.DECODES[attention.DECODE]} decode)" if codes else "fused kernel"
+
+
 def model_bytes(model: torch.nn.Module) -> int:
     tensors = [*model.parameters(), *(b for b in model.buffers() if b is not None)]
     return sum(t.numel() * t.element_size() for t in tensors)
@@ -235,9 +245,7 @@ def bench_end_to_end(models, variants, reps, log, deadline: float, save, batches
                     "kv_cache": "8-bit codes"
                     if any(e.get("kv_cache") == "8-bit codes" for e in report.values())
                     else "model dtype",
-                    "attention": "fused kernel"
-                    if any(e.get("decode") == "fused kernel" for e in report.values())
-                    else "matmuls",
+                    "attention": _attention_kind(report),
                     "build_s": round(built, 1),
                     "compile_capture_s": round(compiled, 1),
                     "compiled": spec.family not in EAGER_FAMILIES,
