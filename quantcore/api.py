@@ -17,7 +17,7 @@ from quantcore import device as devices
 from quantcore import zoo
 from quantcore.artifact import load_artifact, save_artifact
 from quantcore.calib import build_calibration_set
-from quantcore.calib.pool import check_cancel
+from quantcore.calib.pool import CalibrationSet, check_cancel
 from quantcore.checkpoint import file_sha256
 from quantcore.errors import ArtifactError, ConfigError
 from quantcore.eval.fidelity import sampled_fidelity, teacher_forced
@@ -72,16 +72,31 @@ def load_generator(
     return ImageGenerator(model, tokenizer, get_spec(source).entry.sampling, source, chunk_size)
 
 
-def planned_execution(quantized: torch.nn.Module, job: JobSpec, device: torch.device) -> dict:
+# calibration sequences the planned kernels are compared on against the simulated model
+VS_SIMULATED_SEQUENCES = 16
+
+
+def planned_execution(
+    quantized: torch.nn.Module, job: JobSpec, device: torch.device, calibration: CalibrationSet
+) -> dict:
     """The manifest's execution record: per layer the path a loader on this kind of device runs; with
-    an objective, the planner's choice and its timings, made here on a copy of the model."""
+    an objective, the planner's choice and its timings, made here on a copy of the model, and what those
+    kernels change: `vs_simulated`, the teacher-forced measures of the real copy against the simulated
+    model (KL(simulated || real), top-1 agreement; MAR: condition error) on calibration sequences."""
     objective = job.execution.objective
     if objective is None:
         return {"layers": plan_execution(quantized, device)}
     planned = copy.deepcopy(quantized)
     layers = to_real(planned, device, objective=objective, tune_rows=job.execution.tune_rows)
+    n = min(VS_SIMULATED_SEQUENCES, len(calibration))
+    against = teacher_forced(quantized, planned, calibration.classes[:n], calibration.tokens[:n])
     del planned
-    return {"objective": objective, "tune_rows": job.execution.tune_rows, "layers": layers}
+    return {
+        "objective": objective,
+        "tune_rows": job.execution.tune_rows,
+        "layers": layers,
+        "vs_simulated": {**{k: float(f"{v:.6g}") for k, v in against.items()}, "sequences": n},
+    }
 
 
 def _same_card(record: dict, device: torch.device) -> bool:
@@ -359,7 +374,10 @@ def quantize_job(
         # seconds per phase up to the write (the job record adds the total)
         "timings": {**report_progress.seconds, "until_write": round(time.perf_counter() - started, 3)},
         # per layer, the path a loader on this kind of device runs (the loader records its own)
-        "execution": {**devices.describe_device(device), **planned_execution(quantized, job, device)},
+        "execution": {
+            **devices.describe_device(device),
+            **planned_execution(quantized, job, device, calibration),
+        },
     }
     manifest = save_artifact(
         out_dir, quantized, tokenizer, manifest, tokenizer_file(job.model, job.tokenizer_checkpoint)

@@ -230,6 +230,9 @@ def test_a_jobs_planned_execution_is_recorded_and_replayed_by_the_loader(tmp_pat
     record = manifest["execution"]
     assert record["objective"] == "memory" and record["name"] == "cpu"
     assert record["layers"]["layers.0.attention.wqkv"]["objective"] == "memory"
+    # what the planned kernels change: teacher-forced on the 4 calibration sequences
+    against = record["vs_simulated"]
+    assert against["sequences"] == 4 and 0 <= against["logit_kl"] < 1e-4 and against["top1_agreement"] >= 0.9
     generator = load_generator(str(tmp_path / "a"))
     entry = generator.execution["layers.0.attention.wqkv"]
     assert entry["planned"] == "recorded" and entry["path"] == "int8-cpu" and entry["objective"] == "memory"
