@@ -200,7 +200,9 @@ def time_generation(sampler: FastSampler, reps: int) -> float:
     return statistics.median(times)
 
 
-def bench_end_to_end(models, variants, reps, log, deadline: float, save, batches=None) -> list[dict]:
+def bench_end_to_end(
+    models, variants, reps, log, deadline: float, save, batches=None, eager=EAGER_FAMILIES
+) -> list[dict]:
     rows = []
     for name in models:
         spec = get_spec(name)
@@ -219,7 +221,7 @@ def bench_end_to_end(models, variants, reps, log, deadline: float, save, batches
                 leftover = torch.cuda.memory_allocated() - weights
                 try:  # one failing configuration is recorded, the rest still run
                     t0 = time.perf_counter()
-                    sampler = FastSampler(model, batch, sampling, compile=spec.family not in EAGER_FAMILIES)
+                    sampler = FastSampler(model, batch, sampling, compile=spec.family not in eager)
                     compiled = time.perf_counter() - t0
                     latency = time_generation(sampler, reps)
                 except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
@@ -248,7 +250,7 @@ def bench_end_to_end(models, variants, reps, log, deadline: float, save, batches
                     "attention": _attention_kind(report),
                     "build_s": round(built, 1),
                     "compile_capture_s": round(compiled, 1),
-                    "compiled": spec.family not in EAGER_FAMILIES,
+                    "compiled": spec.family not in eager,
                 }
                 rows.append(row)
                 log(json.dumps(row))
@@ -856,6 +858,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes (default: the family's)")
     parser.add_argument("--skip-gemms", action="store_true")
     parser.add_argument("--steps", type=int, default=4, help="profile: decode steps to profile")
+    parser.add_argument(
+        "--compile-families",
+        default="",
+        help=f"gpu: also torch.compile these of the eagerly run families {EAGER_FAMILIES} (compile_capture_s "
+        "then holds the compile time)",
+    )
     parser.add_argument("--budget-s", type=float, default=480, help="start no new GPU variant after this")
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -884,6 +892,7 @@ def main(argv: list[str] | None = None) -> int:
             started + args.budget_s,
             save,
             [int(b) for b in args.batches.split(",")] if args.batches else None,
+            tuple(f for f in EAGER_FAMILIES if f not in args.compile_families.split(",")),
         )
         part["seconds"] = round(time.perf_counter() - started, 1)
         path.write_text(json.dumps(part, indent=1))
