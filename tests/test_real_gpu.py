@@ -228,9 +228,14 @@ def test_an_artifact_converts_on_the_cpu_and_the_gpu_gets_only_the_runtime_form(
         (64, 16, 16, 1, 577, 577, True, True, 1),  # serving batch: one split per query
     ],
 )
-def test_cached_attention_kernel_matches_reference(b, h, kv_heads, t, length, kv_len, causal, codes, p_kind):
+@pytest.mark.parametrize("decode", ["convert", "fp16-bits", "prmt"])  # every way to read the codes
+def test_cached_attention_kernel_matches_reference(
+    b, h, kv_heads, t, length, kv_len, causal, codes, p_kind, decode, monkeypatch
+):
     pytest.importorskip("triton")
-    import quantcore.kernels.attention  # noqa: F401
+    import quantcore.kernels.attention as attention
+
+    monkeypatch.setattr(attention, "DECODE", attention.DECODES.index(decode))
 
     g = torch.Generator(device="cuda").manual_seed(0)
     d = 64
