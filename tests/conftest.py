@@ -58,6 +58,27 @@ def assert_int8_exact(errors: dict[str, float], exact: float, bound: float = 2e-
     assert len(inexact) <= 1 and max(errors.values()) < bound, inexact
 
 
+def compiled_ffn_kernels(model, rows: int) -> list[str]:
+    """The kernels Inductor generates for block 0's residual FFN (norm, w1/w3, SiLU x, w2, + h) at `rows`
+    tokens of one position: the elementwise passes a compiled decode step makes around its GEMMs."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    block = model.layers[0]
+    param = next(model.parameters())
+    h = torch.randn(rows, 1, model.config.dim, device=param.device, dtype=param.dtype)
+    pos = torch.arange(1, 2, device=param.device)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        _, code = run_and_get_code(
+            torch.compile(lambda h, pos: h + block.feed_forward(block.ffn_norm(h), pos), fullgraph=True),
+            h,
+            pos,
+        )
+    return sorted(set(re.findall(r"\b(?:cpp|triton_(?:poi|red|per))_fused_\w+", "\n".join(code))))
+
+
 def run_cli(*args, check=True) -> subprocess.CompletedProcess:
     """`python -m quantcore ARGS` in a subprocess; asserts success unless check=False."""
     proc = subprocess.run(

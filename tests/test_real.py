@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import assert_int8_exact, layer_errors, random_llamagen
+from conftest import assert_int8_exact, compiled_ffn_kernels, layer_errors, random_llamagen
 from quantcore.api import load_generator, quantize_job
 from quantcore.artifact import load_artifact
 from quantcore.calib import CalibrationSpec, build_calibration_set
@@ -135,6 +135,19 @@ def test_memory_objective_ranks_paths_by_weight_bits_and_ties_go_to_the_default(
     assert _smallest("w4-gpu") == "w4-gpu"  # not its w8-gpu alternative
     assert _smallest("auto") == "int8-gpu"  # int8 and fp8 tie at 8 bits: the exact codes
     assert _smallest("fp8-gpu") == "fp8-gpu" and _smallest("int8-cpu") == "int8-cpu"
+
+
+def test_compiled_w8a8_makes_no_elementwise_pass_more_than_the_float_model(calibrated):
+    """Static activation scales: under torch.compile the norm writes the int8 codes (and their row sums)
+    and each GEMM's epilogue fuses with the elementwise work after it, so the W8A8 FFN runs as many
+    generated kernels as the float one, around its integer GEMMs."""
+    fp, _ = calibrated["llamagen-tiny"]
+    real, _ = _quantized(calibrated, "llamagen-tiny")
+    to_real(real)
+    float_kernels, int8_kernels = compiled_ffn_kernels(fp, 4), compiled_ffn_kernels(real, 4)
+    assert len(int8_kernels) == len(float_kernels) == 3, (float_kernels, int8_kernels)
+    norm = [k for k in int8_kernels if "rsqrt" in k]
+    assert len(norm) == 1 and all(op in norm[0] for op in ("round", "clamp", "sum")), norm
 
 
 def test_speed_objective_keeps_the_fastest_candidate_and_never_one_slower_than_dequantized(calibrated):

@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 
-from conftest import assert_int8_exact, layer_errors, random_llamagen
+from conftest import assert_int8_exact, compiled_ffn_kernels, layer_errors, random_llamagen
 from quantcore.calib import CalibrationSpec, build_calibration_set
 from quantcore.fastgen import generate_tokens
 from quantcore.pipeline import quantize
@@ -55,6 +55,20 @@ def test_w8a8_layers_agree_with_simulation(w8a8):
     # int8 is exact; fp8 is another grid, and sampling on a random tiny model amplifies any change
     # (0.24 seen on an H200; chance is 1/64)
     assert agreement >= (0.99 if w8a8 == "int8" else 0.1), agreement
+
+
+@pytest.mark.parametrize(("w8a8", "rows"), [("fp8", 4), ("int8", 128)])  # int8 past the fused decode kernel
+def test_compiled_w8a8_makes_no_elementwise_pass_more_than_bf16(w8a8, rows):
+    """As on the CPU (tests/test_real.py): the norm writes the 8-bit codes, the epilogues fuse forward."""
+    if w8a8 == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs sm_89+")
+    real, _ = _quantized(8, 8, torch.bfloat16)
+    to_real(real, w8a8=w8a8)
+    bf16 = random_llamagen("llamagen-tiny", std=0.3).to("cuda", torch.bfloat16)
+    bf16_kernels, w8a8_kernels = compiled_ffn_kernels(bf16, rows), compiled_ffn_kernels(real, rows)
+    assert len(w8a8_kernels) == len(bf16_kernels), (bf16_kernels, w8a8_kernels)
+    norm = [k for k in w8a8_kernels if "rsqrt" in k]
+    assert len(norm) == 1 and "clamp" in norm[0], norm
 
 
 @pytest.mark.parametrize("bits", [8, 4])
