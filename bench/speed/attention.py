@@ -8,6 +8,7 @@ and the last step, and a VAR-d16 batch-64 last scale (256 queries over 680 visib
 
     matmul (compiled)  the layer's own path in the bf16 variant: q K^T over the whole static cache, masked,
                        fp32 softmax, P V, under torch.compile (what compiled bf16 runs)
+    matmul over u8     the same after decoding a whole 8-bit cache (a layer without the fused kernel)
     sdpa               F.scaled_dot_product_attention over exactly the visible keys (a sliced cache: the
                        best library kernel, but not graph-capturable at a changing length)
     fused bf16         quantcore::cached_attention over the bf16 cache
@@ -45,6 +46,14 @@ def _matmul_path(q, k, v, mask, scale):
     return torch.softmax(scores.float(), dim=-1).type_as(q) @ v
 
 
+def _matmul_path_over_codes(q, k_codes, v_codes, mask, scale):
+    """What a layer without the fused kernel runs over an 8-bit cache: decode it whole, then the matmuls."""
+    (s_k, z_k), (s_v, z_v) = KV[0:2], KV[2:4]
+    k = ((k_codes.float() - z_k) * s_k).to(q.dtype)
+    v = ((v_codes.float() - z_v) * s_v).to(q.dtype)
+    return _matmul_path(q, k, v, mask, scale)
+
+
 def bench_case(case, reps: int, decodes: tuple[str, ...]) -> list[dict]:
     import quantcore.kernels.attention as attention
 
@@ -60,11 +69,12 @@ def bench_case(case, reps: int, decodes: tuple[str, ...]) -> list[dict]:
     qpos = torch.arange(visible - t, visible, device="cuda")
     keys = torch.arange(length, device="cuda")
     mask = (keys[None, :] <= qpos[:, None]) if causal else (keys[None, :] < visible).expand(t, length)
-    compiled = torch.compile(_matmul_path)
+    compiled, compiled_codes = torch.compile(_matmul_path), torch.compile(_matmul_path_over_codes)
     op = torch.ops.quantcore.cached_attention
     kv_bytes = {"bf16": 2 * rows * heads * visible * d * 2, "u8": 2 * rows * heads * visible * d}
     runs = {
         "matmul (compiled)": ("bf16", lambda: compiled(q, *floats, mask, scale)),
+        "matmul over u8 (compiled)": ("u8", lambda: compiled_codes(q, *codes, mask, scale)),
         "sdpa": ("bf16", lambda: F.scaled_dot_product_attention(
             q, floats[0][:, :, :visible], floats[1][:, :, :visible], is_causal=False)),
         "fused bf16": ("bf16", lambda: op(q, *floats, qpos, length, causal, scale, KV, 0, [])),
