@@ -59,8 +59,9 @@ def assert_int8_exact(errors: dict[str, float], exact: float, bound: float = 2e-
 
 
 def compiled_ffn_kernels(model, rows: int) -> list[str]:
-    """The kernels Inductor generates for block 0's residual FFN (norm, w1/w3, SiLU x, w2, + h) at `rows`
-    tokens of one position: the elementwise passes a compiled decode step makes around its GEMMs."""
+    """The kernels Inductor generates for the residual FFN of a LlamaGen's block 0 (norm, w1/w3, SiLU x,
+    w2, + h) at `rows` tokens of one position: the elementwise passes a compiled decode step makes
+    around its GEMMs."""
     import re
 
     from torch._inductor.utils import run_and_get_code
