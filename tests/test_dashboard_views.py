@@ -98,3 +98,26 @@ def test_layer_rows_read_quantizers_and_execution_paths():
     assert (linear.path, linear.storage) == ("int8-cpu", "6-bit codes, packed 4")
     assert (matmul.path, matmul.reason, matmul.storage) == ("simulated", "a x a", "-")
     assert views.layer_rows({"layers": "not a mapping"}) == []
+
+
+def test_execution_summary_shows_the_plan_and_what_its_kernels_change():
+    manifest = {
+        "execution": {
+            "name": "NVIDIA H200",
+            "objective": "speed",
+            "layers": {"a": {"path": "fp8-gpu"}, "b": {"path": "fp8-gpu"}, "c": {"path": "simulated"}},
+            "vs_simulated": {"logit_kl": 0.000582226, "top1_agreement": 0.985352, "sequences": 16},
+        }
+    }
+    assert views.execution_summary(manifest) == [
+        ("device", "NVIDIA H200"),
+        ("objective", "speed"),
+        ("layers per path", "fp8-gpu: 2, simulated: 1"),
+        ("real vs simulated", "logit_kl: 0.0005822, top1_agreement: 0.9854, sequences: 16"),
+    ]
+    planned_at_load = {"execution": {"name": "cpu", "layers": {"a": {"path": "int8-cpu"}}}}
+    assert views.execution_summary(planned_at_load)[1:] == [
+        ("objective", "-"),
+        ("layers per path", "int8-cpu: 1"),
+    ]
+    assert views.execution_summary({}) == [] and views.execution_summary({"execution": [1]}) == []

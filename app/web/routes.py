@@ -360,6 +360,7 @@ def job_report(job_id: str, request: Request, db: SessionDep, ws: WebSessionDep)
         "layer_rows": views.layer_rows(manifest),
         "stage_rows": views.stage_rows(manifest, job.metrics),
         "calibration": views.calibration_summary(manifest),
+        "execution": views.execution_summary(manifest),
         "grids": views.report_grids(job, manifest),
         "layer_plots": views.per_layer_plots(manifest),
         "bits_plots": views.metric_vs_bits_plots(_succeeded_of_model(db, principal, job.spec.model)),

@@ -3,6 +3,7 @@ artifact manifest: metric rows, the per-layer table, the plots' data. Reading on
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Any
 
@@ -222,6 +223,27 @@ def calibration_summary(manifest: dict[str, Any]) -> list[tuple[str, str]]:
             rows.append((key, ", ".join(f"{k}: {plots_number(v)}" for k, v in value.items())))
         else:
             rows.append((key, plots_number(value)))
+    return rows
+
+
+def execution_summary(manifest: dict[str, Any]) -> list[tuple[str, str]]:
+    """The planned execution: the device it was planned on, the objective, layers per path and what the
+    planned kernels change against the simulated model (`vs_simulated`); [] where nothing was planned."""
+    execution = section(manifest, "execution")
+    if not execution:
+        return []
+    rows = [
+        ("device", str(execution.get("name", "?"))),
+        ("objective", str(execution.get("objective") or "-")),
+    ]
+    paths = collections.Counter(
+        str(e.get("path", "?")) for e in section(execution, "layers").values() if isinstance(e, dict)
+    )
+    if paths:
+        rows.append(("layers per path", ", ".join(f"{p}: {n}" for p, n in sorted(paths.items()))))
+    against = section(execution, "vs_simulated")
+    if against:
+        rows.append(("real vs simulated", ", ".join(f"{k}: {plots_number(v)}" for k, v in against.items())))
     return rows
 
 

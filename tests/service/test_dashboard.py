@@ -209,6 +209,8 @@ def test_the_reports_grids_come_from_the_generation_service_once(service, keys, 
     assert done["state"] == "succeeded", done
     alice = logged_in(service, keys["alice"])
     report = alice.get(f"/ui/jobs/{job['id']}").text
+    plan = re.search(r'<table class="data" id="execution">(.*?)</table>', report, re.S).group(1)
+    assert "int8-cpu: 1, simulated: 1" in plan and "logit_kl: 0.0004, top1_agreement: 0.99" in plan
     sources = [s.replace("&amp;", "&") for s in re.findall(r'<img src="(/ui/grid\.png\?[^"]+)"', report)]
     assert len(sources) == 2 and "model%3Ascripted-fast" in sources[0] and done["artifact_id"] in sources[1]
     before = generate_count(service, keys["root"])
