@@ -15,8 +15,8 @@ Writes are atomic (a temporary sibling folder renamed into place); loading verif
 before a byte is deserialised, and nothing is unpickled. Loading turns the codes back into the weight
 (q - z) * s in its recorded dtype (which re-quantizes to the same codes: |q - z| <= 255 and bf16's
 relative rounding 2^-9 keep it within half a step), so a loaded model computes what the saved one did,
-and keeps the codes themselves on each layer (`QuantLinear.stored_codes`): the real modules are built
-from what was stored, with no codes -> floats -> codes round trip.
+and keeps the codes themselves on each layer (`QuantLinear.keep_stored_codes`): while a weight is the
+loaded one, its real module is built from what was stored, not re-quantized from the float weight.
 Format 1 artifacts (float weights) still load.
 """
 
@@ -272,9 +272,10 @@ def load_artifact(artifact_dir: str | Path, device: str | torch.device = "cpu"):
             tokenizer.load_state_dict(load_file(str(artifact_dir / TOKENIZER_FILE)), strict=True)
     except RuntimeError as exc:
         raise ArtifactError(f"{artifact_dir}: weights do not fit the recorded structure: {exc}") from None
-    for name, codes in stored.items():
-        model.get_submodule(name).stored_codes = codes
     bind_tokenizer(model, tokenizer)
     weight_only = manifest["recipe"]["a_bits"] is None
     set_quant_mode(model, weights="on", acts="off" if weight_only else "on")
-    return model.to(device).eval(), tokenizer.to(device).eval(), manifest
+    model = model.to(device).eval()
+    for name, codes in stored.items():  # kept for the weights as they now are, on `device`
+        model.get_submodule(name).keep_stored_codes(codes)
+    return model, tokenizer.to(device).eval(), manifest

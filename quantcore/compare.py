@@ -353,13 +353,15 @@ def run_compare(spec: CompareSpec, out_dir: str | Path, progress: Progress | Non
     ref = _Reference(fp, spec, bundled, report_progress)
     timings: dict = {"rows": {}, "fp_reference": round(time.perf_counter() - started, 3)}
     calibrations = _Calibrations(fp, spec, report_progress, timings)
-    rows = []
+    rows, tokens = [], {}  # tokens: each row's samples, for the real rows' agreement with their twins
     for i, row in enumerate(spec.rows):
         stage = f"[{i + 1}/{len(spec.rows)}] {row.label}"
-        result, row_timing = _measure_row(row, fp, ref, spec, calibrations, out_dir, stage, report_progress)
+        result, row_timing, tokens[row.label] = _measure_row(
+            row, fp, ref, spec, calibrations, out_dir, stage, report_progress
+        )
         rows.append(result)
         timings["rows"][row.label] = row_timing
-    _sampled_vs_simulated(rows, fp.model.family)
+    _sampled_vs_simulated(rows, tokens, fp.model.family)
     report = {
         "model": spec.model,
         "family": fp.model.family,
@@ -384,7 +386,10 @@ def run_compare(spec: CompareSpec, out_dir: str | Path, progress: Progress | Non
     return report
 
 
-def _measure_row(row: RowSpec, fp, ref, spec, calibrations, out_dir, stage, progress) -> tuple[dict, dict]:
+def _measure_row(
+    row: RowSpec, fp, ref, spec, calibrations, out_dir, stage, progress
+) -> tuple[dict, dict, torch.Tensor]:
+    """(result, timing, sampled tokens) of one row."""
     timing: dict = {}
     result: dict = {"label": row.label, "recipe": row.recipe, "bits": row.bits, "selection": None}
     result["execution"] = row.execution
@@ -406,8 +411,8 @@ def _measure_row(row: RowSpec, fp, ref, spec, calibrations, out_dir, stage, prog
         timing["calibration_seconds"] = round(time.perf_counter() - start, 3)
         timing["peak_rss_delta_mib"] = round(memory.peak_mib, 1)
         result["selection"] = _selection_info(calibration)
-        simulated = copy.deepcopy(model) if row.execution == "real" else None
-        if simulated is not None:
+        if row.execution == "real":
+            simulated = copy.deepcopy(model)
             result["execution_paths"] = summarize(to_real(model))  # layers per path
             # what the kernels change, on the same parameters: KL(simulated || real) teacher-forced
             result["vs_simulated"] = _rounded(teacher_forced(simulated, model, *ref.heldout))
@@ -417,17 +422,14 @@ def _measure_row(row: RowSpec, fp, ref, spec, calibrations, out_dir, stage, prog
         tokens, images = _sample(generator, ref.labels, ref.seeds, lambda f: progress(f"{stage} sample", f))
         timing["sampling_seconds"] = round(time.perf_counter() - start, 3)
     result["metrics"] = _rounded(_row_metrics(generator, fp, ref, tokens, images))
-    result["_tokens"] = tokens  # for the real rows' sampled agreement with their simulated twin
     grid = make_grid(images[: spec.grid_images], ncol=min(fp.num_classes, spec.grid_images))
     result["grid"] = save_png(grid, out_dir / f"grid-{row.label}.png").name
-    return result, timing
+    return result, timing, tokens
 
 
-def _sampled_vs_simulated(rows: list[dict], family_name: str) -> None:
+def _sampled_vs_simulated(rows: list[dict], tokens: dict[str, torch.Tensor], family_name: str) -> None:
     """In place: each real row whose simulated twin (same recipe, bits, selection) was measured gets the
-    sampled agreement with it under the same seeds (cached decoding: the attention kernels included);
-    the sampled tokens leave every row."""
-    tokens = {r["label"]: r.pop("_tokens") for r in rows}
+    sampled agreement with it under the same seeds (cached decoding: the attention kernels included)."""
     for row in rows:
         twin = row["label"].removesuffix("-real")
         if row["execution"] == "real" and twin in tokens:

@@ -1,4 +1,5 @@
 import copy
+import re
 import subprocess
 import sys
 import warnings
@@ -62,8 +63,6 @@ def compiled_ffn_kernels(model, rows: int) -> list[str]:
     """The kernels Inductor generates for the residual FFN of a LlamaGen's block 0 (norm, w1/w3, SiLU x,
     w2, + h) at `rows` tokens of one position: the elementwise passes a compiled decode step makes
     around its GEMMs."""
-    import re
-
     from torch._inductor.utils import run_and_get_code
 
     block = model.layers[0]

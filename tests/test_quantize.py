@@ -156,7 +156,7 @@ def test_loaded_artifact_reproduces_outputs_bit_for_bit(tmp_path):
 def test_an_artifacts_real_layers_are_built_from_its_stored_codes(tmp_path):
     from safetensors.torch import load_file
 
-    from quantcore.quant.real import Int8Linear, to_real, weight_codes
+    from quantcore.quant.real import Int8Linear, RealQuantLinear, weight_codes
 
     spec = {
         "model": "llamagen-tiny",
@@ -168,30 +168,28 @@ def test_an_artifacts_real_layers_are_built_from_its_stored_codes(tmp_path):
     model, _, _ = load_artifact(tmp_path / "a")
     layers = {n: m for n, m in iter_quant_modules(model) if isinstance(m, QuantLinear)}
     for name, layer in layers.items():
-        assert torch.equal(layer.stored_codes, stored[f"{name}.weight_codes"])  # 8-bit: one byte each
-        codes = weight_codes(layer)
-        layer.stored_codes = None
-        assert torch.equal(codes, weight_codes(layer))  # what re-quantizing the loaded weight would give
-        layer.stored_codes = codes.to(torch.uint8)
-    classes = torch.tensor([1, 2])
-    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+        assert torch.equal(layer.stored_codes(), stored[f"{name}.weight_codes"])  # 8-bit: one byte each
+        # a copy's weight is another tensor, so it re-quantizes: to the same codes
+        assert torch.equal(weight_codes(copy.deepcopy(layer)), stored[f"{name}.weight_codes"].int())
     generator = load_generator(str(tmp_path / "a"))
     wqkv = generator.model.layers[0].attention.wqkv
     assert isinstance(wqkv, Int8Linear)
     assert torch.equal(
         wqkv.qweight, (stored["layers.0.attention.wqkv.weight_codes"].int() - 128).to(torch.int8)
     )
-    # the real modules read the stored codes, not the float weight: a weight changed after loading moves
-    # no real layer, until calibrate_weight() (which drops the codes) is asked for
-    for layer in layers.values():
-        layer.weight.data.mul_(1.01)
-    to_real(model)
+    # the real module is built from the kept codes (here one code moved, so the source shows) ...
+    layer = layers["layers.0.attention.wqkv"]
+    moved = stored["layers.0.attention.wqkv.weight_codes"].clone()
+    moved[0, 0] = (int(moved[0, 0]) + 1) % 256
+    layer.keep_stored_codes(moved)
     assert torch.equal(
-        model.sequence_logits(classes, tokens), generator.model.sequence_logits(classes, tokens)
+        RealQuantLinear.from_quant_linear(layer, "int8-cpu").qweight, (moved.int() - 128).to(torch.int8)
     )
-    layer = next(iter(layers.values()))
-    layer.calibrate_weight()
-    assert layer.stored_codes is None
+    # ... only while the weight is the loaded one: an edited weight is quantized afresh
+    with torch.no_grad():
+        layer.weight.mul_(1.01)
+    assert layer.stored_codes() is None
+    assert not torch.equal(weight_codes(layer), moved.int())
 
 
 def test_a_bundled_models_manifest_records_trained_weights_and_their_sha256(tmp_path):

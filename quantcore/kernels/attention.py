@@ -41,7 +41,9 @@ P_NONE, P_UNIFORM, P_LOG_SQRT2 = 0, 1, 2
 ONLINE, STATS, QUANT_P = 0, 1, 2
 # how the kernel turns uint8 codes into numbers for the tensor cores (bench/speed/attention.py times each)
 DECODES = ("convert", "fp16-bits", "prmt")
-DECODE = 0  # the decode measured end to end on an H200 (2026-12-04); the others await bench/speed/attention.py
+DECODE = (
+    0  # the decode measured end to end on an H200 (2026-12-04); the others await bench/speed/attention.py
+)
 
 
 @triton.jit

@@ -73,10 +73,9 @@ class QuantLinear(nn.Module):
         # Fake-quantized weight and the version of (weight, params) it was computed from.
         self._wq_cache: torch.Tensor | None = None
         self._wq_key: tuple | None = None
-        # The integer weight codes an artifact stored (uint8, (N, K)), kept by its loader so the real
-        # modules are built from them, not re-quantized from the float weight (quantcore.quant.real.
-        # weight_codes); calibrate_weight() drops them, as anything that changes the weight must.
-        self.stored_codes: torch.Tensor | None = None
+        # The integer weight codes an artifact stored (uint8, (N, K)) and the weight key they belong to:
+        # the real modules are built from them while the weight is the loaded one (stored_codes()).
+        self._stored: tuple[torch.Tensor, tuple] | None = None
 
     @property
     def in_features(self) -> int:
@@ -120,12 +119,27 @@ class QuantLinear(nn.Module):
 
     def calibrate_weight(self) -> None:
         """Per-row range search on the current weight. Call again after a pass rescales the weight."""
-        self.stored_codes = None
         wq = self.weight_quantizer
         wq.reset_stats()
         wq.observe(self.weight)
         wq.finalize()
         wq.reset_stats()
+
+    def _weight_key(self) -> tuple:
+        """What the weight's codes depend on: in-place edits (not through `.data`) and load_state_dict
+        bump a tensor's _version; .to() changes its data_ptr."""
+        wq = self.weight_quantizer
+        return tuple((t._version, t.data_ptr()) for t in (self.weight, wq.scale, wq.zero_point))
+
+    def keep_stored_codes(self, codes: torch.Tensor) -> None:
+        """Keep an artifact's integer codes of the weight as it is now (its loader calls this)."""
+        self._stored = (codes, self._weight_key())
+
+    def stored_codes(self) -> torch.Tensor | None:
+        """The kept codes, or None once the weight or its quantizer's parameters changed since."""
+        if self._stored is None or self._stored[1] != self._weight_key():
+            return None
+        return self._stored[0]
 
     def quantized_weight(self) -> torch.Tensor:
         """Fake-quantized weight, recomputed only when the weight or its parameters changed."""
@@ -140,8 +154,7 @@ class QuantLinear(nn.Module):
                 if self._wq_cache is not None
                 else wq.quantize(self.weight, None).to(self.weight.dtype)
             )
-        # In-place edits and load_state_dict bump _version; .to() changes data_ptr.
-        key = tuple((t._version, t.data_ptr()) for t in (self.weight, wq.scale, wq.zero_point))
+        key = self._weight_key()
         if self._wq_key != key:
             with torch.no_grad():
                 self._wq_cache = wq.quantize(self.weight, None).to(self.weight.dtype)

@@ -109,11 +109,20 @@ def unpack_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     raise ConfigError(f"packing is defined for 4 and 6 bits, got {bits}")
 
 
+def dequantized_weight(ql: QuantLinear) -> torch.Tensor:
+    """(q_w - z) s in fp32: the weight the simulated path multiplies by (ql.quantized_weight() before its
+    cast to the model dtype)."""
+    wq = ql.weight_quantizer
+    return dequantize_codes(weight_codes(ql), wq.scale[:, None], wq.zero_point.float()[:, None])
+
+
 def weight_codes(ql: QuantLinear) -> torch.Tensor:
     """The integer weight codes q_w in 0..2^b-1 (int32, on the weight's device): the codes an artifact
-    stored where its loader kept them, else the weight rounded exactly as the simulated path rounds it."""
-    if ql.stored_codes is not None:
-        return ql.stored_codes.to(ql.weight.device, torch.int32)
+    stored while the weight is the loaded one, else the weight rounded exactly as the simulated path
+    rounds it."""
+    stored = ql.stored_codes()
+    if stored is not None:
+        return stored.to(ql.weight.device, torch.int32)
     wq = ql.weight_quantizer
     w = ql.weight.detach().float()
     return quantize_codes(w, wq.scale[:, None], wq.zero_point.float()[:, None], wq.n_bits).to(torch.int32)
@@ -304,8 +313,7 @@ class Fp8Linear(RealQuantLinear):
         self.path = path
         aq = ql.input_quantizer
         self.a_bits, self.a_qmax = aq.n_bits, 2**aq.n_bits - 1
-        wq = ql.weight_quantizer
-        w_hat = dequantize_codes(weight_codes(ql), wq.scale[:, None], wq.zero_point.float()[:, None])
+        w_hat = dequantized_weight(ql)
         row_scale = (w_hat.abs().amax(1) / E4M3_MAX).clamp(min=1e-12)
         self.register_buffer("qweight", (w_hat / row_scale[:, None]).to(torch.float8_e4m3fn))
         self.register_buffer("w8_scale", row_scale[None, :].contiguous())
@@ -367,9 +375,7 @@ class DequantizedLinear(RealQuantLinear):
 
     def __init__(self, ql: QuantLinear, path: str):
         super().__init__(ql)
-        wq = ql.weight_quantizer
-        weight = dequantize_codes(weight_codes(ql), wq.scale[:, None], wq.zero_point.float()[:, None])
-        self.register_buffer("weight", weight.to(ql.weight.dtype))  # = ql.quantized_weight()
+        self.register_buffer("weight", dequantized_weight(ql).to(ql.weight.dtype))  # = ql.quantized_weight()
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
         return F.linear(self.input_quantizer(x, pos), self.weight, self.bias)
@@ -623,8 +629,8 @@ def to_real(
 
     The real modules are built on `device` (default: the model's), from the layers' weight codes
     (`weight_codes`: an artifact's stored codes where its loader kept them). A model still on the CPU
-    converts for a GPU and is moved after (`model.to(device)`), so the GPU never holds the float weight of
-    a layer that runs real; the attention layers' kernels are chosen for `device` too.
+    converts for a GPU and is moved after (`model.to(device)`), so the float weight of a layer that runs
+    real is never copied to the GPU; the attention layers' kernels are chosen for `device` too.
 
     `w8a8` picks the GPU W8A8 path: "int8" (exact codes), "fp8", or "auto" (per (K, N) shape, the
     faster at `tune_rows` input rows, timed once here so that the choice is fixed and recorded).
