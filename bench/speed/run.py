@@ -28,6 +28,7 @@ CPU: the tiny registry models calibrated by the engine (ptq4arvg W8A8), fp32 vs 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -63,6 +64,7 @@ GPU_MODELS = (
     "mar-l",
 )
 GPU_VARIANTS = ("bf16", "bf16-fused", "w8a8-fp8", "w8a8-fp8-kv", "w8a8-int8", "w8", "w4", "planner-speed")
+# a variant may name the way its fused attention kernel decodes 8-bit codes: "w8a8-fp8-kv@fp16-bits"
 PLANNER_ROWS = 2  # planner-speed times its candidates at batch 1's decode shape (CFG: 2 rows)
 BATCHES = {
     "llamagen": (1, 8, 32, 64),
@@ -72,6 +74,20 @@ BATCHES = {
 }
 EIGHT_BIT = ("w8a8-fp8", "w8a8-fp8-kv", "w8a8-int8", "w8")
 W8A8 = ("w8a8-fp8", "w8a8-fp8-kv", "w8a8-int8")  # 8-bit weights with the 8-bit KV cache
+
+
+def split_variant(variant: str) -> tuple[str, str | None]:
+    """Split "w8a8-fp8-kv@fp16-bits" into ("w8a8-fp8-kv", "fp16-bits"): a variant and the way its fused attention
+    kernel decodes 8-bit codes (one of quantcore.kernels.attention.DECODES; none: the module's default)."""
+    base, _, decode = variant.partition("@")
+    return base, decode or None
+
+
+def variant_order(variants) -> list[str]:
+    """The variants present, in GPU_VARIANTS order (a decode-suffixed one right after its base)."""
+    return sorted(set(variants), key=lambda v: (GPU_VARIANTS.index(split_variant(v)[0]), v))
+
+
 # VAR's ten scale shapes: torch.compile with dynamic shapes took ~300 s per batch size on an H200 (2026-11-27),
 # more than a device call allows, so VAR runs eager kernels replayed from one CUDA graph in every variant;
 # MAR's encoder width changes every round, so its plan runs eager step by step (no graph) in every variant
@@ -212,58 +228,79 @@ def bench_end_to_end(
                 rows.append({"model": name, "variant": variant, "error": "skipped: out of the call's time"})
                 continue
             torch._dynamo.reset()  # each variant compiles afresh: no stale guards, no recompile limit
-            t0 = time.perf_counter()
-            model, report = build_variant(name, variant, "cuda")
-            built = time.perf_counter() - t0
-            for batch in batches or BATCHES[spec.family]:
-                torch.cuda.reset_peak_memory_stats()
-                weights = model_bytes(model)  # no KV caches yet
-                leftover = torch.cuda.memory_allocated() - weights
-                try:  # one failing configuration is recorded, the rest still run
-                    t0 = time.perf_counter()
-                    sampler = FastSampler(model, batch, sampling, compile=spec.family not in eager)
-                    compiled = time.perf_counter() - t0
-                    latency = time_generation(sampler, reps)
-                except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
-                    rows.append({"model": name, "variant": variant, "batch": batch, "error": str(exc)[:300]})
-                    log(f"{name} {variant} {batch}: {exc}")
-                    model.clear_caches()
-                    continue
-                tokens = spec.config.num_tokens
-                row = {
-                    "model": name,
-                    "variant": variant,
-                    "batch": batch,
-                    "tokens": tokens,
-                    "latency_s": round(latency, 4),
-                    "images_per_s": round(batch / latency, 2),
-                    "ms_per_token_step": round(1e3 * latency / sampler.plan.steps, 4),
-                    # peak of this run: weights + KV caches + graph pool + workspaces, without what
-                    # earlier runs left allocated in this process
-                    "peak_mem_gib": round((torch.cuda.max_memory_allocated() - leftover) / 2**30, 3),
-                    "weights_gib": round(weights / 2**30, 3),
-                    "leftover_gib": round(leftover / 2**30, 3),
-                    "paths": summarize(report) if report else {"bf16": "all"},
-                    "kv_cache": "8-bit codes"
-                    if any(e.get("kv_cache") == "8-bit codes" for e in report.values())
-                    else "model dtype",
-                    "attention": _attention_kind(report),
-                    "build_s": round(built, 1),
-                    "compile_capture_s": round(compiled, 1),
-                    "compiled": spec.family not in eager,
-                }
-                rows.append(row)
-                log(json.dumps(row))
-                save(rows)
-                sampler.close()
-                del sampler
-                gc.collect()  # the plan's compiled bound methods form cycles: free its buffers now
-                torch.cuda.empty_cache()
-            del model, report
-            torch._dynamo.reset()  # compiled code holds the model: free it before the next variant
-            gc.collect()
-            torch.cuda.empty_cache()
+            base, decode = split_variant(variant)
+            with attention_decode(decode):
+                _bench_variant(name, variant, base, spec, sampling, reps, log, save, batches, eager, rows)
     return rows
+
+
+@contextlib.contextmanager
+def attention_decode(decode: str | None):
+    """Run with the fused attention kernel decoding 8-bit codes the `decode` way (None: as it is)."""
+    from quantcore.kernels import attention
+
+    default = attention.DECODE
+    if decode is not None:
+        attention.DECODE = attention.DECODES.index(decode)
+    try:
+        yield
+    finally:
+        attention.DECODE = default
+
+
+def _bench_variant(name, variant, base, spec, sampling, reps, log, save, batches, eager, rows) -> None:
+    """Measure one variant at each batch, appending to `rows` (saved after each, so a cut-off call keeps them)."""
+    t0 = time.perf_counter()
+    model, report = build_variant(name, base, "cuda")
+    built = time.perf_counter() - t0
+    for batch in batches or BATCHES[spec.family]:
+        torch.cuda.reset_peak_memory_stats()
+        weights = model_bytes(model)  # no KV caches yet
+        leftover = torch.cuda.memory_allocated() - weights
+        try:  # one failing configuration is recorded, the rest still run
+            t0 = time.perf_counter()
+            sampler = FastSampler(model, batch, sampling, compile=spec.family not in eager)
+            compiled = time.perf_counter() - t0
+            latency = time_generation(sampler, reps)
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+            rows.append({"model": name, "variant": variant, "batch": batch, "error": str(exc)[:300]})
+            log(f"{name} {variant} {batch}: {exc}")
+            model.clear_caches()
+            continue
+        tokens = spec.config.num_tokens
+        row = {
+            "model": name,
+            "variant": variant,
+            "batch": batch,
+            "tokens": tokens,
+            "latency_s": round(latency, 4),
+            "images_per_s": round(batch / latency, 2),
+            "ms_per_token_step": round(1e3 * latency / sampler.plan.steps, 4),
+            # peak of this run: weights + KV caches + graph pool + workspaces, without what
+            # earlier runs left allocated in this process
+            "peak_mem_gib": round((torch.cuda.max_memory_allocated() - leftover) / 2**30, 3),
+            "weights_gib": round(weights / 2**30, 3),
+            "leftover_gib": round(leftover / 2**30, 3),
+            "paths": summarize(report) if report else {"bf16": "all"},
+            "kv_cache": "8-bit codes"
+            if any(e.get("kv_cache") == "8-bit codes" for e in report.values())
+            else "model dtype",
+            "attention": _attention_kind(report),
+            "build_s": round(built, 1),
+            "compile_capture_s": round(compiled, 1),
+            "compiled": spec.family not in eager,
+        }
+        rows.append(row)
+        log(json.dumps(row))
+        save(rows)
+        sampler.close()
+        del sampler
+        gc.collect()  # the plan's compiled bound methods form cycles: free its buffers now
+        torch.cuda.empty_cache()
+    del model, report
+    torch._dynamo.reset()  # compiled code holds the model: free it before the next variant
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -285,58 +322,65 @@ def kernel_kind(name: str) -> str:
 def profile_steps(name: str, variants, batch: int, steps: int, log) -> list[dict]:
     """GPU time per kernel over `steps` decode steps from the middle of the sequence, step by step (the
     kernels a graph replays, without the graph), per variant; kernels grouped by KERNEL_KINDS."""
-    from torch.profiler import ProfilerActivity, profile
-
     spec = get_spec(name)
     out = []
     for variant in variants:
-        torch._dynamo.reset()
-        model, _ = build_variant(name, variant, "cuda")
-        sampler = FastSampler(model, batch, spec.entry.sampling.to_dict(), compile=True, graph=False)
-        plan = sampler.plan
-        plan.install_caches()
-        plan.reset(torch.arange(batch, device="cuda") % 1000, list(range(batch)))
-        plan.prologue()
-        middle = plan.steps // 2
-        for _ in range(middle):
+        base, decode = split_variant(variant)
+        with attention_decode(decode):
+            out.append(_profile_variant(spec, variant, base, batch, steps, log))
+    return out
+
+
+def _profile_variant(spec, variant, base, batch, steps, log) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    name = spec.name
+    torch._dynamo.reset()
+    model, _ = build_variant(name, base, "cuda")
+    sampler = FastSampler(model, batch, spec.entry.sampling.to_dict(), compile=True, graph=False)
+    plan = sampler.plan
+    plan.install_caches()
+    plan.reset(torch.arange(batch, device="cuda") % 1000, list(range(batch)))
+    plan.prologue()
+    middle = plan.steps // 2
+    for _ in range(middle):
+        plan.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
             plan.step()
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(steps):
-                plan.step()
-            torch.cuda.synchronize()
-        kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
-        total = sum(e.device_time_total for e in kernels)
-        kinds: dict[str, float] = {}
-        for e in kernels:
-            kind = kernel_kind(e.key)
-            kinds[kind] = kinds.get(kind, 0.0) + e.device_time_total
-        top = sorted(kernels, key=lambda e: -e.device_time_total)[:12]
-        row = {
-            "model": name,
-            "variant": variant,
-            "batch": batch,
-            "steps": f"{middle}..{middle + steps - 1} of {plan.steps}",
-            "gpu_ms_per_step": round(total / 1e3 / steps, 3),
-            "ms_per_step_by_kind": {k: round(v / 1e3 / steps, 3) for k, v in sorted(kinds.items())},
-            "top_kernels": [
-                {
-                    "kernel": e.key[:120],
-                    "kind": kernel_kind(e.key),
-                    "calls_per_step": e.count // steps,
-                    "ms_per_step": round(e.device_time_total / 1e3 / steps, 3),
-                }
-                for e in top
-            ],  # fmt: skip
-        }
-        out.append(row)
-        log(json.dumps(row))
-        sampler.close()
-        del sampler, plan, model
-        torch._dynamo.reset()
-        gc.collect()
-        torch.cuda.empty_cache()
-    return out
+    kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.device_time_total for e in kernels)
+    kinds: dict[str, float] = {}
+    for e in kernels:
+        kind = kernel_kind(e.key)
+        kinds[kind] = kinds.get(kind, 0.0) + e.device_time_total
+    top = sorted(kernels, key=lambda e: -e.device_time_total)[:12]
+    row = {
+        "model": name,
+        "variant": variant,
+        "batch": batch,
+        "steps": f"{middle}..{middle + steps - 1} of {plan.steps}",
+        "gpu_ms_per_step": round(total / 1e3 / steps, 3),
+        "ms_per_step_by_kind": {k: round(v / 1e3 / steps, 3) for k, v in sorted(kinds.items())},
+        "top_kernels": [
+            {
+                "kernel": e.key[:120],
+                "kind": kernel_kind(e.key),
+                "calls_per_step": e.count // steps,
+                "ms_per_step": round(e.device_time_total / 1e3 / steps, 3),
+            }
+            for e in top
+        ],  # fmt: skip
+    }
+    log(json.dumps(row))
+    sampler.close()
+    del sampler, plan, model
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
 
 
 def profile_markdown(rows: list[dict], card: str) -> str:
@@ -649,6 +693,9 @@ def targets(parts: list[dict]) -> list[dict]:
             {"target": target, "goal": goal, "measured": f"{value} ({best}){extra}", "met": met, "card": card}
         )
 
+    def w8a8(by):  # the W8A8 variants measured, decode-suffixed ones included
+        return [v for v in by if split_variant(v)[0] in W8A8]
+
     def speedup(by, variants, key="images_per_s"):
         """The best of `variants` over bf16 on `key` (images/s: higher is better)."""
         have = [v for v in variants if v in by]
@@ -666,7 +713,7 @@ def targets(parts: list[dict]) -> list[dict]:
             top = max(batches)  # the throughput batch: the largest this part measured
             by_top, by_one = _by_variant(rows, model, top), _by_variant(rows, model, 1)
             if model == "llamagen-xl" and top >= 64:
-                value, best = speedup(by_top, W8A8)
+                value, best = speedup(by_top, w8a8(by_top))
                 if value is not None:
                     vs_fused = ""
                     if "bf16-fused" in by_top:
@@ -675,7 +722,7 @@ def targets(parts: list[dict]) -> list[dict]:
                     add(f"LlamaGen-XL batch {top}, W8A8 + 8-bit KV cache images/s", ">= 1.5x",
                         f"{value}x", best, value >= 1.5, card, vs_fused)  # fmt: skip
             if model in ("var-d16", "var-d30") and top >= 64:
-                value, best = speedup(by_top, W8A8)
+                value, best = speedup(by_top, w8a8(by_top))
                 if value is not None:
                     add(
                         f"{model} batch {top}, W8A8 images/s",
@@ -690,7 +737,7 @@ def targets(parts: list[dict]) -> list[dict]:
                 add(f"{model} batch 1, planner speed vs bf16 latency", ">= 1.0x", f"{value}x",
                     "planner-speed", value >= 1.0, card)  # fmt: skip
             for batch, by in {1: by_one, top: by_top}.items():
-                have = [v for v in W8A8 if v in by]
+                have = w8a8(by)
                 if "bf16" in by and have:
                     best = min(have, key=lambda v: by[v]["peak_mem_gib"])
                     value = round(by[best]["peak_mem_gib"] / by["bf16"]["peak_mem_gib"], 3)
@@ -722,6 +769,9 @@ def gpu_markdown(result: dict) -> str:
         )
     for part in result["parts"]:
         info, e2e = part["machine"], part["end_to_end"]
+        variants = variant_order(
+            ["bf16", *(r["variant"] for r in e2e if "error" not in r)]
+        )  # bf16: the ratios' base
         lines += [
             "",
             f"## {', '.join(part['models'])} -- {info['gpu']}",
@@ -734,11 +784,11 @@ def gpu_markdown(result: dict) -> str:
             "Latency (s per batch) and speedup over compiled bf16:",
             "",
             "| model | batch | "
-            + " | ".join(GPU_VARIANTS)
+            + " | ".join(variants)
             + " | "
-            + " | ".join(f"x {v}" for v in GPU_VARIANTS[1:])
+            + " | ".join(f"x {v}" for v in variants[1:])
             + " |",
-            "|" + "---|" * (2 + 2 * len(GPU_VARIANTS) - 1),
+            "|" + "---|" * (2 + 2 * len(variants) - 1),
         ]
         keys = sorted(
             {(r["model"], r["batch"]) for r in e2e if "batch" in r},
@@ -747,15 +797,13 @@ def gpu_markdown(result: dict) -> str:
         for model, batch in keys:
             by = _by_variant(e2e, model, batch)
             base = by.get("bf16", {}).get("latency_s")
-            lat = [f"{by[v]['latency_s']:.3f}" if v in by else "-" for v in GPU_VARIANTS]
-            ratio = [
-                f"{base / by[v]['latency_s']:.2f}" if v in by and base else "-" for v in GPU_VARIANTS[1:]
-            ]
+            lat = [f"{by[v]['latency_s']:.3f}" if v in by else "-" for v in variants]
+            ratio = [f"{base / by[v]['latency_s']:.2f}" if v in by and base else "-" for v in variants[1:]]
             lines.append(f"| {model} | {batch} | " + " | ".join(lat) + " | " + " | ".join(ratio) + " |")
         lines += ["", "Images/s, peak GPU memory GiB (weights GiB):", ""]
         lines += [
-            "| model | batch | " + " | ".join(GPU_VARIANTS) + " |",
-            "|" + "---|" * (2 + len(GPU_VARIANTS)),
+            "| model | batch | " + " | ".join(variants) + " |",
+            "|" + "---|" * (2 + len(variants)),
         ]
         for model, batch in keys:
             by = _by_variant(e2e, model, batch)
@@ -763,7 +811,7 @@ def gpu_markdown(result: dict) -> str:
                 f"{by[v]['images_per_s']:.1f}, {by[v]['peak_mem_gib']:.2f} ({by[v]['weights_gib']:.2f})"
                 if v in by
                 else "-"
-                for v in GPU_VARIANTS
+                for v in variants
             ]
             lines.append(f"| {model} | {batch} | " + " | ".join(cells) + " |")
         errors = [r for r in e2e if "error" in r]
@@ -866,6 +914,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--budget-s", type=float, default=480, help="start no new GPU variant after this")
     args = parser.parse_args(argv)
+    for variant in args.variants.split(",") if args.target in ("gpu", "profile") else ():
+        base, decode = split_variant(variant)
+        if base not in GPU_VARIANTS:
+            parser.error(f"--variants: unknown variant {base!r}; choose from {', '.join(GPU_VARIANTS)}")
+        if decode is not None:
+            from quantcore.kernels.attention import DECODES  # needs Triton: only where a decode is named
+
+            if decode not in DECODES:
+                parser.error(
+                    f"--variants: unknown decode {decode!r} in {variant!r}; choose from {', '.join(DECODES)}"
+                )
     started = time.perf_counter()
 
     def log(msg: str) -> None:
