@@ -9,6 +9,13 @@ import torch
 
 from quantcore.models.llamagen import MODELS, LlamaGen
 from quantcore.registry import RandomWeightsWarning
+from quantcore.zoo.data import FILES, data_dir
+
+# the real Fashion-MNIST files (apt package dataset-fashion-mnist, or FASHION_MNIST_DIR): CI installs them
+needs_fashion_mnist = pytest.mark.skipif(
+    not all((data_dir() / name).is_file() for names in FILES.values() for name in names),
+    reason="Fashion-MNIST not installed (dataset-fashion-mnist, or set FASHION_MNIST_DIR)",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -59,10 +66,19 @@ def assert_int8_exact(errors: dict[str, float], exact: float, bound: float = 2e-
     assert len(inexact) <= 1 and max(errors.values()) < bound, inexact
 
 
-def compiled_ffn_kernels(model, rows: int) -> list[str]:
-    """The kernels Inductor generates for the residual FFN of a LlamaGen's block 0 (norm, w1/w3, SiLU x,
-    w2, + h) at `rows` tokens of one position: the elementwise passes a compiled decode step makes
-    around its GEMMs."""
+# one launch per line of a compiled module's call(): a generated kernel, or a GEMM it calls out to
+LAUNCH = re.compile(
+    r"^\s*(?:(?P<kernel>(?:cpp|triton_(?:poi|red|per))_fused_\w+)(?:\.run)?\("
+    r"|(?:\w+ = )?(?:extern_kernels\.(?P<extern>\w+)|torch\.ops\.(?P<op>\w+\.\w+)\.default)\()",
+    re.M,
+)
+
+
+def compiled_ffn_launches(model, rows: int) -> tuple[list[str], list[str]]:
+    """What Inductor launches for the residual FFN of a LlamaGen's block 0 (norm, w1/w3, SiLU x, w2, + h)
+    at `rows` tokens of one position: (its generated kernels, the GEMMs and custom ops it calls out to).
+    The generated kernels are the elementwise passes around the GEMMs, unless Inductor folded a small GEMM
+    into one of them."""
     from torch._inductor.utils import run_and_get_code
 
     block = model.layers[0]
@@ -76,7 +92,9 @@ def compiled_ffn_kernels(model, rows: int) -> list[str]:
             h,
             pos,
         )
-    return sorted(set(re.findall(r"\b(?:cpp|triton_(?:poi|red|per))_fused_\w+", "\n".join(code))))
+    launches = [m.groupdict() for m in LAUNCH.finditer("\n".join(c[c.index("def call(") :] for c in code))]
+    kernels = [m["kernel"] for m in launches if m["kernel"]]
+    return kernels, [m["extern"] or m["op"] for m in launches if not m["kernel"]]
 
 
 def run_cli(*args, check=True) -> subprocess.CompletedProcess:

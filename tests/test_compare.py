@@ -4,16 +4,11 @@ import sys
 
 import pytest
 
-from conftest import run_cli
+from conftest import needs_fashion_mnist, run_cli
 from quantcore.compare import plan_rows
 from quantcore.errors import ConfigError
-from quantcore.zoo.data import DEFAULT_DIR
 
 # the report's proxy metrics read the Fashion-MNIST test split (.ci/run installs the Debian package)
-have_data = pytest.mark.skipif(
-    not (DEFAULT_DIR / "t10k-images-idx3-ubyte.gz").is_file(), reason="dataset-fashion-mnist not installed"
-)
-
 TINY = [
     "compare",
     "tiny-llamagen",
@@ -58,7 +53,7 @@ def two_runs(tmp_path_factory):
     return outs, results
 
 
-@have_data
+@needs_fashion_mnist
 def test_compare_writes_report_timings_and_grids(two_runs):
     (out, _), (proc, _) = two_runs
     report = json.loads(proc.stdout)
@@ -84,7 +79,7 @@ def test_compare_writes_report_timings_and_grids(two_runs):
     assert "[2/3] rtn-w6a6-dgc-official" in proc.stderr  # progress bar on stderr
 
 
-@have_data
+@needs_fashion_mnist
 def test_compare_json_is_identical_across_runs(two_runs):
     outs, procs = two_runs
     assert (outs[0] / "report.json").read_bytes() == (outs[1] / "report.json").read_bytes()
@@ -130,7 +125,7 @@ def test_plan_rows_crosses_executions_and_refuses_unknown_ones():
         plan_rows(["rtn"], ["w8a8"], ["random"], ["fake"])
 
 
-@have_data
+@needs_fashion_mnist
 def test_real_rows_run_the_integer_kernels_and_match_the_simulated_row(tmp_path):
     from quantcore.compare import CompareSpec, run_compare
 
@@ -161,7 +156,7 @@ def test_real_rows_run_the_integer_kernels_and_match_the_simulated_row(tmp_path)
     assert "ptq4arvg-w8a8-random-real: logit_kl" in (tmp_path / "report.md").read_text()
 
 
-@have_data
+@needs_fashion_mnist
 def test_inception_columns_sit_beside_the_proxies_with_intervals(tmp_path, monkeypatch):
     monkeypatch.setenv("PTQ4ARVG_CACHE", str(tmp_path / "cache"))
     args = ["compare", "tiny-llamagen", "--recipes", "fp,rtn", "--bits", "w8a8", "--num-images", "4"]

@@ -6,13 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from conftest import run_cli
-from quantcore.zoo.data import DEFAULT_DIR, load_fashion_mnist, to_rgb32
+from conftest import needs_fashion_mnist, run_cli
+from quantcore.zoo.data import load_fashion_mnist, to_rgb32
 
-have_data = pytest.mark.skipif(
-    not (DEFAULT_DIR / "t10k-images-idx3-ubyte.gz").is_file(), reason="dataset-fashion-mnist not installed"
-)
-pytestmark = have_data
+pytestmark = needs_fashion_mnist
 
 
 @pytest.fixture(scope="module", autouse=True)

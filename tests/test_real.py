@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import assert_int8_exact, compiled_ffn_kernels, layer_errors, random_llamagen
+from conftest import assert_int8_exact, compiled_ffn_launches, layer_errors, random_llamagen
 from quantcore.api import load_generator, quantize_job
 from quantcore.artifact import load_artifact
 from quantcore.calib import CalibrationSpec, build_calibration_set
@@ -144,8 +144,11 @@ def test_compiled_w8a8_makes_no_elementwise_pass_more_than_the_float_model(calib
     fp, _ = calibrated["llamagen-tiny"]
     real, _ = _quantized(calibrated, "llamagen-tiny")
     to_real(real)
-    float_kernels, int8_kernels = compiled_ffn_kernels(fp, 4), compiled_ffn_kernels(real, 4)
+    (float_kernels, float_gemms), (int8_kernels, int8_gemms) = (
+        compiled_ffn_launches(m, 4) for m in (fp, real)
+    )
     assert len(int8_kernels) == len(float_kernels) == 3, (float_kernels, int8_kernels)
+    assert len(int8_gemms) == len(float_gemms) == 3, (float_gemms, int8_gemms)
     norm = [k for k in int8_kernels if "rsqrt" in k]
     assert len(norm) == 1 and all(op in norm[0] for op in ("round", "clamp", "sum")), norm
 

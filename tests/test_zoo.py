@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import random_llamagen
+from conftest import needs_fashion_mnist, random_llamagen
 from quantcore.api import load_generator
 from quantcore.checkpoint import read_state_dict
 from quantcore.errors import ConfigError, DatasetError
@@ -33,18 +33,13 @@ from quantcore.zoo import (
     load_zoo_tokenizer,
 )
 from quantcore.zoo.classifier import FEATURE_DIM, ProxyClassifier
-from quantcore.zoo.data import DEFAULT_DIR, load_fashion_mnist, read_idx, to_rgb32
+from quantcore.zoo.data import load_fashion_mnist, read_idx, to_rgb32
 from quantcore.zoo.train import record
-
-have_data = pytest.mark.skipif(
-    not (DEFAULT_DIR / "t10k-images-idx3-ubyte.gz").is_file(), reason="dataset-fashion-mnist not installed"
-)
-
 
 # -- data ---------------------------------------------------------------------------------------------
 
 
-@have_data
+@needs_fashion_mnist
 def test_loader_reads_the_test_split():
     images, labels = load_fashion_mnist("test")
     assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
@@ -176,7 +171,7 @@ def test_bundled_entries_and_strict_loading():
     assert total <= 40 * 2**20  # of the tree's 50 MiB: 25 MiB for the tiny models, 15 MiB for the rest
 
 
-@have_data
+@needs_fashion_mnist
 def test_vq_zoo_16_gives_256_tokens_and_reconstructs_test_images():
     images, _ = load_fashion_mnist("test")
     x = torch.from_numpy(to_rgb32(images[:16]))
@@ -214,7 +209,7 @@ def test_training_record_merges(tmp_path):
     assert json.loads((tmp_path / "training.json").read_text()) == {"a": {"seconds": 1}, "b": {"seconds": 2}}
 
 
-@have_data
+@needs_fashion_mnist
 def test_heldout_sequences_feed_teacher_forced_fidelity():
     gen = load_generator("tiny-par")
     classes, tokens = heldout_sequences(gen.model, gen.tokenizer, 8)

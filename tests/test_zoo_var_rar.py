@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import needs_fashion_mnist
 from quantcore.api import load_generator, quantize_job
 from quantcore.checkpoint import read_state_dict
 from quantcore.eval.fidelity import teacher_forced_fidelity
@@ -12,12 +13,8 @@ from quantcore.recipe import PRESETS
 from quantcore.registry import get_spec
 from quantcore.tokenizers import load_tokenizer
 from quantcore.zoo import BUNDLED, ZOO_TOKENIZERS, heldout_sequences, load_zoo_tokenizer
-from quantcore.zoo.data import DEFAULT_DIR
 
 NEW = ("tiny-var", "deep-var", "tiny-rar")
-have_data = pytest.mark.skipif(
-    not (DEFAULT_DIR / "t10k-images-idx3-ubyte.gz").is_file(), reason="dataset-fashion-mnist not installed"
-)
 
 
 @pytest.mark.parametrize("name", NEW)
@@ -55,7 +52,7 @@ def test_tokenizer_round_trip_keeps_the_image(name):
     assert float((recon.float() - image.float()).abs().mean()) < 20
 
 
-@have_data
+@needs_fashion_mnist
 @pytest.mark.parametrize("name", NEW)
 def test_heldout_sequences_in_generation_order(name):
     gen = load_generator(name)

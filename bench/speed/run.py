@@ -189,7 +189,10 @@ def _attention_kind(report: dict) -> str:
     from quantcore.kernels import attention
 
     codes = any(e.get("kv_cache") == "8-bit codes" for e in report.values())
-    return f"fused kernel ({attention.DECODES[attention.DECODE]} decode)" if codes else "fused kernel"
+    if not codes:
+        return "fused kernel"
+    way = "by shape" if attention.DECODE is None else attention.DECODES[attention.DECODE]
+    return f"fused kernel ({way} decode)"
 
 
 def model_bytes(model: torch.nn.Module) -> int:

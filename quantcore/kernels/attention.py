@@ -41,9 +41,17 @@ P_NONE, P_UNIFORM, P_LOG_SQRT2 = 0, 1, 2
 ONLINE, STATS, QUANT_P = 0, 1, 2
 # how the kernel turns uint8 codes into numbers for the tensor cores (bench/speed/attention.py times each)
 DECODES = ("convert", "fp16-bits", "prmt")
-DECODE = (
-    0  # the decode measured end to end on an H200 (2026-12-04); the others await bench/speed/attention.py
-)
+# None picks by shape, from bench/speed/attention.py on an H100 (2026-12-07): prmt at decode steps
+# (LlamaGen-XL batch 256 mid step 0.268 ms against convert's 0.283), convert at VAR's many-query scales
+# (VAR-d16 batch 64 last scale 0.616 ms against prmt's 0.669); an index into DECODES forces one way
+DECODE: int | None = None
+
+
+def decode_for(queries: int) -> int:
+    """The index into DECODES that the kernel uses for `queries` queries per head."""
+    if DECODE is not None:
+        return DECODE
+    return DECODES.index("prmt" if queries <= 16 else "convert")
 
 
 @triton.jit
@@ -87,8 +95,10 @@ def _attention_body(
     PRECISION: tl.constexpr, DECODE: tl.constexpr,
 ):  # fmt: skip
     # The tensor cores take the model dtype, as the simulated matmuls do; over a cache of codes decoded
-    # without conversions they take fp16 (exact for the centred codes; q and p round to 11 bits, not 8;
-    # a query beyond fp16's 65504 would overflow: none of the bundled families comes near it).
+    # without conversions they take fp16: exact for the centred codes and for q and p once rounded to the
+    # model dtype (p is, as the matmul path rounds it: fp16's 11 bits would not be the recipe's 8 and failed
+    # the grouped-head case on an H100); a query beyond fp16's 65504 would overflow: none of the bundled
+    # families comes near it.
     OP = q_ptr.dtype.element_ty
     HALF: tl.constexpr = CODES and OP != tl.float32 and DECODE > 0
     CT = tl.float16 if HALF else OP
@@ -152,7 +162,7 @@ def _attention_body(
                 alpha = tl.exp(m_i - m_new)
                 p = tl.where(seen, tl.exp(s - m_new[:, None]), 0.0)
                 l_i = l_i * alpha + tl.sum(p, axis=1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(CT), v, input_precision=PRECISION)
+                acc = acc * alpha[:, None] + tl.dot(p.to(OP).to(CT), v, input_precision=PRECISION)
                 m_i = m_new
             else:  # normalized probabilities in the model dtype, fake-quantized as the recipe does
                 p = tl.where(seen, tl.exp(s - m_i[:, None]) * inv_l[:, None], 0.0)
@@ -167,7 +177,7 @@ def _attention_body(
                     code = tl.minimum(tl.maximum(code, 0.0), P_QMAX - 1)
                     odd = tl.where(code - 2.0 * tl.floor(code * 0.5) == 1.0, 1.4142135623730951, 1.0)
                     p = tl.where(under, 0.0, tl.exp2(-tl.ceil(code * 0.5)) * odd * p_scale)
-                acc += tl.dot(p.to(CT), v, input_precision=PRECISION)
+                acc += tl.dot(p.to(OP).to(CT), v, input_precision=PRECISION)
     srow = row * SPLITS + split
     if PASS != 2:
         tl.store(stat_ptr + srow * 2, m_i, mask=m_ok)
@@ -247,7 +257,7 @@ def _run_pass(pass_, q, k_cache, v_cache, q_pos, kv_len, causal, codes, params, 
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         sm_scale, k_scale, k_zp, v_scale, v_zp, p_scale, p_zp, p_qmax,
         PASS=pass_, CODES=codes, CAUSAL=causal, P_KIND=p_kind, D=d, BLOCK_D=_block_d(d), BLOCK_M=block_m, BLOCK_N=BLOCK_N,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", DECODE=DECODE, num_warps=4, num_stages=2,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", DECODE=decode_for(t), num_warps=4, num_stages=2,
     )  # fmt: skip
     return acc, stat, splits
 

@@ -528,6 +528,8 @@ class DecodePlan(common.DecodePlan):
     """VAR's sampler on static buffers: one step is the whole multi-scale generation (every scale has
     a fixed shape), with the official linear CFG ramp and VAR's own top-k/top-p."""
 
+    RECOMPILE_LIMIT = 64  # ten scale shapes for each batch size and model a process compiles
+
     def __init__(self, model, batch: int, sampling: dict, compile: bool):
         cfg = model.config
         self.model, self.batch = model, batch
@@ -549,10 +551,13 @@ class DecodePlan(common.DecodePlan):
         self.cond = torch.zeros(self.rows, cfg.embed_dim, dtype=model.pos_1LC.dtype, device=dev)
         vq = model.quantizer
         self.f_hat = vq.embedding.weight.new_zeros(batch, cfg.cvae, cfg.grid_size, cfg.grid_size)
-        # ten scales of different lengths: per batch size the blocks compile three times (the 1-token
-        # first scale, the middle scales with a dynamic length, the last scale whose full-width cache
-        # slice changes the matmul's layout guard); the head (ten calls per image) stays eager
-        self.blocks = [common.compiled(block, compile, dynamic=None) for block in model.blocks]
+        # ten scales of different lengths: the blocks compile once per scale with static shapes (every
+        # block shares one scale's code), ten compiles per batch size; dynamic lengths made three compiles
+        # but took ~300 s per batch size on an H200. The head (ten calls per image) stays eager.
+        if compile:
+            dynamo = torch._dynamo.config
+            dynamo.recompile_limit = max(dynamo.recompile_limit, self.RECOMPILE_LIMIT)
+        self.blocks = [common.compiled(block, compile) for block in model.blocks]
         self.head = self._head
 
     def reset(self, classes, seeds):

@@ -18,6 +18,7 @@ import pytest
 from sqlalchemy import create_engine, func, select
 
 from app.db.models import Artifact, JobEvent
+from conftest import needs_fashion_mnist
 
 from .helpers import (
     Service,
@@ -235,6 +236,7 @@ def test_cancel_running_job_ends_canceled_within_5s(engine_service, engine_worke
     assert [p for p in (root / ".staging").iterdir()] == []
 
 
+@needs_fashion_mnist
 def test_a_job_with_a_registered_reference_records_fid_sfid_precision_recall(
     engine_service, engine_workers, keys, bundled_model, tmp_path
 ):
