@@ -88,8 +88,8 @@ def variant_order(variants) -> list[str]:
     return sorted(set(variants), key=lambda v: (GPU_VARIANTS.index(split_variant(v)[0]), v))
 
 
-# VAR's ten scale shapes: torch.compile with dynamic shapes took ~300 s per batch size on an H200 (2026-11-27),
-# more than a device call allows, so VAR runs eager kernels replayed from one CUDA graph in every variant;
+# VAR compiles once per scale shape: 42-61 s per batch size and variant on an H100 (2026-12-07), so the default
+# bench (five batch sizes, eight variants) runs VAR eager, replayed from one CUDA graph; --compile-families var;
 # MAR's encoder width changes every round, so its plan runs eager step by step (no graph) in every variant
 EAGER_FAMILIES = ("var", "mar")
 # Datasheet dense peaks (H100/H200 SXM, TFLOP/s); the measured copy bandwidth replaces the HBM figure.
@@ -754,7 +754,7 @@ def gpu_markdown(result: dict) -> str:
     lines += [
         "Random weights; CFG on (2 x batch rows per step). Every variant, bf16 included, runs "
         "`quantcore.fastgen.FastSampler`: static KV caches, decoding replayed from a CUDA graph, and for "
-        "LlamaGen and RAR torch.compile'd blocks, head and sampling (VAR: eager kernels, see its part). "
+        "LlamaGen and RAR torch.compile'd blocks, head and sampling (VAR: eager unless its part's note says compiled). "
         "Weight-only variants keep attention and the KV cache in bf16; W8A8 variants quantize the attention "
         "operands as the recipes do and cache K/V as 8-bit codes where a part says so (`kv_cache`). Peak "
         "memory is this run's own (weights, KV caches, graph pool, workspaces). Ratios are within one part "
