@@ -7,11 +7,11 @@ import shutil
 import pytest
 import torch
 
+from conftest import needs_fashion_mnist
 from quantcore.models import mar
 from quantcore.models.mar import LATENT_SCALE, MODELS
 from quantcore.tokenizers.kl16 import AutoencoderKL
 from quantcore.zoo import CLASSIFIER_WEIGHTS, ZOO_KL
-from quantcore.zoo.data import DEFAULT_DIR
 from quantcore.zoo.train import main, rescale_latents
 
 TINY = MODELS["mar-tiny"].config
@@ -66,9 +66,7 @@ def test_latent_rescale_is_exact_and_gives_mar_unit_tokens():
     assert torch.allclose(latents, untouched * scale, rtol=1e-4, atol=1e-6)  # the same latents, scaled
 
 
-@pytest.mark.skipif(
-    not (DEFAULT_DIR / "train-images-idx3-ubyte.gz").is_file(), reason="dataset-fashion-mnist not installed"
-)
+@needs_fashion_mnist
 def test_kl_tokenizer_and_mar_stages_train_record_and_reevaluate(tmp_path):
     shutil.copy(CLASSIFIER_WEIGHTS, tmp_path / CLASSIFIER_WEIGHTS.name)
     common = ["--out", str(tmp_path), "--limit", "64", "--eval-per-class", "1", "--batch-size", "32"]

@@ -75,9 +75,9 @@ def guide(logits: torch.Tensor, scale) -> torch.Tensor:
     return uncond + (cond - uncond) * scale
 
 
-def compiled(fn, enabled: bool, dynamic: bool | None = False):
-    """torch.compile'd fn; static shapes (one compile per batch size) unless `dynamic` is None."""
-    return torch.compile(fn, fullgraph=True, dynamic=dynamic) if enabled else fn
+def compiled(fn, enabled: bool):
+    """torch.compile'd fn with static shapes: one compile per input shape."""
+    return torch.compile(fn, fullgraph=True, dynamic=False) if enabled else fn
 
 
 class DecodePlan(ABC):
