@@ -77,8 +77,7 @@ LAUNCH = re.compile(
 def compiled_ffn_launches(model, rows: int) -> tuple[list[str], list[str]]:
     """What Inductor launches for the residual FFN of a LlamaGen's block 0 (norm, w1/w3, SiLU x, w2, + h)
     at `rows` tokens of one position: (its generated kernels, the GEMMs and custom ops it calls out to).
-    The generated kernels are the elementwise passes around the GEMMs, unless Inductor folded a small GEMM
-    into one of them."""
+    The generated kernels are the elementwise passes around the GEMMs."""
     from torch._inductor.utils import run_and_get_code
 
     block = model.layers[0]

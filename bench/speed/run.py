@@ -936,7 +936,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_grad_enabled(False)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.target == "gpu":
-        torch._dynamo.config.cache_size_limit = 64
         models = args.models.split(",")
         part = {"machine": machine_info("gpu"), "models": models, "path_check": check_paths(log)}
         part["bandwidth_TBps"] = measure_bandwidth() / 1e12

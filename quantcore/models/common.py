@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from quantcore.quant.quantizer import allow_recompiles
+
 
 @dataclass(frozen=True)
 class ModelEntry:
@@ -77,7 +79,10 @@ def guide(logits: torch.Tensor, scale) -> torch.Tensor:
 
 def compiled(fn, enabled: bool):
     """torch.compile'd fn with static shapes: one compile per input shape."""
-    return torch.compile(fn, fullgraph=True, dynamic=False) if enabled else fn
+    if not enabled:
+        return fn
+    allow_recompiles()
+    return torch.compile(fn, fullgraph=True, dynamic=False)
 
 
 class DecodePlan(ABC):

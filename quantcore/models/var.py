@@ -528,8 +528,6 @@ class DecodePlan(common.DecodePlan):
     """VAR's sampler on static buffers: one step is the whole multi-scale generation (every scale has
     a fixed shape), with the official linear CFG ramp and VAR's own top-k/top-p."""
 
-    RECOMPILE_LIMIT = 64  # ten scale shapes for each batch size and model a process compiles
-
     def __init__(self, model, batch: int, sampling: dict, compile: bool):
         cfg = model.config
         self.model, self.batch = model, batch
@@ -554,9 +552,6 @@ class DecodePlan(common.DecodePlan):
         # ten scales of different lengths: the blocks compile once per scale with static shapes (every
         # block shares one scale's code), ten compiles per batch size: 42 s for VAR-d16 on an H100, where
         # dynamic lengths (three compiles) took ~300 s on an H200. The head (ten calls per image) stays eager.
-        if compile:
-            dynamo = torch._dynamo.config
-            dynamo.recompile_limit = max(dynamo.recompile_limit, self.RECOMPILE_LIMIT)
         self.blocks = [common.compiled(block, compile) for block in model.blocks]
         self.head = self._head
 

@@ -73,19 +73,27 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, n
     return dequantize_codes(quantize_codes(x, scale, zero_point, n_bits), scale, zero_point)
 
 
+RECOMPILE_LIMIT = 64
+
+
+def allow_recompiles() -> None:
+    """Raise Dynamo's recompile limit (8 graphs per function) to RECOMPILE_LIMIT for the process, once per
+    compiled function, not patched per call (a config patch costs ~16 µs): a static-shape compile makes one
+    graph per input shape (VAR: ten scales per batch size), a dynamic one per rank, dtype and bit width."""
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+
+
 class FusedOnGPU:
     """`fn` as written on the CPU; on CUDA tensors its `torch.compile` twin, which Inductor fuses into one
     kernel per reduction. Run eagerly, a quantize step is ~6 passes over the activation (cast, divide,
     round, shift, clamp, cast back) and on the GPU costs more than an 8-bit GEMM saves.
 
     Rows are dynamic, so one compile serves every batch size and VAR scale; each other signature (rank,
-    dtype, bits) is one more graph, so the first twin raises Dynamo's recompile limit (8 per function)
-    to RECOMPILE_LIMIT for the process (raised once, not patched per call: a config patch costs ~16 µs,
-    as much as the call). Inside an outer compiled region `fn` is traced as it is, and fused there.
+    dtype, bits) is one more graph (`allow_recompiles`). Inside an outer compiled region `fn` is traced as
+    it is, and fused there.
     Division is IEEE-rounded as in eager (Triton's `/` is not): codes at a rounding midpoint must not move.
     """
-
-    RECOMPILE_LIMIT = 64
 
     def __init__(self, fn):
         self.eager = fn
@@ -95,8 +103,7 @@ class FusedOnGPU:
         """Made on first use: torch.compile imports Dynamo, which the CPU-only CLI should not pay for."""
         if not _inductor_rounds_division():  # this torch cannot round division as eager does: stay eager
             return self.eager
-        config = torch._dynamo.config
-        config.recompile_limit = max(config.recompile_limit, self.RECOMPILE_LIMIT)
+        allow_recompiles()
         return torch.compile(self.eager, dynamic=True, options={"eager_numerics.division_rounding": True})
 
     def __call__(self, x: torch.Tensor, *args):
