@@ -45,6 +45,19 @@ def test_the_sampler_gives_the_reference_tokens(name):
     sampler.close()
 
 
+def test_var_samples_a_scale_in_chunks_and_gets_the_reference_tokens(monkeypatch):
+    """Chunks of a few tokens (every scale past the first splits) draw what one pass over the scale draws."""
+    import quantcore.models.var as var
+
+    model, spec = _model("tiny-var")
+    sampling = spec.entry.sampling.to_dict()
+    classes, seeds = torch.tensor([0, 3, 7]), [11, 12, 13]
+    monkeypatch.setattr(var, "SAMPLE_CHUNK", 3 * model.config.vocab_size * 2)  # two tokens per chunk
+    sampler = FastSampler(model, 3, sampling)
+    assert torch.equal(sampler.generate(classes, seeds), reference_tokens(model, classes, seeds, **sampling))
+    sampler.close()
+
+
 def test_fast_sampler_refuses_what_it_cannot_do():
     model, spec = _model("tiny-llamagen")
     sampling = spec.entry.sampling.to_dict()

@@ -255,6 +255,8 @@ def test_an_artifact_converts_on_the_cpu_and_the_gpu_gets_only_the_runtime_form(
         (3, 4, 4, 2, 100, 100, True, True, 2),  # RAR's two-token prefix, log-sqrt2 probabilities
         (2, 16, 16, 100, 680, 424, False, True, 1),  # a VAR scale: every cached key visible
         (64, 16, 16, 1, 577, 577, True, True, 1),  # serving batch: one split per query
+        (24, 16, 16, 256, 680, 680, False, True, 0),  # VAR's last scale at a batch: written without combine
+        (24, 16, 16, 169, 680, 424, False, False, 1),  # the same over bf16, two passes, a partial query block
     ],
 )
 @pytest.mark.parametrize("decode", ["convert", "fp16-bits", "prmt"])  # every way to read the codes

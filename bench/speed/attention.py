@@ -17,6 +17,12 @@ and the last step, and a VAR-d16 batch-64 last scale (256 queries over 680 visib
                        (max |difference| / max |first|)
 
 GB/s counts the K/V bytes of the visible keys only (what a perfect kernel must read).
+
+    PYTHONPATH=. python bench/speed/attention.py --tiles --out DIR   # the tile sweep, ~2 minutes
+
+`--tiles` times the fused kernel over the u8 and the bf16 cache with each candidate tile forced
+(quantcore.kernels.attention.TILE: queries and keys per program, warps, pipeline stages), checked against
+the kernel's default tile; the kernel's TILES come from this sweep.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import argparse
 import json
 import math
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -35,9 +42,15 @@ from quantcore.quant.real import time_ms
 CASES = (  # name, rows (batch x CFG), heads, queries, cache length, visible keys, causal
     ("llamagen-xl b256 mid step", 512, 20, 1, 577, 289, True),
     ("llamagen-xl b256 last step", 512, 20, 1, 577, 577, True),
+    ("var-d16 b64 13x13 scale", 128, 16, 169, 680, 424, False),
     ("var-d16 b64 last scale", 128, 16, 256, 680, 680, False),
 )
 KV = [0.02, 128.0, 0.03, 120.0]  # s_k, z_k, s_v, z_v
+# candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) per program for the sweep, the kernel's default first
+DECODE_TILES = ((16, 64, 4, 2), (16, 64, 4, 3), (16, 64, 4, 4), (16, 128, 4, 2), (16, 128, 4, 3),
+                (16, 128, 8, 3), (16, 32, 2, 3), (16, 64, 2, 3), (16, 256, 8, 2))  # fmt: skip
+SCALE_TILES = ((64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3),
+               (128, 32, 8, 3), (128, 64, 4, 2), (64, 128, 4, 2), (128, 128, 8, 2))  # fmt: skip
 
 
 def _matmul_path(q, k, v, mask, scale):
@@ -54,11 +67,10 @@ def _matmul_path_over_codes(q, k_codes, v_codes, mask, scale):
     return _matmul_path(q, k, v, mask, scale)
 
 
-def bench_case(case, reps: int, decodes: tuple[str, ...]) -> list[dict]:
-    import quantcore.kernels.attention as attention
-
-    name, rows, heads, t, length, visible, causal = case
-    d, scale = 64, 1 / math.sqrt(64)
+def case_tensors(case):
+    """q, the u8 K/V codes, their bf16 values, q's positions and the mask of one case."""
+    _, rows, heads, t, length, visible, causal = case
+    d = 64
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(rows, heads, t, d, device="cuda", generator=g).to(torch.bfloat16)
     codes = [torch.randint(0, 256, (rows, heads, length, d), device="cuda", dtype=torch.uint8, generator=g)
@@ -69,6 +81,15 @@ def bench_case(case, reps: int, decodes: tuple[str, ...]) -> list[dict]:
     qpos = torch.arange(visible - t, visible, device="cuda")
     keys = torch.arange(length, device="cuda")
     mask = (keys[None, :] <= qpos[:, None]) if causal else (keys[None, :] < visible).expand(t, length)
+    return q, codes, floats, qpos, mask
+
+
+def bench_case(case, reps: int, decodes: tuple[str, ...]) -> list[dict]:
+    import quantcore.kernels.attention as attention
+
+    name, rows, heads, t, length, visible, causal = case
+    d, scale = 64, 1 / math.sqrt(64)
+    q, codes, floats, qpos, mask = case_tensors(case)
     compiled, compiled_codes = torch.compile(_matmul_path), torch.compile(_matmul_path_over_codes)
     op = torch.ops.quantcore.cached_attention
     kv_bytes = {"bf16": 2 * rows * heads * visible * d * 2, "u8": 2 * rows * heads * visible * d}
@@ -101,6 +122,37 @@ def bench_case(case, reps: int, decodes: tuple[str, ...]) -> list[dict]:
     return out
 
 
+def sweep_tiles(case, reps: int) -> list[dict]:
+    """The fused kernel over both caches with each candidate tile forced, against the default tile."""
+    import quantcore.kernels.attention as attention
+
+    name, rows, heads, t, length, visible, causal = case
+    q, codes, floats, qpos, _ = case_tensors(case)
+    op, scale = torch.ops.quantcore.cached_attention, 1 / math.sqrt(64)
+    visible_bytes = {"u8": 2 * rows * heads * visible * 64, "bf16": 2 * rows * heads * visible * 64 * 2}
+    out = []
+    for cache, kv in (("u8", codes), ("bf16", floats)):
+        call = partial(op, q, *kv, qpos, length, causal, scale, KV, 0, [])
+
+        attention.TILE = None
+        default = call()
+        for tile in DECODE_TILES if t <= 16 else SCALE_TILES:
+            attention.TILE = tile
+            try:
+                got = call()
+                ms = time_ms(call, reps)
+            except Exception as exc:  # a tile that does not fit (shared memory, registers) is recorded
+                out.append({"case": name, "kernel": f"fused {cache} tile {tile}", "error": str(exc)[:300]})
+                continue
+            finally:
+                attention.TILE = None
+            err = float((got.float() - default.float()).abs().max() / default.float().abs().max())
+            out.append({"case": name, "kernel": f"fused {cache} tile {tile}", "ms": round(ms, 4),
+                        "kv_gb_per_s": round(visible_bytes[cache] / ms / 1e6), "max_diff_vs_first": err})  # fmt: skip
+            print(json.dumps(out[-1]), flush=True)
+    return out
+
+
 def markdown(rows: list[dict], card: str) -> str:
     lines = [f"# Cached attention, one layer, one call ({card})", "",
              "| case | kernel | ms | visible K/V GB/s | rel. diff vs first u8 way |", "|---|---|---|---|---|"]  # fmt: skip
@@ -120,6 +172,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--tiles", action="store_true", help="sweep the kernel's tiles instead")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("attention.py: needs a CUDA device")
@@ -127,11 +180,15 @@ def main(argv=None) -> int:
 
     rows = []
     for case in CASES:
+        if args.tiles:
+            if "last step" not in case[0]:  # the mid step stands for decoding
+                rows += sweep_tiles(case, args.reps)
+            continue
         rows += bench_case(case, args.reps, attention.DECODES)
         print(json.dumps(rows[-1]), flush=True)
     card = torch.cuda.get_device_name()
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "attention-" + card.lower().replace(" ", "-")
+    stem = ("attention-tiles-" if args.tiles else "attention-") + card.lower().replace(" ", "-")
     meta = {"card": card, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     (args.out / f"{stem}.json").write_text(json.dumps({"machine": meta, "rows": rows}, indent=1))
     (args.out / f"{stem}.md").write_text(markdown(rows, card))

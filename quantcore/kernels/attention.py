@@ -21,7 +21,9 @@ tests/test_real_gpu.py).
 
 Work split: one program per (batch x head, block of BLOCK_M queries, key split). Few rows (decode at
 batch 1: 2 rows x 20 heads) would leave the GPU idle, so the keys are split over up to 64 programs per
-query block and a combine kernel merges the partial (max, sum, accumulator) triples.
+query block and a combine kernel merges the partial (max, sum, accumulator) triples. Where the grid is
+large enough without splitting (serving batches, VAR's scales) each program writes its rows' final
+output itself: no fp32 partials, no combine launch.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_N = 64
 TARGET_PROGRAMS = 4 * 132  # enough programs for every multiprocessor of an H100/H200, a few times over
 MAX_SPLITS = 64
 NEG = tl.constexpr(-1.0e30)  # "minus infinity" that keeps exp() and max() free of NaN for fully masked rows
@@ -47,11 +48,33 @@ DECODES = ("convert", "fp16-bits", "prmt")
 DECODE: int | None = None
 
 
+# (BLOCK_M queries, BLOCK_N keys, warps, pipeline stages) per program, by shape (decode steps: <= 16 queries
+# per head; VAR's many-query scales) and cache (8-bit codes or the model dtype). From the sweep of
+# bench/speed/attention.py --tiles on an H100 (2026-12-07, attention-tiles-nvidia-h100-80gb-hbm3.md), ms:
+# LlamaGen-XL b256 mid step u8 0.228 (against 0.266 for the earlier (16, 64, 4, 2)), bf16 0.253 (0.260);
+# VAR-d16 b64 last scale u8 0.506 (0.536), bf16 0.412 (0.609). TILE forces one tile (the sweep).
+TILES = {
+    ("decode", True): (16, 32, 2, 3),
+    ("decode", False): (16, 64, 2, 3),
+    ("scales", True): (64, 64, 4, 3),
+    ("scales", False): (128, 64, 8, 3),
+}
+TILE: tuple[int, int, int, int] | None = None
+
+
 def decode_for(queries: int) -> int:
     """The index into DECODES that the kernel uses for `queries` queries per head."""
     if DECODE is not None:
         return DECODE
     return DECODES.index("prmt" if queries <= 16 else "convert")
+
+
+def tile_for(queries: int, codes: bool, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for `queries` queries per head over a cache of codes or
+    floats of `dtype`. fp32 operands (tests, CPU-sized models on a GPU) take two stages: three of fp32
+    tiles at a head dim of 128 would pass the multiprocessor's shared memory."""
+    block_m, block_n, warps, stages = TILE or TILES["decode" if queries <= 16 else "scales", codes]
+    return block_m, block_n, warps, min(stages, 2) if dtype == torch.float32 else stages
 
 
 @triton.jit
@@ -85,14 +108,14 @@ def _centred(codes, zp, HALF: tl.constexpr, DECODE: tl.constexpr):
 
 @triton.jit
 def _attention_body(
-    q_ptr, k_ptr, v_ptr, qpos_ptr, acc_ptr, stat_ptr, gstat_ptr,
+    q_ptr, k_ptr, v_ptr, qpos_ptr, acc_ptr, stat_ptr, gstat_ptr, out_ptr,
     kv_len, T, H, GROUP, CHUNK, SPLITS,
     sq_b, sq_h, sq_t,
     sk_b, sk_h, sk_l,
     sm_scale, k_scale, k_zp, v_scale, v_zp, p_scale, p_zp, P_QMAX,
     PASS: tl.constexpr, CODES: tl.constexpr, CAUSAL: tl.constexpr, P_KIND: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr, DECODE: tl.constexpr,
+    PRECISION: tl.constexpr, DECODE: tl.constexpr, DIRECT: tl.constexpr,
 ):  # fmt: skip
     # The tensor cores take the model dtype, as the simulated matmuls do; over a cache of codes decoded
     # without conversions they take fp16: exact for the centred codes and for q and p once rounded to the
@@ -178,14 +201,24 @@ def _attention_body(
                     odd = tl.where(code - 2.0 * tl.floor(code * 0.5) == 1.0, 1.4142135623730951, 1.0)
                     p = tl.where(under, 0.0, tl.exp2(-tl.ceil(code * 0.5)) * odd * p_scale)
                 acc += tl.dot(p.to(OP).to(CT), v, input_precision=PRECISION)
-    srow = row * SPLITS + split
-    if PASS != 2:
-        tl.store(stat_ptr + srow * 2, m_i, mask=m_ok)
-        tl.store(stat_ptr + srow * 2 + 1, l_i, mask=m_ok)
-    if PASS != 1:
-        if CODES:
-            acc = acc * v_scale
-        tl.store(acc_ptr + srow[:, None] * D + rd[None, :], acc, mask=m_ok[:, None] & d_ok[None, :])
+    if CODES and PASS != 1:
+        acc = acc * v_scale
+    out_ok = m_ok[:, None] & d_ok[None, :]
+    if DIRECT:  # one split holds every key of these rows: what the combine would compute, written here
+        if PASS == 1:
+            tl.store(gstat_ptr + row * 2, m_i, mask=m_ok)
+            tl.store(gstat_ptr + row * 2 + 1, l_i, mask=m_ok)
+        else:
+            if PASS == 0:
+                acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            tl.store(out_ptr + row[:, None] * D + rd[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_ok)
+    else:
+        srow = row * SPLITS + split
+        if PASS != 2:
+            tl.store(stat_ptr + srow * 2, m_i, mask=m_ok)
+            tl.store(stat_ptr + srow * 2 + 1, l_i, mask=m_ok)
+        if PASS != 1:
+            tl.store(acc_ptr + srow[:, None] * D + rd[None, :], acc, mask=out_ok)
 
 
 @triton.jit
@@ -228,10 +261,10 @@ def _combine(acc_ptr, stat_ptr, out_ptr, gstat_ptr, ROWS, SPLITS,
             )
 
 
-def _splits(programs: int, kv_len: int) -> int:
+def _splits(programs: int, kv_len: int, block_n: int) -> int:
     """Key splits so that the grid has about TARGET_PROGRAMS programs (fewer where the keys run out)."""
     want = -(-TARGET_PROGRAMS // max(programs, 1))
-    return max(1, min(want, MAX_SPLITS, -(-kv_len // BLOCK_N)))
+    return max(1, min(want, MAX_SPLITS, -(-kv_len // block_n)))
 
 
 def _block_d(d: int) -> int:
@@ -239,35 +272,39 @@ def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _run_pass(pass_, q, k_cache, v_cache, q_pos, kv_len, causal, codes, params, gstat, p_kind, p_qmax):
+def _run_pass(pass_, q, k_cache, v_cache, q_pos, kv_len, causal, codes, params, out, gstat, p_kind, p_qmax):
+    """One pass of the attention kernel, then (over several key splits) the combine kernel: the output
+    goes to `out` (ONLINE, QUANT_P) or each query row's (max, sum) to `gstat` (STATS)."""
     b, h, t, d = q.shape
     group = h // k_cache.shape[1]
-    block_m = 16 if t <= 16 else 64
+    block_m, block_n, warps, stages = tile_for(t, codes, q.dtype)
     m_blocks = triton.cdiv(t, block_m)
-    splits = _splits(b * h * m_blocks, kv_len)
-    chunk = triton.cdiv(triton.cdiv(kv_len, splits), BLOCK_N) * BLOCK_N
+    splits = _splits(b * h * m_blocks, kv_len, block_n)
+    chunk = triton.cdiv(triton.cdiv(kv_len, splits), block_n) * block_n
     rows = b * h * t
-    acc = torch.empty(rows * splits, d, device=q.device, dtype=torch.float32)
-    stat = torch.empty(rows * splits, 2, device=q.device, dtype=torch.float32)
+    direct = splits == 1
+    if direct:  # the kernel writes out / gstat itself; the partial buffers are not touched
+        acc, stat = out, gstat
+    else:
+        acc = torch.empty(rows * splits, d, device=q.device, dtype=torch.float32)
+        stat = torch.empty(rows * splits, 2, device=q.device, dtype=torch.float32)
     sm_scale, k_scale, k_zp, v_scale, v_zp, p_scale, p_zp = params
     _attention_body[(b * h, m_blocks, splits)](
-        q, k_cache, v_cache, q_pos, acc, stat, gstat,
+        q, k_cache, v_cache, q_pos, acc, stat, gstat, out,
         kv_len, t, h, group, chunk, splits,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         sm_scale, k_scale, k_zp, v_scale, v_zp, p_scale, p_zp, p_qmax,
-        PASS=pass_, CODES=codes, CAUSAL=causal, P_KIND=p_kind, D=d, BLOCK_D=_block_d(d), BLOCK_M=block_m, BLOCK_N=BLOCK_N,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", DECODE=decode_for(t), num_warps=4, num_stages=2,
+        PASS=pass_, CODES=codes, CAUSAL=causal, P_KIND=p_kind, D=d, BLOCK_D=_block_d(d), BLOCK_M=block_m, BLOCK_N=block_n,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", DECODE=decode_for(t), DIRECT=direct,
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    return acc, stat, splits
-
-
-def _merge(pass_, acc, stat, splits, rows, d, out, gstat):
-    block_r = 16
-    _combine[(triton.cdiv(rows, block_r),)](
-        acc, stat, out, gstat, rows, splits,
-        PASS=pass_, D=d, BLOCK_D=_block_d(d), BLOCK_S=triton.next_power_of_2(splits), BLOCK_R=block_r, num_warps=4,
-    )  # fmt: skip
+    if not direct:
+        block_r = 16
+        _combine[(triton.cdiv(rows, block_r),)](
+            acc, stat, out, gstat, rows, splits,
+            PASS=pass_, D=d, BLOCK_D=_block_d(d), BLOCK_S=triton.next_power_of_2(splits), BLOCK_R=block_r, num_warps=4,
+        )  # fmt: skip
 
 
 @torch.library.custom_op("quantcore::cached_attention", mutates_args=())
@@ -295,15 +332,12 @@ def cached_attention(
     rows = b * h * t
     out = torch.empty(b, h, t, d, device=q.device, dtype=q.dtype)
     gstat = torch.empty(rows, 2, device=q.device, dtype=torch.float32)
-    args = (q, k_cache, v_cache, q_pos, kv_len, causal, codes, params)
+    args = (q, k_cache, v_cache, q_pos, kv_len, causal, codes, params, out, gstat, p_kind, p_qmax)
     if p_kind == P_NONE:
-        acc, stat, splits = _run_pass(ONLINE, *args, gstat, p_kind, p_qmax)
-        _merge(ONLINE, acc, stat, splits, rows, d, out, gstat)
-        return out
-    acc, stat, splits = _run_pass(STATS, *args, gstat, p_kind, p_qmax)
-    _merge(STATS, acc, stat, splits, rows, d, out, gstat)
-    acc, stat, splits = _run_pass(QUANT_P, *args, gstat, p_kind, p_qmax)
-    _merge(QUANT_P, acc, stat, splits, rows, d, out, gstat)
+        _run_pass(ONLINE, *args)
+    else:  # the statistics first: the probabilities the recipe quantizes are the normalized ones
+        _run_pass(STATS, *args)
+        _run_pass(QUANT_P, *args)
     return out
 
 

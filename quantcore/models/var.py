@@ -524,6 +524,9 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
+SAMPLE_CHUNK = 1 << 24  # logits per sampling chunk of a scale (batch x tokens x vocab)
+
+
 class DecodePlan(common.DecodePlan):
     """VAR's sampler on static buffers: one step is the whole multi-scale generation (every scale has
     a fixed shape), with the official linear CFG ramp and VAR's own top-k/top-p."""
@@ -560,7 +563,19 @@ class DecodePlan(common.DecodePlan):
         self.cond.copy_(self.model.class_emb(rows))
 
     def _head(self, x, pos, t: float, u):
-        logits = self.model.head(self.model.head_nm(x, self.cond), pos).float()
+        """Tokens (batch, N) of one scale. The guidance, filtering and draw run over chunks of about
+        SAMPLE_CHUNK logits (all row-wise: the same tokens): over a whole late scale their fp32 copies, the
+        sort's int64 order and the fp64 CDF were the peak of the generation (VAR-d16 batch 64: 64 x 256 x
+        4096 logits, 0.5 GiB per fp64 or int64 copy)."""
+        logits = self.model.head(self.model.head_nm(x, self.cond), pos)
+        n, vocab = logits.shape[1], logits.shape[2]
+        step = max(1, SAMPLE_CHUNK // (self.batch * vocab))
+        return torch.cat(
+            [self._sample(logits[:, i : i + step], t, u[:, i : i + step]) for i in range(0, n, step)], 1
+        )
+
+    def _sample(self, logits, t: float, u):
+        logits = logits.float()
         if self.guided:
             b = self.batch
             logits = (1 + t) * logits[:b] - t * logits[b:]
