@@ -29,7 +29,7 @@ from quantcore.quant.modules import QuantLinear, set_quant_mode
 from quantcore.recipe import PRESETS, Recipe
 from quantcore.registry import RandomWeightsWarning, load_model
 from quantcore.tokenizers import build_tokenizer, load_tokenizer
-from quantcore.tokenizers.var_vqvae import VAR_VQ_CONFIGS, VQVAE, phi_index
+from quantcore.tokenizers.var_vqvae import VAR_VQ_CONFIGS, VQVAE, _bicubic_matrix, bicubic_upsample, phi_index
 
 TINY = MODELS["var-tiny"]
 
@@ -140,6 +140,29 @@ def test_mask_levels_and_clamp_constant():
     assert allowed[0, 0] and not allowed[0, 1] and allowed[4, 1:5].all() and not allowed[4, 5]
     assert allowed[29].all() and torch.isinf(bias[~allowed]).all()
     assert MAX_SCALE_MUL == torch.log(torch.tensor(100)).item()
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 10, 13])
+def test_the_bicubic_matrix_is_the_official_resize(n):
+    """The CUDA upsampling's weights: W h W^T is F.interpolate's bicubic resize (float64, to rounding)."""
+    w = _bicubic_matrix(n, 16, torch.device("cpu"), torch.float64)
+    h = torch.randn(3, 4, n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    torch.testing.assert_close(
+        w @ h @ w.T, F.interpolate(h, size=(16, 16), mode="bicubic"), rtol=0, atol=1e-14
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bicubic_upsampling_on_cuda_agrees_with_the_kernel(dtype):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    h = torch.randn(128, 32, 13, 13, device="cuda", generator=torch.Generator("cuda").manual_seed(0)).to(
+        dtype
+    )
+    ref = F.interpolate(h.float(), size=(16, 16), mode="bicubic")
+    err = float((bicubic_upsample(h, 16).float() - ref).abs().max() / ref.abs().max())
+    assert err < (1e-6 if dtype == torch.float32 else 8e-3), err  # bf16: one rounding (2^-8) of either
 
 
 def test_vqvae_size_keys_and_shared_phi():

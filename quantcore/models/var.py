@@ -524,7 +524,7 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
-SAMPLE_CHUNK = 1 << 24  # logits per sampling chunk of a scale (batch x tokens x vocab)
+SAMPLE_CHUNK = 1 << 22  # logits per sampling chunk of a scale (batch x tokens x vocab): 16 MiB in fp32
 
 
 class DecodePlan(common.DecodePlan):
