@@ -975,7 +975,7 @@ def main(argv: list[str] | None = None) -> int:
         batch = int((args.batches or "256").split(",")[0])
         rows = profile_steps(args.models.split(",")[0], args.variants.split(","), batch, args.steps, log)
         card = torch.cuda.get_device_name()
-        stem = f"profile-{args.models.split(',')[0]}-b{batch}"
+        stem = f"profile-{args.models.split(',')[0]}-b{batch}-{card.replace(' ', '-').lower()}"
         (args.out / f"{stem}.json").write_text(
             json.dumps({"machine": machine_info("gpu"), "rows": rows}, indent=1)
         )
