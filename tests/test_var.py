@@ -29,7 +29,13 @@ from quantcore.quant.modules import QuantLinear, set_quant_mode
 from quantcore.recipe import PRESETS, Recipe
 from quantcore.registry import RandomWeightsWarning, load_model
 from quantcore.tokenizers import build_tokenizer, load_tokenizer
-from quantcore.tokenizers.var_vqvae import VAR_VQ_CONFIGS, VQVAE, _bicubic_matrix, bicubic_upsample, phi_index
+from quantcore.tokenizers.var_vqvae import (
+    VAR_VQ_CONFIGS,
+    VQVAE,
+    bicubic_upsample,
+    phi_index,
+    separable_bicubic,
+)
 
 TINY = MODELS["var-tiny"]
 
@@ -143,20 +149,18 @@ def test_mask_levels_and_clamp_constant():
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 10, 13])
-def test_the_bicubic_matrix_is_the_official_resize(n):
-    """The CUDA upsampling's weights: W h W^T is F.interpolate's bicubic resize (float64, to rounding)."""
-    w = _bicubic_matrix(n, 16, torch.device("cpu"), torch.float64)
-    h = torch.randn(3, 4, n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
-    torch.testing.assert_close(
-        w @ h @ w.T, F.interpolate(h, size=(16, 16), mode="bicubic"), rtol=0, atol=1e-14
-    )
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-14), (torch.float32, 1e-6)])
+def test_the_separable_bicubic_sum_is_the_official_resize(n, dtype, tol):
+    """What CUDA runs instead of F.interpolate's bicubic kernel, here on the CPU against the official call."""
+    h = torch.randn(3, 4, n, n, dtype=dtype, generator=torch.Generator().manual_seed(n))
+    ref = F.interpolate(h, size=(16, 16), mode="bicubic")
+    assert float((separable_bicubic(h, 16) - ref).abs().max() / ref.abs().max()) < tol
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bicubic_upsampling_on_cuda_agrees_with_the_kernel(dtype):
-    torch.backends.cuda.matmul.allow_tf32 = False
     h = torch.randn(128, 32, 13, 13, device="cuda", generator=torch.Generator("cuda").manual_seed(0)).to(
         dtype
     )

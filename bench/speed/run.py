@@ -346,11 +346,8 @@ def _profile_variant(spec, variant, base, batch, steps, log) -> dict:
     plan.reset(torch.arange(batch, device="cuda") % 1000, list(range(batch)))
     plan.prologue()
     middle = plan.steps // 2
-    for _ in range(max(middle, 1)):  # at least one step before profiling: compiling happens in the first
+    for _ in range(max(middle, 1)):  # compiling happens in the first step (VAR: a whole generation)
         plan.step()
-    if plan.steps == 1:  # VAR: a step is the whole generation; profile a fresh one
-        plan.reset(torch.arange(batch, device="cuda") % 1000, list(range(batch)))
-        plan.prologue()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):

@@ -105,6 +105,11 @@ def bicubic_upsample(h: torch.Tensor, size: int) -> torch.Tensor:
     fp32 result, as the kernel); on the CPU it stays the official call."""
     if h.device.type != "cuda":
         return F.interpolate(h, size=(size, size), mode="bicubic")
+    return separable_bicubic(h, size)
+
+
+def separable_bicubic(h: torch.Tensor, size: int) -> torch.Tensor:
+    """W h W^T on any device, accumulated in fp32 (or h's wider dtype) and rounded once to h's dtype."""
     acc = torch.promote_types(h.dtype, torch.float32)  # the kernel accumulates bf16 maps in fp32 too
     w = _bicubic_matrix(h.shape[-1], size, h.device, acc)
     rows = (w[:, :, None] * h.to(acc).unsqueeze(-3)).sum(-2)  # (B, C, size, n)
