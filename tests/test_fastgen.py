@@ -53,8 +53,17 @@ def test_var_samples_a_scale_in_chunks_and_gets_the_reference_tokens(monkeypatch
     sampling = spec.entry.sampling.to_dict()
     classes, seeds = torch.tensor([0, 3, 7]), [11, 12, 13]
     monkeypatch.setattr(var, "SAMPLE_CHUNK", 3 * model.config.vocab_size * 2)  # two tokens per chunk
+    chunks = []
+    sample = var.DecodePlan._sample
+    monkeypatch.setattr(
+        var.DecodePlan,
+        "_sample",
+        lambda self, logits, *a: chunks.append(logits.shape[1]) or sample(self, logits, *a),
+    )
     sampler = FastSampler(model, 3, sampling)
     assert torch.equal(sampler.generate(classes, seeds), reference_tokens(model, classes, seeds, **sampling))
+    per_generation = sum(-(-n * n // 2) for n in model.config.patch_nums)  # ceil(tokens / 2) per scale
+    assert max(chunks) == 2 and len(chunks) % per_generation == 0, chunks
     sampler.close()
 
 

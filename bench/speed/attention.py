@@ -84,6 +84,12 @@ def case_tensors(case):
     return q, codes, floats, qpos, mask
 
 
+def visible_kv_bytes(case, d: int) -> dict[str, int]:
+    """Bytes of the K/V a query block can see, by cache: what a perfect kernel must read."""
+    _, rows, heads, _, _, visible, _ = case
+    return {"u8": 2 * rows * heads * visible * d, "bf16": 2 * rows * heads * visible * d * 2}
+
+
 def bench_case(case, reps: int, decodes: tuple[str, ...]) -> list[dict]:
     import quantcore.kernels.attention as attention
 
@@ -92,7 +98,7 @@ def bench_case(case, reps: int, decodes: tuple[str, ...]) -> list[dict]:
     q, codes, floats, qpos, mask = case_tensors(case)
     compiled, compiled_codes = torch.compile(_matmul_path), torch.compile(_matmul_path_over_codes)
     op = torch.ops.quantcore.cached_attention
-    kv_bytes = {"bf16": 2 * rows * heads * visible * d * 2, "u8": 2 * rows * heads * visible * d}
+    kv_bytes = visible_kv_bytes(case, d)
     runs = {
         "matmul (compiled)": ("bf16", lambda: compiled(q, *floats, mask, scale)),
         "matmul over u8 (compiled)": ("u8", lambda: compiled_codes(q, *codes, mask, scale)),
@@ -130,7 +136,7 @@ def sweep_tiles(case, reps: int) -> list[dict]:
     q, codes, floats, qpos, _ = case_tensors(case)
     d = q.shape[-1]
     op, scale = torch.ops.quantcore.cached_attention, 1 / math.sqrt(d)
-    visible_bytes = {"u8": 2 * rows * heads * visible * d, "bf16": 2 * rows * heads * visible * d * 2}
+    visible_bytes = visible_kv_bytes(case, d)
     out = []
     for cache, kv in (("u8", codes), ("bf16", floats)):
         call = partial(op, q, *kv, qpos, length, causal, scale, KV, 0, [])
